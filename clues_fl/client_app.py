@@ -1,0 +1,171 @@
+"""Flower ClientApp: a site. Trains LoRA on its private data, scores its samples
+against the anchor gradients the server sends, keeps those above the global
+threshold, and replies with adapters, scores and counts only (never text, token
+ids or per-sample gradients)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import parse_config
+from .messages import record_checkpoint, record_gradient, state_record, split_record
+from .metrics import confusion_counts
+from .scenario import site_samples
+from .selection import keep_mask
+from .workbench import workbench
+
+app = ClientApp()
+
+SCORES_KEY = "clues.scores"
+KEPT_KEY = "clues.kept"
+
+
+def _frozen(d: dict) -> str:
+    return json.dumps(dict(d), sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=4)
+def _site(run_config: str, node_config: str):
+    """This site's samples, their encoding and prefix cache (cached per process)."""
+    cfg = parse_config(json.loads(run_config))
+    samples, skipped = site_samples(cfg, json.loads(node_config))
+    if not samples:
+        raise ValueError("this site has no training samples (empty partition or file)")
+    bench = workbench(cfg)
+    encoded = bench.encode(samples, cfg)
+    cache = bench.cache(encoded, cfg, desc="site prefix cache")
+    return cfg, bench, samples, encoded, cache, skipped
+
+
+def _load(context: Context):
+    return _site(_frozen(context.run_config), _frozen(context.node_config))
+
+
+def _kept_rows(context: Context, n: int) -> list[int]:
+    if KEPT_KEY not in context.state:
+        raise RuntimeError("retraining asked for before selection: no kept samples on this site")
+    return [int(i) for i in context.state[KEPT_KEY]["rows"]]
+
+
+def _reply(message: Message, content: RecordDict) -> Message:
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One FedAvg round: 'trace' on all raw data, 'retrain' on the kept samples."""
+    cfg, bench, samples, encoded, cache, _ = _load(context)
+    config = message.content["config"]
+    phase = str(config.get("phase", "trace"))
+    state, moments = split_record(message.content["arrays"])
+    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context, len(encoded))
+    server_round = int(config.get("server-round", 1))
+    t0 = time.time()
+    result = bench.train(
+        [encoded[i] for i in rows], cfg, state, moments=moments,
+        start_step=int(config.get("start-step", 0)), cache=_subset_cache(cache, rows),
+        seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
+        desc=f"{phase} round {server_round}",
+    )
+    from .model import lora_state
+
+    arrays = state_record(lora_state(bench.model), result.moments if phase == "trace" else None)
+    metrics = MetricRecord({
+        "num-examples": len(rows),
+        "train-loss": result.mean_loss,
+        "train-steps": len(result.step_losses),
+        "train-seconds": time.time() - t0,
+    })
+    return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+def _subset_cache(cache, rows):
+    """The prefix cache indexes rows of the full pool; a subset needs a row map."""
+    if cache is None:
+        return None
+    from .prefix_cache import PrefixCache
+
+    idx = np.asarray(rows, dtype=np.int64)
+    return PrefixCache(cache.array, cache.offsets[idx], cache.lengths[idx])
+
+
+@app.train("local")
+def train_local(message: Message, context: Context) -> Message:
+    """Merging mode: a whole local run, with K checkpoints when tracing."""
+    cfg, bench, samples, encoded, cache, _ = _load(context)
+    config = message.content["config"]
+    phase = str(config["phase"])
+    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context, len(encoded))
+    rounds = cfg["trace.rounds"] if phase == "trace" else cfg["retrain.rounds"]
+    result = bench.train(
+        [encoded[i] for i in rows], cfg, None, epochs=rounds * cfg["train.local-epochs"],
+        num_checkpoints=rounds if phase == "trace" else 0, cache=_subset_cache(cache, rows),
+        seed_offset=int(context.node_config.get("partition-id", 0)), desc=f"local {phase}",
+    )
+    from .model import lora_state
+
+    content = RecordDict({
+        "arrays": state_record(lora_state(bench.model)),
+        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),
+    })
+    for k, ckpt in enumerate(result.checkpoints):
+        content[f"ckpt-{k}"] = state_record(ckpt.state, ckpt.adam)
+    return _reply(message, content)
+
+
+@app.query("score")
+def score(message: Message, context: Context) -> Message:
+    """Per-sample CLUES scores against the server's anchor gradients."""
+    cfg, bench, samples, encoded, cache, skipped = _load(context)
+    config = message.content["config"]
+    lrs = [float(x) for x in config["lrs"]]
+    checkpoints = [record_checkpoint(message.content[f"ckpt-{k}"], lr) for k, lr in enumerate(lrs)]
+    grads = [record_gradient(message.content[f"grad-{k}"]) for k in range(len(lrs))]
+    t0 = time.time()
+    result = bench.score(encoded, checkpoints, grads, cfg, cache=cache)
+    scores = [float(s) for s in result.scores]
+    context.state[SCORES_KEY] = ConfigRecord({"scores": scores})
+    reply = RecordDict({
+        "scores": ConfigRecord({"ids": result.ids, "scores": scores}),
+        "metrics": MetricRecord({
+            "num-examples": len(encoded),
+            "partition-id": int(context.node_config.get("partition-id", -1)),
+            "score-seconds": time.time() - t0,
+            "skipped-rows": len(skipped),
+            "truncated": sum(int(e.truncated) for e in encoded),
+        }),
+    })
+    return _reply(message, reply)
+
+
+@app.query("select")
+def select(message: Message, context: Context) -> Message:
+    """Apply the global threshold (or ratio) locally; report counts only."""
+    cfg, bench, samples, encoded, cache, _ = _load(context)
+    if SCORES_KEY not in context.state:
+        raise RuntimeError("selection asked for before scoring: no scores on this site")
+    scores = np.asarray(context.state[SCORES_KEY]["scores"], dtype=float)
+    config = message.content["config"]
+    if "anchor-mean" in config:  # merging mode: scores from local checkpoints, standardised
+        scores = (scores - float(config["anchor-mean"])) / float(config["anchor-std"])
+    if "ratio" in config:
+        kept = keep_mask(scores, ratio=float(config["ratio"]))
+    else:
+        kept = keep_mask(scores, threshold=float(config["threshold"]))
+    rows = [int(i) for i in np.flatnonzero(kept)]
+    context.state[KEPT_KEY] = ConfigRecord({"rows": rows})
+    polluted = np.array([s.polluted for s in samples])
+    counts = confusion_counts(kept, polluted)  # computed here: flags never leave the site
+    metrics = {
+        "num-examples": len(samples),
+        "kept": int(kept.sum()),
+        "mean-kept-score": float(scores[kept].mean()) if kept.any() else 0.0,
+        **{k: int(v) for k, v in counts.items()},
+    }
+    return _reply(message, RecordDict({"metrics": MetricRecord(metrics)}))

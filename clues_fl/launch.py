@@ -1,0 +1,141 @@
+"""Run a scenario through the real `flwr run` CLI on a local simulation SuperLink.
+
+`flwr run` against the built-in `local` connection starts a SuperLink in the
+background and leaves it running, without telling its process id. This launcher
+starts the SuperLink itself (free port, FLWR_HOME inside the repo), runs the app,
+asks the SuperLink for the run's final status (`flwr run --stream` can exit 0 on
+a failed run), and always stops the SuperLink by its process id.
+
+    python -m clues_fl.launch scenarios/smoke.toml [--run-config "k=v ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTION = "clues-local"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _scenario_nodes(scenario: Path | None, default: int) -> int:
+    if scenario is None:
+        return default
+    data = tomllib.loads(scenario.read_text())
+    ratios = str(data.get("pollution", {}).get("ratios", ""))
+    if "fed" in data and "min-nodes" in data["fed"] and not ratios:
+        return int(data["fed"]["min-nodes"])
+    return len([r for r in ratios.split(",") if r.strip()]) or default
+
+
+def _wait_http(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("flower-superlink did not open its port in time")
+
+
+def _run_status(env: dict, run_id: int | None) -> str:
+    cmd = [_bin("flwr"), "ls", CONNECTION, "--format", "json"]
+    if run_id is not None:
+        cmd += ["--run-id", str(run_id)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        payload = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return f"unknown ({out.stdout.strip()[:200]} {out.stderr.strip()[:200]})"
+    runs = payload.get("runs", [])
+    if not runs:
+        return "unknown (no run listed)"
+    run = runs[-1] if run_id is None else next((r for r in runs if int(r.get("run-id", -1)) == run_id), runs[-1])
+    return str(run.get("status", "unknown"))
+
+
+def run(scenario: str | None, run_config: str | None, num_supernodes: int | None, cpus_per_client: int) -> int:
+    home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr"))
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))
+    # The SuperLink starts flower-superexec and the apps by name: the venv must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log_file = home / "superlink.log"
+    superlink = subprocess.Popen(
+        [
+            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+            "--log-file", str(log_file), "--disable-runtime-dependency-installation",
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_http(port, superlink)
+        scenario_path = Path(scenario).resolve() if scenario else None
+        nodes = num_supernodes or _scenario_nodes(scenario_path, 2)
+        cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream",
+               "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
+        if scenario_path:
+            cmd += ["--run-config", str(scenario_path)]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        print("+", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
+        status = _run_status(env, None)
+        print(f"run status: {status}", flush=True)
+        ok = proc.returncode == 0 and "completed" in status
+        if not ok:
+            print(f"run failed (flwr exit {proc.returncode}, status '{status}'); SuperLink log: {log_file}", file=sys.stderr)
+        return 0 if ok else 1
+    finally:
+        if superlink.poll() is None:
+            os.killpg(superlink.pid, signal.SIGTERM)  # by pid: its own process group
+            try:
+                superlink.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(superlink.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", nargs="?", help="a TOML run-config from scenarios/")
+    parser.add_argument("--run-config", help="extra overrides, e.g. \"run-name='x' seed=1\"")
+    parser.add_argument("--num-supernodes", type=int, help="default: one per pollution ratio")
+    parser.add_argument("--cpus-per-client", type=int, default=os.cpu_count() or 1,
+                        help="CPUs reserved per simulated site (default: all, so sites run one at a time)")
+    args = parser.parse_args(argv)
+    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

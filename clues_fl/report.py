@@ -1,0 +1,148 @@
+"""Final evaluation on the server's clean validation set and the run's output folder.
+
+outputs/<run-name>/
+  metrics.json      selection P/R/F1/accuracy (overall and per client), thresholds,
+                    validation losses (base, all raw data, selection), timings
+  thresholds.json   the rule, the threshold and the anchor scores it came from
+  manifest/<client>.csv   id, score, kept (ids are the rows' own ids, never text)
+  adapter/          the final adapter (peft save_pretrained)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import RunConfig
+from .merging import merge_adapters, merge_weights
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """outputs/<run-name>; a relative output-dir is taken from CLUES_FL_OUTPUT_ROOT when
+    set (the launcher sets it to the repo: Flower runs the app from its own folder)."""
+    base = Path(cfg["output-dir"]).expanduser()
+    if not base.is_absolute() and os.environ.get("CLUES_FL_OUTPUT_ROOT"):
+        base = Path(os.environ["CLUES_FL_OUTPUT_ROOT"]) / base
+    path = base / cfg["run-name"]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _merged_loss(bench, clues, states: list[dict], weights: list[float], method: str, save_to: Path | None):
+    """Validation loss of a one-shot merge; optionally save the merged adapter."""
+    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
+    try:
+        from .training import mean_loss
+
+        loss = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
+        if save_to is not None:
+            model.save_pretrained(str(save_to), selected_adapters=["merged"])
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("merged")
+    return loss
+
+
+def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started: float) -> dict:
+    bench = clues.bench
+    out = output_dir(cfg)
+    t = time.time()
+    losses: dict[str, float] = {}
+    if cfg["eval.validation"] and clues.val:
+        losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
+        if clues.checkpoints:  # federated trace: the last global adapter saw all raw data
+            losses["all-data"] = bench.loss(clues.val, clues.checkpoints[-1].state, cache=clues.val_cache)
+        else:
+            traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
+            if traced:
+                losses["all-data"] = _merged_loss(bench, clues, traced, [1 / len(traced)] * len(traced), "linear", None)
+    adapter_dir = out / "adapter"
+    if "state" in final:
+        from .model import load_lora_state
+
+        if cfg["eval.validation"] and clues.val:
+            losses["selected"] = bench.loss(clues.val, final["state"], cache=clues.val_cache)
+        load_lora_state(bench.model, final["state"])
+        bench.model.save_pretrained(str(adapter_dir))
+    else:
+        nodes = sorted(final["site-states"])
+        sites = [clues.sites[n] for n in nodes]
+        weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
+        clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
+        losses["selected"] = _merged_loss(
+            bench, clues, [final["site-states"][n] for n in nodes], weights, cfg["aggregation"], adapter_dir
+        )
+    clues._timed("evaluate", t)
+
+    manifest_dir = out / "manifest"
+    manifest_dir.mkdir(exist_ok=True)
+    for site in clues.sites.values():
+        if not site.scores.size:
+            continue
+        scores = site.scores
+        if clues.threshold.get("standardised"):
+            from .selection import standardise
+
+            scores = standardise(scores, site.anchor_scores)
+        if "threshold" in clues.threshold:
+            kept = scores >= clues.threshold["threshold"]
+        else:
+            from .selection import keep_mask
+
+            kept = keep_mask(scores, ratio=clues.threshold["ratio"])
+        with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "score", "kept"])
+            for i, s, k in zip(site.ids, site.scores, kept):
+                writer.writerow([i, f"{s:.8g}", int(k)])
+
+    selection = clues.selection_summary()
+    metrics = {
+        "run-name": cfg["run-name"],
+        "mode": cfg["mode"],
+        "aggregation": cfg["aggregation"],
+        "selection": selection,
+        "threshold": {k: v for k, v in clues.threshold.items() if k != "anchor-scores"},
+        "validation-loss": losses,
+        "round-losses": clues.round_losses,
+        "missing-sites": clues.missing,
+        "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
+        "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        "config": cfg.values,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out / "thresholds.json").write_text(json.dumps(clues.threshold, indent=2, default=float))
+    print(summary_text(metrics, out))
+    return metrics
+
+
+def summary_text(metrics: dict, out: Path) -> str:
+    sel = metrics["selection"]
+    lines = [
+        "",
+        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, {metrics['aggregation']} aggregation)",
+        f"  threshold: {metrics['threshold'].get('rule')} = "
+        f"{metrics['threshold'].get('threshold', metrics['threshold'].get('ratio'))}",
+    ]
+    if sel:
+        lines.append(
+            f"  selection: precision {sel.get('precision', float('nan')):.3f}  recall {sel.get('recall', float('nan')):.3f}  "
+            f"F1 {sel.get('f1', float('nan')):.3f}  accuracy {sel.get('accuracy', float('nan')):.3f}"
+        )
+        for name, m in sorted(sel.get("per-client", {}).items()):
+            lines.append(f"    {name}: kept {m['kept']}/{m['tp'] + m['fp'] + m['fn'] + m['tn']}  F1 {m['f1']:.3f}")
+    for key, value in metrics["validation-loss"].items():
+        lines.append(f"  validation loss ({key}): {value:.4f}")
+    if metrics["missing-sites"]:
+        lines.append(f"  missing: {metrics['missing-sites']}")
+    lines.append(f"  time: {metrics['timings-seconds']}")
+    lines.append(f"  outputs: {out}")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Drive the real ServerApp strategy and ClientApp through every phase in memory,
+with a tiny random Llama saved as a local model folder, and check what the
+messages carry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from clues_fl import client_app as client_module
+from clues_fl.config import parse_config
+from clues_fl.model import load_tokenizer
+from clues_fl.report import evaluate_and_report
+from clues_fl.scenario import build_scenario, server_sets
+from clues_fl.strategies.clues import Clues
+from clues_fl.workbench import workbench
+from conftest import tiny_llama_config
+from flower_harness import InMemoryGrid
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = load_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_config(model_dir: str, out_dir, **overrides) -> dict:
+    cfg = {
+        "run-name": "inprocess",
+        "output-dir": str(out_dir),
+        "model.name": model_dir,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.layers": "2-3",
+        "data.anchor-size": 4,
+        "data.val-size": 6,
+        "data.test-size": 0,
+        "data.samples-per-client": 8,
+        "data.max-length": 48,
+        "pollution.ratios": "0.5,0.25",
+        "trace.rounds": 2,
+        "retrain.rounds": 1,
+        "fed.min-nodes": 2,
+        "scoring.prefix-cache": True,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def drive(raw_cfg: dict, fail=None):
+    """What server_app.main does, over an in-memory grid of two sites."""
+    cfg = parse_config(raw_cfg)
+    nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
+    grid = InMemoryGrid(client_module.app, nodes, raw_cfg, fail=fail or {})
+    bench = workbench(cfg)
+    anchor, val, _, skipped = server_sets(cfg)
+    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg))
+    federated = cfg["mode"] == "federated"
+    clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
+    clues.score(grid, sorted(nodes), federated)
+    clues.decide_threshold(federated)
+    clues.select(grid)
+    if cfg["aggregation"] == "fedavg":
+        final = {"state": clues.retrain_federated(grid)}
+    else:
+        final = {"site-states": clues.retrain_local(grid)}
+    metrics = evaluate_and_report(cfg, clues, final, skipped=skipped, started=0.0)
+    return cfg, grid, clues, metrics
+
+
+def _strings_in(record) -> list[str]:
+    out = []
+    if isinstance(record, ConfigRecord):
+        for value in record.values():
+            values = value if isinstance(value, list) else [value]
+            out += [v for v in values if isinstance(v, str)]
+    return out
+
+
+@pytest.mark.parametrize("mode,aggregation", [("federated", "fedavg"), ("merging", "weighted")])
+def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggregation):
+    raw = run_config(tiny_model_dir, tmp_path, mode=mode, aggregation=aggregation)
+    cfg, grid, clues, metrics = drive(raw)
+
+    phases = {e.message_type for e in grid.log}
+    expected = {"train", "query.score", "query.select"} if mode == "federated" else {"train.local", "query.score", "query.select"}
+    assert expected <= phases
+
+    # The private texts of each site: none of them may appear in any reply.
+    data = build_scenario(cfg, 2)
+    texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
+    n_params = sum(v.numel() for v in clues.bench.initial_state.values())
+    for ex in grid.log:
+        assert not ex.reply.has_error(), ex.reply.error
+        content = ex.reply.content
+        for name, record in content.items():
+            assert isinstance(record, (ArrayRecord, ConfigRecord, MetricRecord)), name
+            for s in _strings_in(record):
+                assert s not in texts and len(s) < 64
+            if isinstance(record, ArrayRecord):
+                # adapter tensors (and moments) only: the adapter's shapes, never per-sample rows
+                arrays = record.to_torch_state_dict()
+                assert sum(a.numel() for a in arrays.values()) <= 3 * n_params
+                assert all(a.dtype.is_floating_point for a in arrays.values())
+        if ex.message_type == "query.score":
+            scores = content["scores"]
+            assert set(scores.keys()) == {"ids", "scores"}
+            assert np.isfinite(np.asarray(scores["scores"])).all()
+        if ex.message_type == "query.select":
+            assert set(content["metrics"].keys()) >= {"kept", "tp", "fp", "fn", "tn"}
+
+    out = tmp_path / "inprocess"
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["selection"]["per-client"].keys() == {"client-0", "client-1"}
+    for key in ("precision", "recall", "f1", "accuracy"):
+        assert 0.0 <= written["selection"][key] <= 1.0
+    assert set(written["validation-loss"]) == {"base", "all-data", "selected"}
+    assert (out / "adapter" / "adapter_config.json").exists() or any((out / "adapter").rglob("adapter_config.json"))
+    manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
+    assert manifests == ["client-0.csv", "client-1.csv"]
+    lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
+    assert lines[0] == "id,score,kept" and len(lines) == 9
+    # counts reported by the sites agree with the kept flags of the manifest
+    kept = sum(int(l.rsplit(",", 1)[1]) for l in lines[1:])
+    assert kept == written["selection"]["per-client"]["client-0"]["kept"]
+
+
+def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
+    raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
+    cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
+    assert metrics["missing-sites"] and metrics["missing-sites"][0]["phase"] == "score"
+    assert list(metrics["selection"]["per-client"]) == ["client-0"]
