@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 
 import numpy as np
@@ -16,6 +17,8 @@ from flwr.clientapp import ClientApp
 from .config import parse_config
 from .messages import record_checkpoint, record_gradient, state_record, split_record
 from .metrics import confusion_counts
+from .model import lora_state
+from .prefix_cache import PrefixCache
 from .scenario import site_samples
 from .selection import keep_mask
 from .workbench import workbench
@@ -69,12 +72,11 @@ def train(message: Message, context: Context) -> Message:
     t0 = time.time()
     result = bench.train(
         [encoded[i] for i in rows], cfg, state, moments=moments,
-        start_step=int(config.get("start-step", 0)), cache=_subset_cache(cache, rows),
+        start_step=_steps_before(server_round, len(rows), cfg) if moments is not None else 0,
+        cache=_subset_cache(cache, rows),
         seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
         desc=f"{phase} round {server_round}",
     )
-    from .model import lora_state
-
     arrays = state_record(lora_state(bench.model), result.moments if phase == "trace" else None)
     metrics = MetricRecord({
         "num-examples": len(rows),
@@ -85,12 +87,17 @@ def train(message: Message, context: Context) -> Message:
     return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
 
 
+def _steps_before(server_round: int, n: int, cfg) -> int:
+    """Adam steps this site took before this round (for the bias correction of the
+    averaged moments it continues from)."""
+    per_round = math.ceil(math.ceil(n / cfg["train.batch-size"]) * cfg["train.local-epochs"])
+    return (server_round - 1) * per_round
+
+
 def _subset_cache(cache, rows):
     """The prefix cache indexes rows of the full pool; a subset needs a row map."""
     if cache is None:
         return None
-    from .prefix_cache import PrefixCache
-
     idx = np.asarray(rows, dtype=np.int64)
     return PrefixCache(cache.array, cache.offsets[idx], cache.lengths[idx])
 
@@ -108,8 +115,6 @@ def train_local(message: Message, context: Context) -> Message:
         num_checkpoints=rounds if phase == "trace" else 0, cache=_subset_cache(cache, rows),
         seed_offset=int(context.node_config.get("partition-id", 0)), desc=f"local {phase}",
     )
-    from .model import lora_state
-
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
         "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),

@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "scoring.batch-size": 8,
     "scoring.prefix-cache": True,
     # selection
-    "selection.threshold": "anchor-mean",
+    "selection.threshold": "mixture",
     "selection.quantile": 0.1,
     "selection.ratio": 0.5,
     "selection.static": 0.0,

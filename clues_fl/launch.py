@@ -48,6 +48,24 @@ def _scenario_nodes(scenario: Path | None, default: int) -> int:
     return len([r for r in ratios.split(",") if r.strip()]) or default
 
 
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def _merged_run_config(scenario: Path | None, overrides: str | None) -> str:
+    """One TOML file: `flwr run` takes a file or key=value pairs, not both."""
+    from flwr.common.config import flatten_dict, parse_config_args
+
+    values = flatten_dict(tomllib.loads(scenario.read_text())) if scenario else {}
+    if overrides:
+        values.update(parse_config_args([overrides]))
+    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items())
+
+
 def _wait_http(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -105,10 +123,11 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         nodes = num_supernodes or _scenario_nodes(scenario_path, 2)
         cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream",
                "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
-        if scenario_path:
-            cmd += ["--run-config", str(scenario_path)]
-        if run_config:
-            cmd += ["--run-config", run_config]
+        merged = _merged_run_config(scenario_path, run_config)
+        if merged:
+            path = home / "run-config.toml"
+            path.write_text(merged)
+            cmd += ["--run-config", str(path)]
         print("+", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, cwd=REPO, env=env)
         status = _run_status(env, None)

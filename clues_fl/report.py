@@ -21,6 +21,9 @@ import numpy as np
 
 from .config import RunConfig
 from .merging import merge_adapters, merge_weights
+from .model import load_lora_state
+from .selection import keep_mask, standardise
+from .training import mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def _merged_loss(bench, clues, states: list[dict], weights: list[float], method:
     """Validation loss of a one-shot merge; optionally save the merged adapter."""
     model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
     try:
-        from .training import mean_loss
-
         loss = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
         if save_to is not None:
             model.save_pretrained(str(save_to), selected_adapters=["merged"])
@@ -66,8 +67,6 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
                 losses["all-data"] = _merged_loss(bench, clues, traced, [1 / len(traced)] * len(traced), "linear", None)
     adapter_dir = out / "adapter"
     if "state" in final:
-        from .model import load_lora_state
-
         if cfg["eval.validation"] and clues.val:
             losses["selected"] = bench.loss(clues.val, final["state"], cache=clues.val_cache)
         load_lora_state(bench.model, final["state"])
@@ -89,14 +88,10 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
             continue
         scores = site.scores
         if clues.threshold.get("standardised"):
-            from .selection import standardise
-
             scores = standardise(scores, site.anchor_scores)
         if "threshold" in clues.threshold:
             kept = scores >= clues.threshold["threshold"]
         else:
-            from .selection import keep_mask
-
             kept = keep_mask(scores, ratio=clues.threshold["ratio"])
         with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
             writer = csv.writer(fh)

@@ -91,9 +91,13 @@ def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample
         for res in loaded:
             skipped += res.skipped
         return [], [res.samples for res in loaded]
-    res = _load(cfg, pool_source, domain=_domain_of(pool_source))
-    skipped += res.skipped
-    return res.samples, None
+    samples: list[Sample] = []
+    # data.source may list several sources (comma-separated): one domain each.
+    for source in [pool_source] if cfg["data.pool"] else cfg.list("data.source"):
+        res = _load(cfg, source, domain=_domain_of(source))
+        skipped += res.skipped
+        samples += res.samples
+    return samples, None
 
 
 def server_sets(cfg: RunConfig) -> tuple[list[Sample], list[Sample], list[Sample], list[tuple[str, str]]]:
@@ -121,8 +125,9 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
         method = cfg["partition.method"]
         sizes = parse_sizes(cfg["partition.sizes"]) if method == "sizes" else None
         per_client = cfg["data.samples-per-client"]
-        if method == "iid" and per_client:
-            sizes, method = [per_client] * num_clients, "sizes"
+        if per_client and method in ("iid", "domain"):
+            sizes = [per_client] * num_clients
+            method = "sizes" if method == "iid" else method
         clients = partition(rest, num_clients, sizes=sizes, seed=seed, method=method)
 
     ratios = parse_ratios(cfg["pollution.ratios"]) if cfg["pollution.ratios"] else []

@@ -124,7 +124,7 @@ def train_lora(
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
         opt.step()
-        result.step_losses.append(float(loss))
+        result.step_losses.append(loss.item())
         if step in marks:
             result.checkpoints.append(
                 Checkpoint(lora_state(model), settings.lr, _moments(opt, params, settings))

@@ -1,0 +1,58 @@
+"""Run-config: pyproject defaults match the code, bad values get clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clues_fl.config import DEFAULTS, ConfigError, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_pyproject_run_config_matches_defaults():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert _flatten(data["tool"]["flwr"]["app"]["config"]) == DEFAULTS
+
+
+@pytest.mark.parametrize("scenario", sorted((REPO / "scenarios").glob("*.toml")), ids=lambda p: p.name)
+def test_every_scenario_is_a_valid_run_config(scenario):
+    values = _flatten(tomllib.loads(scenario.read_text()))
+    assert set(values) <= set(DEFAULTS), set(values) - set(DEFAULTS)
+    parse_config(values)
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"selection.threshold": "median"}, "selection.threshold: 'median' is not one of anchor-mean"),
+        ({"lora.r": 0}, "lora.r: must be >= 1"),
+        ({"train.lr": "fast"}, "train.lr: expected float"),
+        ({"lora.rank": 8}, "unknown run-config key(s) ['lora.rank']"),
+        ({"data.anchor-size": 1}, "at least 2 samples"),
+        ({"scoring.prefix-cache": "maybe"}, "scoring.prefix-cache: expected bool"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(raw, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert message in str(err.value)
+
+
+def test_lists_are_comma_separated_strings():
+    cfg = parse_config({"pollution.ratios": "0.8, 0.2,0.1,0.5"})
+    assert cfg.floats("pollution.ratios") == [0.8, 0.2, 0.1, 0.5]
+    with pytest.raises(ConfigError, match="pollution.ratios"):
+        parse_config({"pollution.ratios": "0.8,x"}).floats("pollution.ratios")

@@ -1,0 +1,48 @@
+"""The smoke scenario through the real `flwr run` CLI (local simulation SuperLink,
+real SmolLM2, real FiQA samples), and a failing run that must exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch(tmp_path: Path, extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
+    return subprocess.run(
+        [sys.executable, "-m", "clues_fl.launch", "scenarios/smoke.toml", "--run-config", extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def superlinks_left(home: Path) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "flower-superlink" in line and str(home) in line]
+
+
+def test_smoke_scenario_runs_through_flwr_cli(tmp_path):
+    out = tmp_path / "outputs"
+    proc = launch(tmp_path, f"output-dir='{out}' run-name='cli-smoke'")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run status: finished:completed" in proc.stdout
+    metrics = json.loads((out / "cli-smoke" / "metrics.json").read_text())
+    assert set(metrics["selection"]["per-client"]) == {"client-0", "client-1"}
+    assert 0.0 <= metrics["selection"]["f1"] <= 1.0
+    assert metrics["validation-loss"]["selected"] > 0
+    assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
+    assert not superlinks_left(tmp_path)
+
+
+def test_failed_run_exits_nonzero(tmp_path):
+    proc = launch(tmp_path, f"output-dir='{tmp_path}' selection.threshold='not-a-rule'")
+    assert proc.returncode != 0
+    assert "completed" not in proc.stdout.split("run status:")[-1]
+    assert not superlinks_left(tmp_path)
