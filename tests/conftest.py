@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,3 +61,14 @@ def tiny_model():
 @pytest.fixture
 def tiny_lora():
     return tiny_lora_model()
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny tensors run fastest on one thread (a second one only adds contention on a
+    shared 2-core machine); the real-model tests (marked slow) use every core."""
+    previous = torch.get_num_threads()
+    slow = request.node.get_closest_marker("slow") is not None
+    torch.set_num_threads((os.cpu_count() or 1) if slow else 1)
+    yield
+    torch.set_num_threads(previous)
