@@ -20,8 +20,9 @@ from .metrics import confusion_counts
 from .model import lora_state
 from .prefix_cache import PrefixCache
 from .scenario import site_samples
+from .scorers import ScorePayload, SiteData, make_scorer
 from .selection import keep_mask
-from .workbench import workbench
+from .workbench import score_settings, workbench
 
 app = ClientApp()
 
@@ -126,18 +127,25 @@ def train_local(message: Message, context: Context) -> Message:
 
 @app.query("score")
 def score(message: Message, context: Context) -> Message:
-    """Per-sample CLUES scores against the server's anchor gradients."""
+    """Per-sample scores of the configured selection method (CLUES by default)."""
     cfg, bench, samples, encoded, cache, skipped = _load(context)
     config = message.content["config"]
-    lrs = [float(x) for x in config["lrs"]]
-    checkpoints = [record_checkpoint(message.content[f"ckpt-{k}"], lr) for k, lr in enumerate(lrs)]
-    grads = [record_gradient(message.content[f"grad-{k}"]) for k in range(len(lrs))]
+    lrs = [float(x) for x in config.get("lrs", [])]
+    payload = ScorePayload(
+        [record_checkpoint(message.content[f"ckpt-{k}"], lr) for k, lr in enumerate(lrs)],
+        [record_gradient(message.content[f"grad-{k}"]) for k in range(len(lrs)) if f"grad-{k}" in message.content],
+    )
+    pid = int(context.node_config.get("partition-id", 0))
+    scorer = make_scorer(str(config.get("method", cfg["selection.method"])), score_settings(cfg))
     t0 = time.time()
-    result = bench.score(encoded, checkpoints, grads, cfg, cache=cache)
-    scores = [float(s) for s in result.scores]
+    values = np.asarray(scorer.score(SiteData(cfg, bench, samples, encoded, cache, pid), payload), dtype=float)
+    if values.shape != (len(encoded),) or not np.isfinite(values).all():
+        raise ValueError(f"scorer '{scorer.name}' returned {values.shape} scores (finite: "
+                         f"{bool(np.isfinite(values).all())}) for {len(encoded)} samples")
+    scores = [float(s) for s in values]
     context.state[SCORES_KEY] = ConfigRecord({"scores": scores})
     reply = RecordDict({
-        "scores": ConfigRecord({"ids": result.ids, "scores": scores}),
+        "scores": ConfigRecord({"ids": [e.id for e in encoded], "scores": scores}),
         "metrics": MetricRecord({
             "num-examples": len(encoded),
             "partition-id": int(context.node_config.get("partition-id", -1)),

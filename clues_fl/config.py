@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "scoring.batch-size": 8,
     "scoring.prefix-cache": True,
     # selection
+    "selection.method": "clues",  # clues | less | datainf | ppl | ifd | random | all | oracle | module:Class
     "selection.threshold": "mixture",
     "selection.quantile": 0.1,
     "selection.ratio": 0.5,

@@ -89,7 +89,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         scores = site.scores
         if clues.threshold.get("standardised"):
             scores = standardise(scores, site.anchor_scores)
-        if "threshold" in clues.threshold:
+        if clues.threshold["rule"] != "ratio":
             kept = scores >= clues.threshold["threshold"]
         else:
             kept = keep_mask(scores, ratio=clues.threshold["ratio"])

@@ -28,9 +28,10 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, cfg["fed.min-nodes"])
     federated = cfg["mode"] == "federated"
 
-    t = time.time()
-    clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes)
-    clues._timed("trace", t)
+    if clues.scorer.needs_trace:
+        t = time.time()
+        clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes)
+        clues._timed("trace", t)
 
     t = time.time()
     clues.score(grid, nodes, federated)

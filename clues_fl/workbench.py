@@ -97,15 +97,17 @@ class Workbench:
             num_checkpoints=num_checkpoints, desc=desc,
         )
 
-    def score(self, encoded, checkpoints: list[Checkpoint], anchor_grads, cfg: RunConfig, cache=None) -> ScoreResult:
+    def score(self, encoded, checkpoints: list[Checkpoint], anchor_grads, cfg: RunConfig, cache=None,
+              settings: ScoreSettings | None = None) -> ScoreResult:
         return score_samples(
-            self.model, encoded, checkpoints, anchor_grads, self.first_layer, score_settings(cfg),
+            self.model, encoded, checkpoints, anchor_grads, self.first_layer, settings or score_settings(cfg),
             pad_id=self.pad_id, cache=cache,
         )
 
-    def anchor_scores(self, encoded, checkpoints: list[Checkpoint], cfg: RunConfig, cache=None) -> AnchorScores:
+    def anchor_scores(self, encoded, checkpoints: list[Checkpoint], cfg: RunConfig, cache=None,
+                      settings: ScoreSettings | None = None) -> AnchorScores:
         return anchor_scores(
-            self.model, encoded, checkpoints, self.first_layer, score_settings(cfg),
+            self.model, encoded, checkpoints, self.first_layer, settings or score_settings(cfg),
             pad_id=self.pad_id, cache=cache,
         )
 

@@ -16,10 +16,11 @@ from clues_fl.config import parse_config
 from clues_fl.model import load_tokenizer
 from clues_fl.report import evaluate_and_report
 from clues_fl.scenario import build_scenario, server_sets
+from clues_fl.scorers import Scorer
 from clues_fl.strategies.clues import Clues
 from clues_fl.workbench import workbench
 from conftest import tiny_llama_config
-from flower_harness import InMemoryGrid
+from clues_fl.inprocess import InMemoryGrid
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def drive(raw_cfg: dict, fail=None):
     anchor, val, _, skipped = server_sets(cfg)
     clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg))
     federated = cfg["mode"] == "federated"
-    clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
+    if clues.scorer.needs_trace:
+        clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
     clues.score(grid, sorted(nodes), federated)
     clues.decide_threshold(federated)
     clues.select(grid)
@@ -146,3 +148,29 @@ def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
     cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
     assert metrics["missing-sites"] and metrics["missing-sites"][0]["phase"] == "score"
     assert list(metrics["selection"]["per-client"]) == ["client-0"]
+
+
+class LengthScorer(Scorer):  # a user's scorer, named in the run-config
+    name = "length"
+
+    def score(self, site, payload):
+        return np.array([len(s.question) + len(s.answer) / 1e4 for s in site.samples])
+
+
+@pytest.mark.parametrize("method", ["less", "datainf", "ppl", "ifd", "random", "all", "oracle",
+                                    "test_flower_inprocess:LengthScorer"])
+def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, tmp_path, method):
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": method, "selection.ratio": 0.5})
+    cfg, grid, clues, metrics = drive(raw)
+    sel = metrics["selection"]
+    n = sum(m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in sel["per-client"].values())
+    kept = sum(m["kept"] for m in sel["per-client"].values())
+    traced = any(e.message_type == "train" and not e.sent.content["config"].get("phase") == "retrain" for e in grid.log)
+    assert traced == (method in ("less", "datainf"))
+    if method == "oracle":
+        assert sel["precision"] == 1.0 and sel["recall"] == 1.0
+    elif method == "all":
+        assert kept == n and sel["recall"] == 1.0
+    else:  # one global threshold keeping the top half of all pooled scores
+        assert kept == 8, kept
+    assert metrics["threshold"]["method"] == method

@@ -21,7 +21,9 @@ from ..config import RunConfig
 from ..engine import Checkpoint
 from ..messages import checkpoint_record, gradient_record, record_checkpoint, split_record, state_record
 from ..metrics import add_counts, selection_metrics
+from ..scorers import make_scorer
 from ..selection import global_threshold, standardise
+from ..workbench import score_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class Clues:
         self.checkpoints: list[Checkpoint] = []  # federated mode: shared
         self.anchor: dict = {}
         self.threshold: dict = {}
+        self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
 
     # -- helpers ----------------------------------------------------------------
     def _fedavg(self, only: set[int] | None = None) -> FedAvg:
@@ -160,27 +163,37 @@ class Clues:
 
     # -- phase 2: score ---------------------------------------------------------
     def _anchor_side(self, checkpoints: list[Checkpoint]):
-        return self.bench.anchor_scores(self.anchors, checkpoints, self.cfg, cache=self.anchor_cache)
+        return self.bench.anchor_scores(
+            self.anchors, checkpoints, self.cfg, cache=self.anchor_cache, settings=self.scorer.settings
+        )
 
     def score(self, grid: Grid, nodes: list[int], federated: bool) -> None:
         contents: dict[int, RecordDict] = {}
         shared = None
-        if federated:
+        if federated and self.scorer.needs_anchor_gradients:
             shared = self._anchor_side(self.checkpoints)
             self.anchor = {"scores": shared.scores.tolist()}
         for node in nodes:
-            if federated:
-                ckpts, grads = self.checkpoints, shared.gradients
-            else:
-                site = self.sites.get(node)
-                if site is None or not site.checkpoints:
-                    continue  # failed while tracing
-                anchor = self._anchor_side(site.checkpoints)
-                site.anchor_scores, site.anchor_grads = anchor.scores, anchor.gradients
-                ckpts, grads = site.checkpoints, anchor.gradients
-            record = RecordDict({"config": ConfigRecord({"lrs": [c.lr for c in ckpts]})})
-            for k, (ckpt, grad) in enumerate(zip(ckpts, grads)):
+            ckpts, grads = [], []
+            if self.scorer.needs_trace:
+                if federated:
+                    ckpts = self.checkpoints
+                    grads = shared.gradients if shared is not None else []
+                else:
+                    site = self.sites.get(node)
+                    if site is None or not site.checkpoints:
+                        continue  # failed while tracing
+                    ckpts = site.checkpoints
+                    if self.scorer.needs_anchor_gradients:
+                        anchor = self._anchor_side(site.checkpoints)
+                        site.anchor_scores, site.anchor_grads = anchor.scores, anchor.gradients
+                        grads = anchor.gradients
+            record = RecordDict({"config": ConfigRecord({
+                "method": self.cfg["selection.method"], "lrs": [c.lr for c in ckpts],
+            })})
+            for k, ckpt in enumerate(ckpts):
                 record[f"ckpt-{k}"] = checkpoint_record(ckpt)
+            for k, grad in enumerate(grads):
                 record[f"grad-{k}"] = gradient_record(grad)
             contents[node] = record
         replies = self._exchange(grid, "score", contents, "query.score")
@@ -196,8 +209,25 @@ class Clues:
 
     # -- phase 3: threshold -------------------------------------------------------
     def decide_threshold(self, federated: bool) -> dict:
-        rule = self.cfg["selection.threshold"]
         scored = [s for s in self.sites.values() if s.scores.size]
+        if not scored:
+            raise RuntimeError("no site returned scores")
+        if self.scorer.selection == "fixed":
+            info = {"rule": "fixed", "threshold": 0.5, "standardised": False}
+        elif self.scorer.selection == "ratio":
+            # One global threshold that keeps the top selection.ratio of all pooled scores.
+            pooled = np.sort(np.concatenate([s.scores for s in scored]))[::-1]
+            count = max(1, int(np.ceil(self.cfg["selection.ratio"] * len(pooled) - 1e-9)))
+            info = {"rule": "global-ratio", "ratio": self.cfg["selection.ratio"],
+                    "threshold": float(pooled[count - 1]), "standardised": False}
+        else:
+            info = self._anchor_threshold(scored, federated)
+        info["method"] = self.cfg["selection.method"]
+        self.threshold = info
+        return info
+
+    def _anchor_threshold(self, scored: list[SiteReport], federated: bool) -> dict:
+        rule = self.cfg["selection.threshold"]
         if federated:
             anchor_scores = np.asarray(self.anchor["scores"])
             all_scores = np.concatenate([s.scores for s in scored])
@@ -206,7 +236,7 @@ class Clues:
             # in units of that site's anchor-score spread (z-scores), then pool.
             anchor_scores = np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in scored])
             all_scores = np.concatenate([standardise(s.scores, s.anchor_scores) for s in scored])
-        info: dict = {"rule": rule, "anchor-scores": anchor_scores.tolist()}
+        info: dict = {"rule": rule, "anchor-scores": anchor_scores.tolist(), "standardised": not federated}
         if rule == "ratio":
             info["ratio"] = self.cfg["selection.ratio"]
         else:
@@ -216,8 +246,6 @@ class Clues:
                     quantile=self.cfg["selection.quantile"], static=self.cfg["selection.static"],
                 )
             )
-        info["standardised"] = not federated
-        self.threshold = info
         return info
 
     # -- phase 4: select ------------------------------------------------------------
@@ -227,7 +255,7 @@ class Clues:
             if not site.scores.size:
                 continue
             config = ConfigRecord()
-            if "ratio" in self.threshold:
+            if self.threshold["rule"] == "ratio":
                 config["ratio"] = float(self.threshold["ratio"])
             else:
                 config["threshold"] = float(self.threshold["threshold"])

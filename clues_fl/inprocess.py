@@ -1,6 +1,7 @@
-"""An in-memory Flower Grid that delivers messages straight to a ClientApp and keeps
-every message it carries, so tests can drive the real ServerApp/strategy code and
-inspect exactly what left each site."""
+"""An in-memory Flower Grid: delivers messages straight to the real ClientApp in this
+process and keeps every message it carried. The evaluation suite uses it to run many
+selection methods over one shared trace without a SuperLink; tests use it to inspect
+exactly what left each site."""
 
 from __future__ import annotations
 

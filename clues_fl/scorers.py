@@ -1,0 +1,181 @@
+"""Selection methods as pluggable scorers, chosen by `selection.method`.
+
+A scorer runs on a site and turns that site's encoded samples into one score per
+sample (higher = keep). The server learns from the class what to send it (trace
+checkpoints and anchor gradients or nothing) and how to turn scores into a
+selection (CLUES's anchor-based global threshold, or one global threshold that keeps
+the top `selection.ratio` of all pooled scores).
+
+A new method is one class:
+
+    class LengthScorer(Scorer):          # in mypkg/scorers.py
+        def score(self, site, payload):
+            return np.array([len(e.input_ids) for e in site.encoded], dtype=float)
+
+    --run-config "selection.method='mypkg.scorers:LengthScorer'"
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .baselines import datainf_scores, encode_answer_only, ifd_scores, ppl_scores, random_scores
+from .engine import Checkpoint, ScoreSettings
+from .model import load_lora_state
+
+
+@dataclass
+class SiteData:
+    """What a site holds: its config, model workbench, samples and their encoding."""
+
+    cfg: object
+    bench: object
+    samples: list
+    encoded: list
+    cache: object = None
+    partition_id: int = 0
+
+
+@dataclass
+class ScorePayload:
+    """What the server sent: trace checkpoints and the anchor gradient at each."""
+
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    anchor_gradients: list[dict] = field(default_factory=list)
+
+
+class Scorer:
+    name = "custom"
+    needs_trace = False  # the server traces first and sends checkpoints
+    needs_anchor_gradients = False  # ... and the anchor gradient at each checkpoint
+    # How scores become a selection: "anchor" = selection.threshold rules on the
+    # leave-one-out anchor scores (CLUES); "ratio" = one global threshold keeping the
+    # top selection.ratio of all pooled scores; "fixed" = keep score >= 0.5.
+    selection = "ratio"
+    settings: ScoreSettings | None = None  # gradient scorers: how the engine scores
+
+    def score(self, site: SiteData, payload: ScorePayload) -> np.ndarray:
+        raise NotImplementedError
+
+
+class CluesScorer(Scorer):
+    name = "clues"
+    needs_trace = needs_anchor_gradients = True
+    selection = "anchor"
+
+    def __init__(self, settings: ScoreSettings):
+        self.settings = settings
+
+    def score(self, site, payload):
+        return site.bench.score(
+            site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
+            cache=site.cache, settings=self.settings,
+        ).scores
+
+
+class LessScorer(CluesScorer):
+    """LESS: cosine of Adam-preconditioned gradients, lr-weighted over checkpoints;
+    selects a top fraction (it has no threshold of its own)."""
+
+    name = "less"
+    selection = "ratio"
+
+    def __init__(self, settings: ScoreSettings):
+        super().__init__(ScoreSettings("cosine", "adam", settings.batch_size))
+
+
+class DataInfScorer(Scorer):
+    """DataInf at the last trace checkpoint."""
+
+    name = "datainf"
+    needs_trace = needs_anchor_gradients = True
+
+    def score(self, site, payload):
+        bench = site.bench
+        load_lora_state(bench.model, payload.checkpoints[-1].state)
+        return datainf_scores(
+            bench.model, site.encoded, payload.anchor_gradients[-1], bench.first_layer,
+            pad_id=bench.pad_id, batch_size=site.cfg["scoring.batch-size"], cache=site.cache,
+        )
+
+
+class PplScorer(Scorer):
+    """Perplexity of the answer under the base model (low perplexity kept)."""
+
+    name = "ppl"
+
+    def score(self, site, payload):
+        bench = site.bench
+        load_lora_state(bench.model, bench.initial_state)
+        return ppl_scores(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
+                          batch_size=site.cfg["scoring.batch-size"], cache=site.cache)
+
+
+class IfdScorer(Scorer):
+    """Instruction-following difficulty under the base model."""
+
+    name = "ifd"
+
+    def score(self, site, payload):
+        bench, cfg = site.bench, site.cfg
+        load_lora_state(bench.model, bench.initial_state)
+        answer_only = encode_answer_only(
+            bench.tokenizer, site.samples, cfg["data.max-length"], cfg["data.system-prompt"] or None
+        )
+        return ifd_scores(bench.model, site.encoded, answer_only, bench.first_layer, pad_id=bench.pad_id,
+                          batch_size=cfg["scoring.batch-size"], cache=site.cache)
+
+
+class RandomScorer(Scorer):
+    name = "random"
+
+    def score(self, site, payload):
+        return random_scores(len(site.encoded), site.cfg["seed"] * 1000 + site.partition_id)
+
+
+class KeepAll(Scorer):
+    """No selection: train on everything (the 'low-quality' baseline)."""
+
+    name = "all"
+    selection = "fixed"
+
+    def score(self, site, payload):
+        return np.ones(len(site.encoded))
+
+
+class Oracle(Scorer):
+    """Keeps exactly the clean samples by the experiment-only pollution flags."""
+
+    name = "oracle"
+    selection = "fixed"
+
+    def score(self, site, payload):
+        return np.array([0.0 if s.polluted else 1.0 for s in site.samples])
+
+
+BUILTIN = {c.name: c for c in (CluesScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
+
+
+def make_scorer(method: str, settings: ScoreSettings) -> Scorer:
+    """A built-in name, or 'package.module:ClassName' for a user's scorer."""
+    if method in BUILTIN:
+        cls = BUILTIN[method]
+    elif ":" in method:
+        module, _, attr = method.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"selection.method: cannot import '{method}': {err}") from err
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+            raise ValueError(f"selection.method: '{method}' is not a clues_fl.scorers.Scorer subclass")
+    else:
+        raise ValueError(
+            f"selection.method: '{method}' is not one of {', '.join(BUILTIN)} or 'module:Class'"
+        )
+    try:
+        return cls(settings)
+    except TypeError:
+        return cls()
