@@ -11,7 +11,7 @@ export CLUES_FL_CACHE ?= $(CURDIR)/.cache/clues-fl
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench suite suite-quick clean
 
 install: $(STAMP)
 
@@ -41,3 +41,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf outputs .flwr .pytest_cache
+
+suite: $(STAMP)
+	$(BIN)/python -m clues_fl.suite
+
+suite-quick: $(STAMP)
+	$(BIN)/python -m clues_fl.suite --quick

@@ -164,13 +164,25 @@ def timed(fn, *args):
     return time.perf_counter() - t, out
 
 
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_during_scoring(n: int) -> float:
+    """Peak RSS (MiB) while scoring n samples (K=1), model loading excluded: the
+    kernel's peak counter is reset (clear_refs 5) after set-up."""
+    cfg, bench, encoded, ckpts, refs = setup(n, 1)
+    Path("/proc/self/clear_refs").write_text("5")
+    method_engine(bench, encoded, ckpts, refs, "sgd", Path(tempfile.mkdtemp()))
+    return _peak_rss_mib()
+
+
 def rss_child(n: int) -> float:
-    """Peak RSS (MiB) of a fresh process that scores n samples with the engine (K=1)."""
-    code = (
-        "import resource,sys,tempfile,pathlib;sys.path.insert(0,'benchmarks');import scoring as s;"
-        f"cfg,b,e,c,r=s.setup({n},1);s.method_engine(b,e,c,r,'sgd',pathlib.Path(tempfile.mkdtemp()));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
-    )
+    """rss_during_scoring(n) in a fresh process."""
+    code = f"import sys;sys.path.insert(0,'benchmarks');import scoring as s;print(s.rss_during_scoring({n}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     return float(out.stdout.strip().splitlines()[-1])
@@ -186,7 +198,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--skip-vmap", action="store_true")
     ap.add_argument("--rss", type=int, nargs=2, default=[64, 256])
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-memory measurement")
     args = ap.parse_args()
+    if args.rss_only:
+        small, large = rss_child(args.rss[0]), rss_child(args.rss[1])
+        print(f"peak RSS while scoring: {args.rss[0]} samples {small:.0f} MiB, {args.rss[1]} samples {large:.0f} MiB; "
+              f"rss_growth={large / small:.3f}")
+        return
     torch.set_num_threads(torch.get_num_threads())
     summary = {}
     for k in args.k:
@@ -218,7 +236,8 @@ def main() -> None:
     k0 = args.k[0]
     s = summary[k0]
     rss_small, rss_large = rss_child(args.rss[0]), rss_child(args.rss[1])
-    print(f"\npeak RSS, engine dot mode: {args.rss[0]} samples {rss_small:.0f} MiB, {args.rss[1]} samples {rss_large:.0f} MiB")
+    print(f"\npeak RSS while scoring (model loading excluded): {args.rss[0]} samples {rss_small:.0f} MiB, "
+          f"{args.rss[1]} samples {rss_large:.0f} MiB")
     for k in args.k[1:]:
         print(f"K={k}: speedup vs loop {summary[k]['(a) loop, batch 1'] / summary[k]['(c) engine, dot']:.2f}x")
     print(

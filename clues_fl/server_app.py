@@ -23,8 +23,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     start = time.time()
     bench = workbench(cfg)
-    anchor, val, _test, skipped = server_sets(cfg)
-    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg))
+    anchor, val, test, skipped = server_sets(cfg)
+    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
     nodes = wait_for_nodes(grid, cfg["fed.min-nodes"])
     federated = cfg["mode"] == "federated"
 

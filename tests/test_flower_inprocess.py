@@ -51,7 +51,10 @@ def run_config(model_dir: str, out_dir, **overrides) -> dict:
         "lora.layers": "2-3",
         "data.anchor-size": 4,
         "data.val-size": 6,
-        "data.test-size": 0,
+        "data.test-size": 3,
+        "eval.max-samples": 2,
+        "eval.max-new-tokens": 4,
+        "eval.mc-items": 3,
         "data.samples-per-client": 8,
         "data.max-length": 48,
         "pollution.ratios": "0.5,0.25",
@@ -70,8 +73,8 @@ def drive(raw_cfg: dict, fail=None):
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
     grid = InMemoryGrid(client_module.app, nodes, raw_cfg, fail=fail or {})
     bench = workbench(cfg)
-    anchor, val, _, skipped = server_sets(cfg)
-    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg))
+    anchor, val, test, skipped = server_sets(cfg)
+    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
     federated = cfg["mode"] == "federated"
     if clues.scorer.needs_trace:
         clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
@@ -133,6 +136,9 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     for key in ("precision", "recall", "f1", "accuracy"):
         assert 0.0 <= written["selection"][key] <= 1.0
     assert set(written["validation-loss"]) == {"base", "all-data", "selected"}
+    quality = written["model-quality"]
+    assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
+    assert 0 <= quality["mc-accuracy"] <= 1
     assert (out / "adapter" / "adapter_config.json").exists() or any((out / "adapter").rglob("adapter_config.json"))
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]

@@ -73,11 +73,12 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int
 class Clues:
     """The CLUES protocol over a Flower Grid. `bench` is the server's Workbench."""
 
-    def __init__(self, cfg: RunConfig, bench, anchor_encoded, val_encoded):
+    def __init__(self, cfg: RunConfig, bench, anchor_encoded, val_encoded, test_samples=None):
         self.cfg = cfg
         self.bench = bench
         self.anchors = anchor_encoded
         self.val = val_encoded
+        self.test = list(test_samples or [])  # raw samples: answers are generated for them
         self.anchor_cache = bench.cache(anchor_encoded, cfg, desc="anchor prefix cache")
         self.val_cache = bench.cache(val_encoded, cfg, desc="validation prefix cache")
         self.sites: dict[int, SiteReport] = {}

