@@ -105,7 +105,12 @@ def _row(cells) -> str:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    fmt = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    def cell(c) -> str:
+        if isinstance(c, float):
+            return f"{c:.3g}" if c != 0 and abs(c) < 0.01 else f"{c:.3f}"
+        return str(c)
+
+    fmt = [[cell(c) for c in r] for r in rows]
     return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in fmt])
 
 
@@ -212,7 +217,7 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
         report += ["", "Selection metrics: positive = clean sample kept. Val loss: clean FiQA validation "
                    "loss of the final model; ROUGE-L / token F1: greedy answers on held-out FiQA test "
                    "questions; MC acc: MMLU clinical multiple choice by option log-likelihood.", ""]
-        report += [f"![score histograms]({f})" for f in _plots(out, clues_fed, runs)] + [""]
+        report += [f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in _plots(out, clues_fed, runs)] + [""]
         timings["1"] = time.time() - t
     if clues_fed is None and (not only or only & {2, 3, 5}):
         clues_fed = lab.run("clues-fedavg")
