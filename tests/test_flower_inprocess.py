@@ -180,3 +180,17 @@ def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, t
     else:  # one global threshold keeping the top half of all pooled scores
         assert kept == 8, kept
     assert metrics["threshold"]["method"] == method
+
+
+def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
+    from clues_fl.suite import Lab, _table
+
+    raw = run_config(tiny_model_dir, tmp_path)
+    lab = Lab({k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}, tmp_path)
+    first = lab.run("clues")
+    second = lab.run("less", **{"selection.method": "less", "selection.ratio": 0.5})
+    assert len(lab.traces) == 1  # LESS reused the CLUES trace
+    assert first.scores.shape == first.polluted.shape == (16,)
+    assert second.polluted.sum() == first.polluted.sum() == 6  # 0.5*8 + 0.25*8 polluted
+    assert (tmp_path / "runs" / "less" / "metrics.json").exists()
+    assert "| clues |" in _table(["m"], [["clues"]])
