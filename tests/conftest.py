@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,3 +74,31 @@ def _threads(request):
     torch.set_num_threads((os.cpu_count() or 1) if slow else 1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For module-scoped set-up fixtures (the autouse fixture above is per test)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class Enc:
+    """A pre-tokenised sample (the engine only needs these three fields)."""
+
+    id: str
+    input_ids: list[int]
+    prompt_len: int
+
+
+def make_samples(n: int, seed: int = 0) -> list[Enc]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(6, 20))  # mixed lengths -> padding inside batches
+        prompt = int(rng.integers(2, length - 1))
+        out.append(Enc(f"s{i}", rng.integers(3, 97, size=length).tolist(), prompt))
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -25,24 +23,7 @@ from clues_fl.baselines import (
 from clues_fl.engine import AdamMoments, Checkpoint, ScoreSettings, lora_parameters, mean_gradient, score_samples
 from clues_fl.model import LoraSettings, add_lora, first_lora_layer, load_lora_state, lora_state
 from clues_fl.prefix_cache import PrefixCache
-from conftest import tiny_llama, tiny_lora_model
-
-
-@dataclass
-class Enc:
-    id: str
-    input_ids: list[int]
-    prompt_len: int
-
-
-def make_samples(n: int, seed: int = 0) -> list[Enc]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(6, 20))  # mixed lengths -> padding inside batches
-        prompt = int(rng.integers(2, length - 1))
-        out.append(Enc(f"s{i}", rng.integers(3, 97, size=length).tolist(), prompt))
-    return out
+from conftest import Enc, make_samples, tiny_llama, tiny_lora_model
 
 
 def answer_only(samples: list[Enc], header=(7, 8)) -> list[Enc]:
@@ -63,15 +44,6 @@ def naive_grads(model, sample: Enc) -> dict[str, torch.Tensor]:
     logits = model(input_ids=ids).logits[0]
     loss = F.cross_entropy(logits[sample.prompt_len - 1 : -1], ids[0, sample.prompt_len :])
     return {n: g.double() for n, g in zip(params, torch.autograd.grad(loss, list(params.values())))}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is ~40x faster than two when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

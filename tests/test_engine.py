@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
@@ -21,25 +19,7 @@ from clues_fl.engine import (
 from clues_fl.forward import collate, length_buckets, sample_losses
 from clues_fl.model import first_lora_layer, lora_state
 from clues_fl.prefix_cache import PrefixCache
-from conftest import tiny_lora_model
-
-
-@dataclass
-class Enc:
-    id: str
-    input_ids: list[int]
-    prompt_len: int
-
-
-def make_samples(n: int, seed: int = 0) -> list[Enc]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(6, 20))  # mixed lengths -> padding inside batches
-        prompt = int(rng.integers(2, length - 1))
-        ids = rng.integers(3, 97, size=length).tolist()
-        out.append(Enc(f"s{i}", ids, prompt))
-    return out
+from conftest import Enc, make_samples, tiny_lora_model
 
 
 def naive_grad(model, sample: Enc) -> torch.Tensor:

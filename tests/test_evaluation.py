@@ -30,15 +30,6 @@ from clues_fl.model import LoraSettings, add_lora
 from conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is much faster than two when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     from clues_fl.model import load_tokenizer
