@@ -7,6 +7,7 @@ asks the SuperLink for the run's final status (`flwr run --stream` can exit 0 on
 a failed run), and always stops the SuperLink by its process id.
 
     python -m clues_fl.launch scenarios/smoke.toml [--run-config "k=v ..."]
+    python -m clues_fl.launch scenarios/smoke.toml --deploy 3 [--data-dir sites/]
 """
 
 from __future__ import annotations
@@ -95,7 +96,29 @@ def _run_status(env: dict, run_id: int | None) -> str:
     return str(run.get("status", "unknown"))
 
 
-def run(scenario: str | None, run_config: str | None, num_supernodes: int | None, cpus_per_client: int) -> int:
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, and its children, by its process-group id."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _site_files(data_dir: Path | None, sites: int) -> list[Path | None]:
+    if data_dir is None:
+        return [None] * sites
+    files = sorted(p for p in data_dir.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+    if len(files) != sites:
+        raise SystemExit(f"--data-dir {data_dir}: {len(files)} data files for {sites} sites")
+    return files
+
+
+def run(scenario: str | None, run_config: str | None, num_supernodes: int | None, cpus_per_client: int,
+        deploy: int = 0, data_dir: Path | None = None) -> int:
+    """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
+    and N SuperNodes on 127.0.0.1, each site with its own node config (and data file)."""
     home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr"))
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -109,20 +132,35 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     # The SuperLink starts flower-superexec and the apps by name: the venv must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log_file = home / "superlink.log"
-    superlink = subprocess.Popen(
-        [
-            _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
-            "--log-file", str(log_file), "--disable-runtime-dependency-installation",
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    started: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "ab") as fh:  # own session: stopping its group stops its children
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    superlink = spawn(
+        [_bin("flower-superlink"), "--insecure", *([] if deploy else ["--simulation"]), "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+         "--disable-runtime-dependency-installation"],
+        log_file,
     )
     try:
         _wait_http(port, superlink)
         scenario_path = Path(scenario).resolve() if scenario else None
-        nodes = num_supernodes or _scenario_nodes(scenario_path, 2)
-        cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream",
-               "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
+        nodes = deploy or num_supernodes or _scenario_nodes(scenario_path, 2)
+        cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream"]
+        if deploy:
+            for i, data_file in enumerate(_site_files(data_dir, deploy)):
+                node_config = f"partition-id={i} num-partitions={deploy}"
+                if data_file is not None:
+                    node_config += f" data-file='{data_file.resolve()}'"
+                spawn([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                       "--isolation", "subprocess", "--port", str(_free_port()), "--node-config", node_config],
+                      home / f"supernode-{i}.log")
+        else:
+            cmd += ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
         merged = _merged_run_config(scenario_path, run_config)
         if merged:
             path = home / "run-config.toml"
@@ -134,15 +172,12 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         print(f"run status: {status}", flush=True)
         ok = proc.returncode == 0 and "completed" in status
         if not ok:
-            print(f"run failed (flwr exit {proc.returncode}, status '{status}'); SuperLink log: {log_file}", file=sys.stderr)
+            print(f"run failed (flwr exit {proc.returncode}, status '{status}'); logs in {home}", file=sys.stderr)
         return 0 if ok else 1
     finally:
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGTERM)  # by pid: its own process group
-            try:
-                superlink.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(superlink.pid, signal.SIGKILL)
+        for proc in reversed(started):
+            _stop(proc)
+        print(f"stopped processes: {' '.join(str(p.pid) for p in started)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, help="default: one per pollution ratio")
     parser.add_argument("--cpus-per-client", type=int, default=os.cpu_count() or 1,
                         help="CPUs reserved per simulated site (default: all, so sites run one at a time)")
+    parser.add_argument("--deploy", type=int, default=0, metavar="N",
+                        help="run on Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1")
+    parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
     args = parser.parse_args(argv)
-    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client)
+    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, args.deploy, args.data_dir)
 
 
 if __name__ == "__main__":
