@@ -149,6 +149,15 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
 
 
+def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):
+    raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
+    cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("out of memory")})
+    phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
+    assert phases == ["trace round 1", "trace round 2", "retrain round 1"]
+    assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
+    assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
+
+
 def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})

@@ -46,11 +46,21 @@ class SiteReport:
 
 
 class SiteFedAvg(FedAvg):
-    """Flower's FedAvg restricted to a set of sites (None: all)."""
+    """Flower's FedAvg restricted to a set of sites (None: all) that reports the sites
+    whose reply was an error (FedAvg itself only logs and drops them)."""
 
-    def __init__(self, only: set[int] | None = None, **kwargs):
+    def __init__(self, only: set[int] | None = None, on_error=None, **kwargs):
         super().__init__(**kwargs)
         self.only = only
+        self.on_error = on_error
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        if self.on_error is not None:
+            for reply in replies:
+                if reply.has_error():
+                    self.on_error(reply.metadata.src_node_id, server_round, reply.error.reason)
+        return super().aggregate_train(server_round, replies)
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -91,11 +101,15 @@ class Clues:
         self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
 
     # -- helpers ----------------------------------------------------------------
-    def _fedavg(self, only: set[int] | None = None) -> FedAvg:
+    def _fedavg(self, phase: str, only: set[int] | None = None) -> FedAvg:
         n = self.cfg["fed.min-nodes"]
         if only is not None:
             n = min(n, len(only))
-        return SiteFedAvg(only, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+
+        def failed(node: int, server_round: int, reason: str) -> None:
+            self._missing(node, f"{phase} round {server_round}", reason)
+
+        return SiteFedAvg(only, failed, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
 
     def _exchange(self, grid: Grid, phase: str, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
         """Send one message per node; keep the replies that carry no error."""
@@ -135,7 +149,7 @@ class Clues:
                 self.checkpoints.append(record_checkpoint(arrays, lr))
             return None
 
-        strategy = self._fedavg()
+        strategy = self._fedavg("trace")
         result = strategy.start(
             grid=grid,
             initial_arrays=state_record(self.bench.initial_state),
@@ -275,7 +289,7 @@ class Clues:
     # -- phase 5: retrain + aggregate --------------------------------------------------
     def retrain_federated(self, grid: Grid) -> dict:
         # Sites that kept nothing have nothing to train on: leave them out of FedAvg.
-        strategy = self._fedavg({n for n, s in self.sites.items() if s.kept > 0})
+        strategy = self._fedavg("retrain", {n for n, s in self.sites.items() if s.kept > 0})
         result = strategy.start(
             grid=grid,
             initial_arrays=state_record(self.bench.initial_state),
