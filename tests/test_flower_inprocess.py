@@ -133,6 +133,7 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     out = tmp_path / "inprocess"
     written = json.loads((out / "metrics.json").read_text())
     assert written["selection"]["per-client"].keys() == {"client-0", "client-1"}
+    assert written["selection"]["per-client"]["client-0"]["skipped-rows"] == 0
     for key in ("precision", "recall", "f1", "accuracy"):
         assert 0.0 <= written["selection"][key] <= 1.0
     assert set(written["validation-loss"]) == {"base", "all-data", "selected"}

@@ -43,6 +43,8 @@ class SiteReport:
     anchor_scores: np.ndarray | None = None  # merging mode: against its own checkpoints
     anchor_grads: list | None = None
     num_examples: int = 0
+    skipped_rows: int = 0  # malformed rows the site skipped (data.on-error = skip)
+    truncated: int = 0
 
 
 class SiteFedAvg(FedAvg):
@@ -219,6 +221,8 @@ class Clues:
             site.scores = np.asarray(scores["scores"], dtype=float)
             metrics = reply.content["metrics"]
             site.num_examples = int(metrics["num-examples"])
+            site.skipped_rows = int(metrics.get("skipped-rows", 0))
+            site.truncated = int(metrics.get("truncated", 0))
             pid = int(metrics.get("partition-id", -1))
             site.name = f"client-{pid}" if pid >= 0 else f"node-{node}"
 
@@ -323,6 +327,7 @@ class Clues:
         sites = [s for s in self.sites.values() if s.counts]
         per_site = {}
         for s in sites:
-            per_site[s.name] = {**selection_metrics(s.counts), **s.counts, "kept": s.kept}
+            per_site[s.name] = {**selection_metrics(s.counts), **s.counts, "kept": s.kept,
+                                "skipped-rows": s.skipped_rows, "truncated": s.truncated}
         overall = selection_metrics(add_counts([s.counts for s in sites])) if sites else {}
         return {**overall, "per-client": per_site}
