@@ -21,7 +21,6 @@ Peak RSS is measured in fresh subprocesses that score 64 and 256 samples with (c
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys

@@ -11,7 +11,7 @@ import math
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import parse_config
@@ -51,7 +51,7 @@ def _load(context: Context):
     return _site(_frozen(context.run_config), _frozen(context.node_config))
 
 
-def _kept_rows(context: Context, n: int) -> list[int]:
+def _kept_rows(context: Context) -> list[int]:
     if KEPT_KEY not in context.state:
         raise RuntimeError("retraining asked for before selection: no kept samples on this site")
     return [int(i) for i in context.state[KEPT_KEY]["rows"]]
@@ -68,7 +68,7 @@ def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     phase = str(config.get("phase", "trace"))
     state, moments = split_record(message.content["arrays"])
-    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context, len(encoded))
+    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
     server_round = int(config.get("server-round", 1))
     t0 = time.time()
     result = bench.train(
@@ -109,7 +109,7 @@ def train_local(message: Message, context: Context) -> Message:
     cfg, bench, samples, encoded, cache, _ = _load(context)
     config = message.content["config"]
     phase = str(config["phase"])
-    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context, len(encoded))
+    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
     rounds = cfg["trace.rounds"] if phase == "trace" else cfg["retrain.rounds"]
     result = bench.train(
         [encoded[i] for i in rows], cfg, None, epochs=rounds * cfg["train.local-epochs"],

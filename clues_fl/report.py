@@ -18,7 +18,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .config import RunConfig
 from .evaluation import answer_quality, load_mc_items, multiple_choice_accuracy

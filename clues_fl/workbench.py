@@ -122,7 +122,6 @@ def _cached(model_name: str, quantization: str, lora_key: tuple, seed: int) -> W
 
 
 def workbench(cfg: RunConfig) -> Workbench:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     key = (
         cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"],
         tuple(cfg.list("lora.target-modules")), cfg["lora.layers"],
