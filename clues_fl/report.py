@@ -103,7 +103,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
-    clues._timed("evaluate", t)
+    clues.record_time("evaluate", t)
 
     manifest_dir = out / "manifest"
     manifest_dir.mkdir(exist_ok=True)

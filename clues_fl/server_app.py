@@ -31,22 +31,22 @@ def main(grid: Grid, context: Context) -> None:
     if clues.scorer.needs_trace:
         t = time.time()
         clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes)
-        clues._timed("trace", t)
+        clues.record_time("trace", t)
 
     t = time.time()
     clues.score(grid, nodes, federated)
-    clues._timed("score", t)
+    clues.record_time("score", t)
 
     clues.decide_threshold(federated)
     t = time.time()
     clues.select(grid)
-    clues._timed("select", t)
+    clues.record_time("select", t)
 
     t = time.time()
     if cfg["aggregation"] == "fedavg":
         final = {"state": clues.retrain_federated(grid)}
     else:
         final = {"site-states": clues.retrain_local(grid)}
-    clues._timed("retrain", t)
+    clues.record_time("retrain", t)
 
     evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)

@@ -73,7 +73,7 @@ class Lab:
             key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
             if key not in self.traces:
                 clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
-                clues._timed("trace", start)
+                clues.record_time("trace", start)
                 self.traces[key] = clues
             else:
                 traced = self.traces[key]

@@ -138,7 +138,7 @@ class Clues:
         log.warning("site %s failed in phase '%s': %s", node, phase, reason)
         self.missing.append({"node": node, "phase": phase, "reason": str(reason)[:500]})
 
-    def _timed(self, name: str, start: float) -> None:
+    def record_time(self, name: str, start: float) -> None:
         self.timings[name] = round(time.time() - start, 2)
 
     # -- phase 1: trace -------------------------------------------------------------
