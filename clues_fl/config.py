@@ -106,18 +106,6 @@ class RunConfig:
     def list(self, key: str) -> list[str]:
         return [p.strip() for p in str(self.values[key]).split(",") if p.strip()]
 
-    def floats(self, key: str) -> list[float]:
-        try:
-            return [float(p) for p in self.list(key)]
-        except ValueError as err:
-            raise ConfigError(f"{key}: expected comma-separated numbers, got '{self.values[key]}'") from err
-
-    def ints(self, key: str) -> list[int]:
-        try:
-            return [int(p) for p in self.list(key)]
-        except ValueError as err:
-            raise ConfigError(f"{key}: expected comma-separated integers, got '{self.values[key]}'") from err
-
 
 def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
     """Merge `raw` over the defaults, coerce types and validate."""

@@ -102,3 +102,22 @@ def make_samples(n: int, seed: int = 0) -> list[Enc]:
         prompt = int(rng.integers(2, length - 1))
         out.append(Enc(f"s{i}", rng.integers(3, 97, size=length).tolist(), prompt))
     return out
+
+
+def random_checkpoints(model, k: int = 2, seed: int = 7):
+    """k checkpoints near the model's adapter (random Adam moments, lr 0.5, 1.5, ...)
+    and one random reference gradient per checkpoint."""
+    from clues_fl.engine import AdamMoments, Checkpoint
+    from clues_fl.model import lora_state
+
+    gen = torch.Generator().manual_seed(seed)
+    ckpts, refs = [], []
+    for i in range(k):
+        state = {n: p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in lora_state(model).items()}
+        adam = AdamMoments(
+            m={n: 0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
+            v={n: 0.001 * torch.rand(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
+        )
+        ckpts.append(Checkpoint(state, lr=0.5 + i, adam=adam))
+        refs.append({n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()})
+    return ckpts, refs

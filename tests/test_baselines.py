@@ -20,10 +20,10 @@ from clues_fl.baselines import (
     random_scores,
     select_top,
 )
-from clues_fl.engine import AdamMoments, Checkpoint, ScoreSettings, lora_parameters, mean_gradient, score_samples
+from clues_fl.engine import ScoreSettings, lora_parameters, mean_gradient, score_samples
 from clues_fl.model import LoraSettings, add_lora, first_lora_layer, load_lora_state, lora_state
 from clues_fl.prefix_cache import PrefixCache
-from conftest import Enc, make_samples, tiny_llama, tiny_lora_model
+from conftest import Enc, make_samples, random_checkpoints, tiny_llama, tiny_lora_model
 
 
 def answer_only(samples: list[Enc], header=(7, 8)) -> list[Enc]:
@@ -53,16 +53,7 @@ def setup(one_thread):
     anchors = make_samples(4, seed=11)
     first = first_lora_layer(model)
     anchor_grad = mean_gradient(model, anchors, first, pad_id=0, batch_size=4)
-    gen = torch.Generator().manual_seed(7)
-    ckpts, refs = [], []
-    for k in range(2):
-        state = {n: p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in lora_state(model).items()}
-        adam = AdamMoments(
-            m={n: 0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
-            v={n: 0.001 * torch.rand(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
-        )
-        ckpts.append(Checkpoint(state, lr=0.5 + k, adam=adam))
-        refs.append({n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()})
+    ckpts, refs = random_checkpoints(model)
     return model, samples, anchor_grad, ckpts, refs
 
 

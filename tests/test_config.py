@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from clues_fl.config import DEFAULTS, ConfigError, parse_config
+from clues_fl.pollution import parse_ratios
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +53,8 @@ def test_bad_values_name_the_key_and_allowed_values(raw, message):
 
 
 def test_lists_are_comma_separated_strings():
-    cfg = parse_config({"pollution.ratios": "0.8, 0.2,0.1,0.5"})
-    assert cfg.floats("pollution.ratios") == [0.8, 0.2, 0.1, 0.5]
-    with pytest.raises(ConfigError, match="pollution.ratios"):
-        parse_config({"pollution.ratios": "0.8,x"}).floats("pollution.ratios")
+    cfg = parse_config({"pollution.ratios": "0.8, 0.2,0.1,0.5", "lora.target-modules": "q_proj, v_proj"})
+    assert parse_ratios(cfg["pollution.ratios"]) == [0.8, 0.2, 0.1, 0.5]
+    assert cfg.list("lora.target-modules") == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="item 2 'x' is not a number"):
+        parse_ratios(parse_config({"pollution.ratios": "0.8,x"})["pollution.ratios"])

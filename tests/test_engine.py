@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from clues_fl.engine import (
-    AdamMoments,
-    Checkpoint,
     ScoreSettings,
     anchor_scores,
     lora_parameters,
@@ -19,7 +17,7 @@ from clues_fl.engine import (
 from clues_fl.forward import collate, length_buckets, sample_losses
 from clues_fl.model import first_lora_layer, lora_state
 from clues_fl.prefix_cache import PrefixCache
-from conftest import Enc, make_samples, tiny_lora_model
+from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
 
 def naive_grad(model, sample: Enc) -> torch.Tensor:
@@ -47,16 +45,7 @@ def setup():
     model = tiny_lora_model(seed=3)
     samples = make_samples(11)
     names = list(lora_parameters(model))
-    gen = torch.Generator().manual_seed(7)
-    ckpts, refs = [], []
-    for k in range(2):
-        state = {n: p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in lora_state(model).items()}
-        adam = AdamMoments(
-            m={n: 0.01 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
-            v={n: 0.001 * torch.rand(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()},
-        )
-        ckpts.append(Checkpoint(state, lr=0.5 + k, adam=adam))
-        refs.append({n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()})
+    ckpts, refs = random_checkpoints(model)
     return model, samples, names, ckpts, refs
 
 

@@ -113,6 +113,21 @@ class Clues:
 
         return SiteFedAvg(only, failed, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
 
+    def _fedavg_rounds(self, grid: Grid, phase: str, rounds: int, *, only=None, evaluate_fn=None):
+        """Flower's FedAvg from the initial adapter for `rounds` rounds of `phase`;
+        keeps the mean client training loss of each round."""
+        result = self._fedavg(phase, only).start(
+            grid=grid,
+            initial_arrays=state_record(self.bench.initial_state),
+            num_rounds=rounds,
+            timeout=self.cfg["fed.timeout"],
+            train_config=ConfigRecord({"phase": phase}),
+            evaluate_fn=evaluate_fn,
+        )
+        metrics = result.train_metrics_clientapp
+        self.round_losses[phase] = [float(metrics[r].get("train-loss", np.nan)) for r in sorted(metrics)]
+        return result
+
     def _exchange(self, grid: Grid, phase: str, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
         """Send one message per node; keep the replies that carry no error."""
         messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
@@ -144,25 +159,13 @@ class Clues:
     # -- phase 1: trace -------------------------------------------------------------
     def trace_federated(self, grid: Grid) -> None:
         lr = self.cfg["train.lr"]
-        losses: list[float] = []
 
         def keep(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round > 0:
                 self.checkpoints.append(record_checkpoint(arrays, lr))
             return None
 
-        strategy = self._fedavg("trace")
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=state_record(self.bench.initial_state),
-            num_rounds=self.cfg["trace.rounds"],
-            timeout=self.cfg["fed.timeout"],
-            train_config=ConfigRecord({"phase": "trace"}),
-            evaluate_fn=keep,
-        )
-        for rnd in sorted(result.train_metrics_clientapp):
-            losses.append(float(result.train_metrics_clientapp[rnd].get("train-loss", np.nan)))
-        self.round_losses["trace"] = losses
+        self._fedavg_rounds(grid, "trace", self.cfg["trace.rounds"], evaluate_fn=keep)
         if not self.checkpoints:
             raise RuntimeError("tracing produced no checkpoint: no site finished a round")
 
@@ -293,18 +296,8 @@ class Clues:
     # -- phase 5: retrain + aggregate --------------------------------------------------
     def retrain_federated(self, grid: Grid) -> dict:
         # Sites that kept nothing have nothing to train on: leave them out of FedAvg.
-        strategy = self._fedavg("retrain", {n for n, s in self.sites.items() if s.kept > 0})
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=state_record(self.bench.initial_state),
-            num_rounds=self.cfg["retrain.rounds"],
-            timeout=self.cfg["fed.timeout"],
-            train_config=ConfigRecord({"phase": "retrain"}),
-        )
-        self.round_losses["retrain"] = [
-            float(result.train_metrics_clientapp[r].get("train-loss", np.nan))
-            for r in sorted(result.train_metrics_clientapp)
-        ]
+        kept = {n for n, s in self.sites.items() if s.kept > 0}
+        result = self._fedavg_rounds(grid, "retrain", self.cfg["retrain.rounds"], only=kept)
         if result.arrays is None:
             raise RuntimeError("retraining produced no model: no site finished a round")
         state, _ = split_record(result.arrays)
