@@ -21,13 +21,14 @@ from clues_fl.scenario import build_scenario
 from clues_fl.selection import global_threshold, mixture_threshold
 
 
-def main(run_dir: str) -> None:
-    out = Path(run_dir)
+def read_run(out: Path):
+    """(metrics, anchor scores, scores, polluted flags, kinds, site index) of a finished
+    experiment run, pooled over sites in site order."""
     metrics = json.loads((out / "metrics.json").read_text())
     anchors = np.asarray(json.loads((out / "thresholds.json").read_text())["anchor-scores"])
     cfg = parse_config(metrics["config"])
     data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
-    scores, polluted, kinds = [], [], []
+    scores, polluted, kinds, sites = [], [], [], []
     for i, samples in enumerate(data.clients):
         with open(out / "manifest" / f"client-{i}.csv") as fh:
             by_id = {row["id"]: float(row["score"]) for row in csv.DictReader(fh)}
@@ -35,7 +36,13 @@ def main(run_dir: str) -> None:
             scores.append(by_id[s.id])
             polluted.append(s.polluted)
             kinds.append(f"{s.pollution}:{s.domain}" if s.polluted else "")
-    scores, polluted = np.asarray(scores), np.asarray(polluted)
+            sites.append(i)
+    return metrics, anchors, np.asarray(scores), np.asarray(polluted), kinds, np.asarray(sites)
+
+
+def main(run_dir: str) -> None:
+    out = Path(run_dir)
+    metrics, anchors, scores, polluted, kinds, _ = read_run(out)
     if metrics["threshold"].get("standardised"):
         print("merging-mode runs standardise per site; this report reads federated runs only")
         return

@@ -14,13 +14,19 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from . import privacy
 from .config import parse_config
-from .messages import record_checkpoint, record_gradient, state_record, split_record
+from .messages import (
+    ids_digest,
+    record_checkpoint,
+    record_gradient,
+    split_record,
+    state_record,
+)
 from .metrics import confusion_counts
 from .model import lora_state
-from .prefix_cache import PrefixCache
 from .scenario import site_samples
-from .scorers import ScorePayload, SiteData, make_scorer
+from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
 from .selection import keep_mask
 from .workbench import score_settings, workbench
 
@@ -97,10 +103,7 @@ def _steps_before(server_round: int, n: int, cfg) -> int:
 
 def _subset_cache(cache, rows):
     """The prefix cache indexes rows of the full pool; a subset needs a row map."""
-    if cache is None:
-        return None
-    idx = np.asarray(rows, dtype=np.int64)
-    return PrefixCache(cache.array, cache.offsets[idx], cache.lengths[idx])
+    return None if cache is None else cache.subset(rows)
 
 
 @app.train("local")
@@ -119,6 +122,7 @@ def train_local(message: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
         "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),
+        "site": ConfigRecord({"ids-digest": ids_digest(e.id for e in encoded)}),  # resume: who this is
     })
     for k, ckpt in enumerate(result.checkpoints):
         content[f"ckpt-{k}"] = state_record(ckpt.state, ckpt.adam)
@@ -134,6 +138,7 @@ def score(message: Message, context: Context) -> Message:
     payload = ScorePayload(
         [record_checkpoint(message.content[f"ckpt-{k}"], lr) for k, lr in enumerate(lrs)],
         [record_gradient(message.content[f"grad-{k}"]) for k in range(len(lrs)) if f"grad-{k}" in message.content],
+        {k: v for k, v in config.items() if k not in ("method", "lrs")},
     )
     pid = int(context.node_config.get("partition-id", 0))
     scorer = make_scorer(str(config.get("method", cfg["selection.method"])), score_settings(cfg))
@@ -142,28 +147,43 @@ def score(message: Message, context: Context) -> Message:
     if values.shape != (len(encoded),) or not np.isfinite(values).all():
         raise ValueError(f"scorer '{scorer.name}' returned {values.shape} scores (finite: "
                          f"{bool(np.isfinite(values).all())}) for {len(encoded)} samples")
-    scores = [float(s) for s in values]
-    context.state[SCORES_KEY] = ConfigRecord({"scores": scores})
+    context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in values]})  # exact, stays here
     reply = RecordDict({
-        "scores": ConfigRecord({"ids": [e.id for e in encoded], "scores": scores}),
+        **_reported(values, [e.id for e in encoded], config),
         "metrics": MetricRecord({
             "num-examples": len(encoded),
             "partition-id": int(context.node_config.get("partition-id", -1)),
             "score-seconds": time.time() - t0,
             "skipped-rows": len(skipped),
             "truncated": sum(int(e.truncated) for e in encoded),
+            "scored": len(encoded),  # a scorer that scores fewer (Quad) overrides it
+            **scorer.extras(),
         }),
     })
     return _reply(message, reply)
+
+
+def _reported(values: np.ndarray, ids: list[str], config) -> dict:
+    """What leaves the site: per-sample scores, or only binned counts
+    (privacy.report = histogram); Gaussian noise on either when privacy.epsilon > 0.
+    The noise comes from the OS's entropy, not the run seed the server knows."""
+    epsilon, delta = float(config.get("epsilon", 0.0)), float(config.get("delta", 1e-5))
+    rng = np.random.default_rng()
+    if str(config.get("privacy-report", "scores")) == "histogram":
+        edges = np.array([-np.inf, *[float(e) for e in config["edges"]], np.inf])
+        counts = privacy.privatise_counts(privacy.histogram_counts(values, edges), epsilon, delta, rng)
+        return {"histogram": ConfigRecord({"counts": [int(c) for c in counts]})}
+    if privacy.dp_enabled(epsilon):
+        values = privacy.privatise_scores(values, float(config["clip-lo"]), float(config["clip-hi"]),
+                                          epsilon, delta, rng)
+    return {"scores": ConfigRecord({"ids": ids, "scores": [float(s) for s in values]})}
 
 
 @app.query("select")
 def select(message: Message, context: Context) -> Message:
     """Apply the global threshold (or ratio) locally; report counts only."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
-    if SCORES_KEY not in context.state:
-        raise RuntimeError("selection asked for before scoring: no scores on this site")
-    scores = np.asarray(context.state[SCORES_KEY]["scores"], dtype=float)
+    scores = _own_scores(message, context, encoded)
     config = message.content["config"]
     if "anchor-mean" in config:  # merging mode: scores from local checkpoints, standardised
         scores = (scores - float(config["anchor-mean"])) / float(config["anchor-std"])
@@ -177,8 +197,48 @@ def select(message: Message, context: Context) -> Message:
     counts = confusion_counts(kept, polluted)  # computed here: flags never leave the site
     metrics = {
         "num-examples": len(samples),
+        **(_coverage(cfg, bench, samples, encoded, cache, context, kept) if cfg["eval.coverage"] else {}),
         "kept": int(kept.sum()),
         "mean-kept-score": float(scores[kept].mean()) if kept.any() else 0.0,
         **{k: int(v) for k, v in counts.items()},
     }
     return _reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
+def _own_scores(message: Message, context: Context, encoded) -> np.ndarray:
+    """This site's scores: kept from scoring, or, in a resumed run (a new Flower run: the
+    site's state is gone), the ones the server sends back, checked to be for its samples."""
+    if SCORES_KEY not in context.state:
+        if "scores" not in message.content:
+            raise RuntimeError("selection asked for before scoring: no scores on this site")
+        sent = message.content["scores"]
+        ids, own = [str(i) for i in sent["ids"]], [e.id for e in encoded]
+        if ids != own:
+            same = len(set(ids) & set(own))
+            order = " (in another order)" if same == len(ids) == len(own) else ""
+            raise ValueError(
+                f"the scores sent back for selection are not this site's: {len(ids)} ids, {same} of them "
+                f"among this site's {len(own)} sample ids{order}; a resumed run needs each site to hold "
+                "the data it scored"
+            )
+        context.state[SCORES_KEY] = ConfigRecord({"scores": [float(x) for x in sent["scores"]]})
+    return np.asarray(context.state[SCORES_KEY]["scores"], dtype=float)
+
+
+@app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    """Which site this is, for a resumed run whose sites got new node ids: a digest of
+    its sample ids (the server holds the ids from scoring, or the digest from tracing)."""
+    _, _, _, encoded, _, _ = _load(context)
+    return _reply(message, RecordDict({
+        "site": ConfigRecord({"ids-digest": ids_digest(e.id for e in encoded)}),
+        "metrics": MetricRecord({"num-examples": len(encoded),
+                                 "partition-id": int(context.node_config.get("partition-id", -1))}),
+    }))
+
+
+def _coverage(cfg, bench, samples, encoded, cache, context, kept) -> dict:
+    """How many of this site's k-means clusters the kept set touches (diversity)."""
+    pid = int(context.node_config.get("partition-id", 0))
+    labels = site_clusters(SiteData(cfg, bench, samples, encoded, cache, pid))
+    return {"clusters-covered": len(set(labels[kept].tolist())), "clusters-total": len(set(labels.tolist()))}

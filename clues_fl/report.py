@@ -6,6 +6,7 @@ outputs/<run-name>/
   thresholds.json   the rule, the threshold and the anchor scores it came from
   manifest/<client>.csv   id, score, kept (ids are the rows' own ids, never text)
   adapter/          the final adapter (peft save_pretrained)
+  state/            the server's state after each step and round, for resuming (resume.py)
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     if "state" in final:
         context = adapter_active(bench, clues, state=final["state"])
     else:
-        nodes = sorted(final["site-states"])
+        # By site name, not node id: node ids are drawn anew when a run restarts, and the
+        # merge order must not change with them.
+        nodes = sorted(final["site-states"], key=lambda n: (clues.sites[n].name, n))
         sites = [clues.sites[n] for n in nodes]
         weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
         clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
@@ -136,6 +139,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "missing-sites": clues.missing,
         "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
         "config": cfg.values,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -22,9 +22,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .baselines import datainf_scores, encode_answer_only, ifd_scores, ppl_scores, random_scores
+from . import quad
+from .baselines import (
+    datainf_scores,
+    encode_answer_only,
+    ifd_scores,
+    ppl_scores,
+    random_scores,
+)
 from .engine import Checkpoint, ScoreSettings
 from .model import load_lora_state
+from .selection import global_threshold
 
 
 @dataclass
@@ -41,10 +49,21 @@ class SiteData:
 
 @dataclass
 class ScorePayload:
-    """What the server sent: trace checkpoints and the anchor gradient at each."""
+    """What the server sent: trace checkpoints, the anchor gradient (reference) at
+    each, and the method's scalar settings (e.g. Quad's tau and budget)."""
 
     checkpoints: list[Checkpoint] = field(default_factory=list)
     anchor_gradients: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class AnchorSide:
+    """What the server derives from the public anchor set at the trace checkpoints."""
+
+    scores: np.ndarray  # leave-one-out scores of the anchors: threshold material
+    gradients: list[dict]  # the reference sent to the sites, one per checkpoint
+    config: dict = field(default_factory=dict)  # scalars for the sites
 
 
 class Scorer:
@@ -59,6 +78,17 @@ class Scorer:
 
     def score(self, site: SiteData, payload: ScorePayload) -> np.ndarray:
         raise NotImplementedError
+
+    def anchor_side(self, bench, anchors, checkpoints: list[Checkpoint], cfg, cache=None) -> AnchorSide:
+        """Server side (needs_anchor_gradients): mean anchor gradient per checkpoint and
+        each anchor's leave-one-out score."""
+        side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
+        return AnchorSide(side.scores, side.gradients)
+
+    def extras(self) -> dict:
+        """Scalar metrics of the last score() call for the site's reply (e.g. how many
+        samples were scored); never per-sample data."""
+        return {}
 
 
 class CluesScorer(Scorer):
@@ -129,6 +159,75 @@ class IfdScorer(Scorer):
                           batch_size=cfg["scoring.batch-size"], cache=site.cache)
 
 
+class QuadScorer(Scorer):
+    """Quad: k-means clusters of the site's samples are bandit arms; a few samples of
+    each pulled cluster are scored by K-FAC influence against the anchor gradient,
+    and clusters whose mean influence beats tau join the selection until the budget.
+    Scores are 1 (selected) / 0, so the server's rule is "fixed"."""
+
+    name = "quad"
+    needs_trace = needs_anchor_gradients = True
+    selection = "fixed"
+
+    def __init__(self, settings: ScoreSettings):
+        self.settings = ScoreSettings(settings.similarity, "sgd", settings.batch_size)
+        self._extras: dict = {}
+
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+        side = quad.anchor_influence(bench, anchors, checkpoints, cfg, self.settings, cache=cache)
+        tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["selection.quantile"],
+                               static=cfg["selection.static"])
+        return AnchorSide(side.scores, side.references, {"tau": float(tau), "budget": float(cfg["quad.budget"])})
+
+    def score(self, site, payload):
+        cfg, bench, encoded = site.cfg, site.bench, site.encoded
+        labels = site_clusters(site)
+        budget = float(payload.config.get("budget", cfg["quad.budget"]))
+        count = int(np.ceil(budget * len(encoded) - 1e-9)) if budget <= 1 else int(budget)
+
+        def influence(rows):
+            subset = site.cache.subset(rows) if site.cache is not None else None
+            return bench.score([encoded[r] for r in rows], payload.checkpoints, payload.anchor_gradients, cfg,
+                               cache=subset, settings=self.settings).scores
+
+        result = quad.quad_select(
+            labels, influence, budget=max(1, min(count, len(encoded))),
+            sampling_ratio=cfg["quad.sampling-ratio"], tau=float(payload.config["tau"]), alpha=cfg["quad.alpha"],
+            max_scored_fraction=cfg["quad.max-scored"], seed=cfg["seed"] * 1000 + site.partition_id,
+        )
+        self._extras = {
+            "scored": int(result.n_scored), "clusters": int(labels.max() + 1),
+            "selected-clusters": len(result.selected_clusters), "bandit-iterations": int(result.iterations),
+        }
+        return result.kept.astype(float)
+
+    def extras(self):
+        return dict(self._extras)
+
+
+_CLUSTERS: dict[tuple, np.ndarray] = {}
+
+
+def site_clusters(site: SiteData) -> np.ndarray:
+    """k-means labels of a site's samples, computed once per process and site (the
+    embeddings come from the base model, which does not change during a run)."""
+    cfg = site.cfg
+    key = (cfg["model.name"], cfg["quad.embedding-model"], cfg["quad.clusters"], cfg["seed"],
+           tuple(e.id for e in site.encoded))
+    if key not in _CLUSTERS:
+        bench = site.bench
+        if cfg["quad.embedding-model"]:
+            emb = quad.embed_with_model(cfg["quad.embedding-model"], site.samples)
+        else:
+            load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
+            emb = quad.embed_samples(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
+                                     batch_size=cfg["scoring.batch-size"], cache=site.cache)
+        if len(_CLUSTERS) >= 8:
+            _CLUSTERS.pop(next(iter(_CLUSTERS)))
+        _CLUSTERS[key] = quad.cluster_samples(emb, cfg["quad.clusters"], seed=cfg["seed"])
+    return _CLUSTERS[key]
+
+
 class RandomScorer(Scorer):
     name = "random"
 
@@ -156,7 +255,7 @@ class Oracle(Scorer):
         return np.array([0.0 if s.polluted else 1.0 for s in site.samples])
 
 
-BUILTIN = {c.name: c for c in (CluesScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
+BUILTIN = {c.name: c for c in (CluesScorer, QuadScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
 
 
 def make_scorer(method: str, settings: ScoreSettings) -> Scorer:

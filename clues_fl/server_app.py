@@ -1,15 +1,22 @@
-"""Flower ServerApp: runs the CLUES protocol and writes the report."""
+"""Flower ServerApp: runs the CLUES protocol and writes the report.
+
+trace -> score -> threshold -> select -> retrain -> evaluate and report. The state
+after every step and FedAvg round is saved under outputs/<run-name>/state
+(resume.py): re-running the same run-name resumes after the last completed one.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .config import parse_config
+from .config import RunConfig, parse_config
 from .report import evaluate_and_report
+from .resume import RunState
 from .scenario import server_sets
 from .strategies.clues import Clues, wait_for_nodes
 from .workbench import workbench
@@ -20,33 +27,53 @@ log = logging.getLogger(__name__)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = parse_config(context.run_config)
-    start = time.time()
+    run_protocol(grid, parse_config(context.run_config))
+
+
+def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
+    """The whole protocol over `grid`, skipping the steps the run's saved state already
+    has. Returns the protocol's state (None if the run had finished before) and the
+    metrics."""
+    started = time.time()
+    run = RunState(cfg)
+    if run.finished:
+        log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
+                 "run-name or set resume=false to run it again", cfg["run-name"], run.out)
+        return None, run.metrics()
     bench = workbench(cfg)
     anchor, val, test, skipped = server_sets(cfg)
     clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
-    nodes = wait_for_nodes(grid, cfg["fed.min-nodes"])
     federated = cfg["mode"] == "federated"
+    traced = clues.scorer.needs_trace
+    if run.done("score") and not run.done("retrain") and not clues.holds_exact_scores:
+        log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back to "
+                    "the sites for selection, so they score again (with privacy.epsilon > 0 that releases "
+                    "noised scores a second time)", cfg["run-name"])
+        run.redo("score")
+    run.restore(clues, (["trace"] if traced else []) + ["score", "threshold", "select", "retrain"])
+    nodes: list[int] = []
+    if not run.done("retrain"):  # every step before the report talks to the sites
+        nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"]))
 
-    if clues.scorer.needs_trace:
-        t = time.time()
-        clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes)
-        clues.record_time("trace", t)
+    def step(name: str, fn: Callable[[], object]) -> None:
+        if run.done(name):
+            return
+        start = run.begin(name)
+        fn()
+        clues.record_time(name, start)
+        run.complete(name)
 
-    t = time.time()
-    clues.score(grid, nodes, federated)
-    clues.record_time("score", t)
-
-    clues.decide_threshold(federated)
-    t = time.time()
-    clues.select(grid)
-    clues.record_time("select", t)
-
-    t = time.time()
+    if traced:
+        step("trace", lambda: clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes))
+    step("score", lambda: clues.score(grid, nodes, federated))
+    step("threshold", lambda: clues.decide_threshold(federated))
+    if run.done("select") and not run.done("retrain"):
+        clues.select(grid)  # a new run's sites have lost their kept rows: select again
+    step("select", lambda: clues.select(grid))
     if cfg["aggregation"] == "fedavg":
-        final = {"state": clues.retrain_federated(grid)}
+        step("retrain", lambda: clues.retrain_federated(grid))
     else:
-        final = {"site-states": clues.retrain_local(grid)}
-    clues.record_time("retrain", t)
-
-    evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
+        step("retrain", lambda: clues.retrain_local(grid))
+    metrics = evaluate_and_report(cfg, clues, clues.final_adapters(), skipped=skipped, started=started)
+    run.complete("report")
+    return clues, metrics

@@ -48,6 +48,7 @@ class Outcome:
     kinds: list[str]
     per_site: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (scores, polluted)
     seconds: float = 0.0
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # pooled, as the manifests say
 
 
 class Lab:
@@ -88,15 +89,17 @@ class Lab:
                  else {"site-states": clues.retrain_local(grid)})
         metrics = evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
         data = build_scenario(cfg, n)
-        per_site, kinds = [], []
+        per_site, kinds, kept = [], [], []
         for node in sorted(nodes):
             site = clues.sites[node]
+            manifest = self.out / "runs" / name / "manifest" / f"{site.name}.csv"
+            kept.append(np.array([line.rsplit(",", 1)[1] == "1" for line in manifest.read_text().splitlines()[1:]]))
             flags = {s.id: s for s in data.clients[nodes[node]["partition-id"]]}
             per_site.append((site.scores, np.array([flags[i].polluted for i in site.ids])))
             kinds += [f"{flags[i].pollution}" if flags[i].polluted else "" for i in site.ids]
         scores = np.concatenate([s for s, _ in per_site])
         polluted = np.concatenate([p for _, p in per_site])
-        return Outcome(name, metrics, scores, polluted, kinds, per_site, time.time() - start)
+        return Outcome(name, metrics, scores, polluted, kinds, per_site, time.time() - start, np.concatenate(kept))
 
 
 # -- tables -------------------------------------------------------------------------
@@ -187,10 +190,12 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
 def run_suite(name: str, quick: bool, only: set[int]) -> Path:
     out = Path("outputs") / name
     out.mkdir(parents=True, exist_ok=True)
-    size = {"data.samples-per-client": 24 if quick else 80, "data.max-length": 96 if quick else 128,
+    # The full size is half the demo's 80 samples per site so that the whole suite (about
+    # 25 federated runs) finishes in well under two hours on 2 CPU cores.
+    size = {"data.samples-per-client": 24 if quick else 40, "data.max-length": 96 if quick else 128,
             "trace.rounds": 2 if quick else 3, "retrain.rounds": 1 if quick else 2,
-            "data.val-size": 24 if quick else 48, "data.test-size": 16 if quick else 48,
-            "eval.max-samples": 8 if quick else 24, "eval.mc-items": 16 if quick else 48}
+            "data.val-size": 24 if quick else 48, "data.test-size": 16 if quick else 32,
+            "eval.max-samples": 8 if quick else 16, "eval.mc-items": 16 if quick else 32}
     lab = Lab({**FIQA, **size}, out)
     report = [f"# Evaluation suite `{name}`{' (--quick)' if quick else ''}", "",
               f"SmolLM2-135M-Instruct, LoRA r=16 on q,v of layers 22-29. Sizes: {json.dumps(size)}.", ""]
@@ -305,6 +310,11 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
                    ""]
         timings["7"] = time.time() - t
 
+    if section(8, "Quad vs CLUES vs random at equal selection budget (LoRA on q,k,v,o)"):
+        t = time.time()
+        report += _quad_comparison(size, out)
+        timings["8"] = time.time() - t
+
     total = time.time() - started
     report += ["## Cost", "", f"Total wall time {total / 60:.1f} min on this machine; per experiment (s): "
                + ", ".join(f"{k}: {v:.0f}" for k, v in timings.items()), ""]
@@ -314,6 +324,42 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
     return out
 
 
+def _quad_comparison(size: dict, out: Path) -> list[str]:
+    """CLUES first (its threshold fixes the budget), then Quad, CLUES top-k and random
+    keeping that share on every site; on the FiQA pool and on a duplicate-heavy one."""
+    lines = []
+    qkvo = {"lora.target-modules": "q_proj,k_proj,v_proj,o_proj", "eval.coverage": True,
+            "eval.max-samples": 0, "eval.mc-items": 0}
+    pools = {
+        "FiQA, 80/20/10/50% cross-domain": FIQA,
+        "duplicate-heavy: 30% cross-domain + 30% near-duplicates of a few samples": {
+            **FIQA, "pollution.types": "cross-domain,near-duplicate", "pollution.ratios": "0.6,0.6,0.6,0.6"},
+    }
+    for i, (title, pool) in enumerate(pools.items()):
+        lab = Lab({**pool, **size, **qkvo}, out)
+        tag = f"q{i}"
+        clues = lab.run(f"{tag}-clues")
+        share = float(clues.kept.mean())
+        runs = [clues,
+                lab.run(f"{tag}-quad", **{"selection.method": "quad", "quad.budget": share}),
+                lab.run(f"{tag}-clues-top", **{"selection.threshold": "ratio", "selection.ratio": share}),
+                lab.run(f"{tag}-random", **{"selection.method": "random", "selection.ratio": share})]
+        rows = []
+        for r in runs:
+            sel = r.metrics["selection"]
+            dup = np.array([k == "near-duplicate" for k in r.kinds])
+            rows.append([r.name, *_sel(r), sel.get("cluster-coverage", float("nan")),
+                         sel.get("scored-fraction", float("nan")), int(r.kept.sum()), int((r.kept & dup).sum()),
+                         r.metrics["validation-loss"].get("selected", float("nan")), round(r.seconds)])
+        lines += [f"**{title}** (budget = the share CLUES kept: {share:.2f})", "",
+                  _table(["method", "precision", "recall", "F1", "accuracy", "cluster coverage", "scored",
+                          "kept", "near-dups kept", "val loss", "seconds"], rows), ""]
+    lines += ["Cluster coverage: share of each site's k-means clusters (base-model embeddings, elbow rule) "
+              "that the kept set touches. Scored: share of samples whose gradient was scored (Quad: only "
+              "the bandit's draws; tracing still uses all samples). Positive = clean, non-duplicate kept.", ""]
+    return lines
+
+
 def lab_ratios(lab: Lab) -> list[float]:
     return [float(x) for x in str(lab.base["pollution.ratios"]).split(",")]
 
@@ -321,7 +367,7 @@ def lab_ratios(lab: Lab) -> list[float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: under 30 minutes on 2 CPU cores")
-    ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-7)")
+    ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-8)")
     ap.add_argument("--name", default=None, help="output folder name under outputs/ (default suite or suite-quick)")
     args = ap.parse_args(argv)
     only = {int(x) for x in args.only.split(",") if x.strip()}

@@ -121,3 +121,21 @@ def random_checkpoints(model, k: int = 2, seed: int = 7):
         ckpts.append(Checkpoint(state, lr=0.5 + i, adam=adam))
         refs.append({n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in state.items()})
     return ckpts, refs
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model."""
+    from clues_fl.model import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

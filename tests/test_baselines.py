@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Enc, make_samples, random_checkpoints, tiny_llama, tiny_lora_model
 
 from clues_fl import baselines
 from clues_fl.baselines import (
@@ -21,9 +22,14 @@ from clues_fl.baselines import (
     select_top,
 )
 from clues_fl.engine import ScoreSettings, lora_parameters, mean_gradient, score_samples
-from clues_fl.model import LoraSettings, add_lora, first_lora_layer, load_lora_state, lora_state
+from clues_fl.model import (
+    LoraSettings,
+    add_lora,
+    first_lora_layer,
+    load_lora_state,
+    lora_state,
+)
 from clues_fl.prefix_cache import PrefixCache
-from conftest import Enc, make_samples, random_checkpoints, tiny_llama, tiny_lora_model
 
 
 def answer_only(samples: list[Enc], header=(7, 8)) -> list[Enc]:

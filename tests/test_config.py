@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from clues_fl.config import DEFAULTS, ConfigError, parse_config
 from clues_fl.pollution import parse_ratios

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
 from clues_fl.engine import (
     ScoreSettings,
@@ -17,7 +18,6 @@ from clues_fl.engine import (
 from clues_fl.forward import collate, length_buckets, sample_losses
 from clues_fl.model import first_lora_layer, lora_state
 from clues_fl.prefix_cache import PrefixCache
-from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
 
 def naive_grad(model, sample: Enc) -> torch.Tensor:

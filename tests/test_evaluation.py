@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 
 from clues_fl import evaluation
 from clues_fl.data import DataError, Sample
@@ -27,7 +28,6 @@ from clues_fl.evaluation import (
     token_f1,
 )
 from clues_fl.model import LoraSettings, add_lora
-from conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -8,37 +8,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
-from clues_fl.model import load_tokenizer
-from clues_fl.report import evaluate_and_report
-from clues_fl.scenario import build_scenario, server_sets
-from clues_fl.scorers import Scorer
-from clues_fl.strategies.clues import Clues
-from clues_fl.workbench import workbench
-from conftest import tiny_llama_config
 from clues_fl.inprocess import InMemoryGrid
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model."""
-    from transformers import LlamaForCausalLM
-
-    tokenizer = load_tokenizer()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+from clues_fl.scenario import build_scenario
+from clues_fl.scorers import Scorer
+from clues_fl.server_app import run_protocol
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -67,25 +44,14 @@ def run_config(model_dir: str, out_dir, **overrides) -> dict:
     return cfg
 
 
-def drive(raw_cfg: dict, fail=None):
-    """What server_app.main does, over an in-memory grid of two sites."""
+NODES = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
+
+
+def drive(raw_cfg: dict, fail=None, nodes=None):
+    """server_app.main (its run_protocol) over an in-memory grid of two sites."""
     cfg = parse_config(raw_cfg)
-    nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
-    grid = InMemoryGrid(client_module.app, nodes, raw_cfg, fail=fail or {})
-    bench = workbench(cfg)
-    anchor, val, test, skipped = server_sets(cfg)
-    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
-    federated = cfg["mode"] == "federated"
-    if clues.scorer.needs_trace:
-        clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
-    clues.score(grid, sorted(nodes), federated)
-    clues.decide_threshold(federated)
-    clues.select(grid)
-    if cfg["aggregation"] == "fedavg":
-        final = {"state": clues.retrain_federated(grid)}
-    else:
-        final = {"site-states": clues.retrain_local(grid)}
-    metrics = evaluate_and_report(cfg, clues, final, skipped=skipped, started=0.0)
+    grid = InMemoryGrid(client_module.app, nodes or NODES, raw_cfg, fail=fail or {})
+    clues, metrics = run_protocol(grid, cfg)
     return cfg, grid, clues, metrics
 
 

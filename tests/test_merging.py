@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama, tiny_lora_model
 from peft import PeftModel
 
 from clues_fl.merging import MERGE_METHODS, lora_deltas, merge_adapters, merge_weights
 from clues_fl.model import lora_state
-from conftest import tiny_llama, tiny_lora_model
 
 SCALING = 2.0  # tiny_lora_model uses alpha = 2 r
 

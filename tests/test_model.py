@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_lora_model
 
 from clues_fl.model import (
     ModelError,
@@ -14,7 +15,6 @@ from clues_fl.model import (
     lora_state,
     parse_layers,
 )
-from conftest import tiny_lora_model
 
 
 def test_parse_layers():

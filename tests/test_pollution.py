@@ -119,6 +119,20 @@ def test_duplicate_copies_a_clean_sample():
     assert "duplicate" not in DEFAULT_KINDS and "duplicate" not in LOW_QUALITY_KINDS
 
 
+def test_near_duplicates_concentrate_on_few_clean_originals():
+    pool = [Sample(f"s{i}", f"q{i}", f"w{i} x y z") for i in range(40)]
+    out = pollute(pool, 0.4, ["near-duplicate"], donors=None, seed=3)
+    copies = [s for s in out if s.polluted]
+    assert len(copies) == 16 and all(s.pollution == "near-duplicate" for s in copies)
+    sources = {s.question for s in copies}
+    assert len(sources) == 4  # sqrt(16) originals
+    clean = {s.question: s for s in out if not s.polluted}
+    for s in copies:
+        original = clean[s.question]  # the original stays in the pool, clean
+        assert s.answer != original.answer and len(s.answer.split()) == len(original.answer.split()) - 1
+    assert s.id not in {c.id for c in clean.values()}  # ids stay the rows' own
+
+
 def test_seed_changes_choice():
     pool = [Sample(f"s{i}", f"q{i}", f"a {i} b c") for i in range(50)]
     pick = lambda seed: [s.id for s in pollute(pool, 0.2, ["cut"], donors=None, seed=seed) if s.polluted]

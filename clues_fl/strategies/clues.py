@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+from .. import privacy
 from ..config import RunConfig
-from ..engine import Checkpoint
-from ..messages import checkpoint_record, gradient_record, record_checkpoint, split_record, state_record
+from ..engine import AdamMoments, Checkpoint
+from ..messages import (
+    checkpoint_record,
+    gradient_record,
+    ids_digest,
+    record_checkpoint,
+    split_record,
+    state_record,
+)
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
 from ..selection import global_threshold, standardise
@@ -45,30 +55,86 @@ class SiteReport:
     num_examples: int = 0
     skipped_rows: int = 0  # malformed rows the site skipped (data.on-error = skip)
     truncated: int = 0
+    scored: int = 0  # samples whose score was computed (Quad scores a fraction)
+    method_metrics: dict = field(default_factory=dict)  # the scorer's extras (e.g. Quad clusters)
+    clusters: tuple[int, int] | None = None  # eval.coverage: (covered by the kept set, total)
+    histogram: np.ndarray | None = None  # privacy.report = histogram: binned counts instead of scores
+    digest: str = ""  # merging mode: digest of the site's sample ids, from its trace reply (resume)
+
+    @property
+    def reported(self) -> bool:
+        return bool(self.scores.size) or self.histogram is not None
 
 
 class SiteFedAvg(FedAvg):
     """Flower's FedAvg restricted to a set of sites (None: all) that reports the sites
-    whose reply was an error (FedAvg itself only logs and drops them)."""
+    whose reply was an error (FedAvg itself only logs and drops them).
 
-    def __init__(self, only: set[int] | None = None, on_error=None, **kwargs):
+    `offset`: rounds done before this start (a resumed run continues from the saved
+    global arrays). Flower numbers the rounds of each start() from 1; the sites are
+    sent the true round as "server-round" (their Adam step count and seed use it)."""
+
+    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.only = only
         self.on_error = on_error
+        self.offset = offset
+        self.losses: dict[int, float] = {}  # true round -> mean client training loss
+        self.aggregated: set[int] = set()  # true rounds that produced global arrays
+        self._sent: list[Message] = []  # this round's messages
+        self._noted: set[int] = set()
+
+    def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Report the sites that answered with an error or not at all (once per round);
+        return the good replies."""
+        replies = list(replies)
+        if self.on_error is not None and server_round not in self._noted:
+            self._noted.add(server_round)
+            sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+            answered = set()
+            for reply in replies:
+                node = reply_node(reply, sent)
+                answered.add(node)
+                if reply.has_error():
+                    self.on_error(node, server_round, reply.error.reason)
+            for node in sorted(set(sent.values()) - answered):
+                self.on_error(node, server_round, "no reply before the timeout")
+        return [r for r in replies if not r.has_error()]
 
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        if self.on_error is not None:
-            for reply in replies:
-                if reply.has_error():
-                    self.on_error(reply.metadata.src_node_id, server_round, reply.error.reason)
-        return super().aggregate_train(server_round, replies)
+        server_round += self.offset
+        replies = self.note_failures(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.aggregated.add(server_round)
+        if metrics is not None:
+            self.losses[server_round] = float(metrics.get("train-loss", np.nan))
+        return arrays, metrics
 
     def configure_train(self, server_round, arrays, config, grid):
-        messages = super().configure_train(server_round, arrays, config, grid)
-        if self.only is None:
-            return messages
-        return [m for m in messages if m.metadata.dst_node_id in self.only]
+        messages = super().configure_train(server_round + self.offset, arrays, config, grid)
+        if self.only is not None:
+            messages = [m for m in messages if m.metadata.dst_node_id in self.only]
+        self._sent = messages  # Flower sets their ids when it pushes these very objects
+        return messages
+
+
+def reply_node(reply: Message, sent) -> int:
+    """The site a reply is about. Flower's SuperLink answers for a site that went
+    offline with an error whose source is the SuperLink itself: map the reply back to
+    the message it answers."""
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+class SiteDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's central-DP wrapper (server-side fixed clipping of each site's update,
+    Gaussian noise on the aggregate) around SiteFedAvg. Flower's wrapper skips a whole
+    round when one site errors; here the failed site is recorded and the round goes on
+    with the others, as without DP."""
+
+    def aggregate_train(self, server_round, replies):
+        inner = self.strategy
+        return super().aggregate_train(server_round, inner.note_failures(server_round + inner.offset, replies))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
@@ -101,9 +167,16 @@ class Clues:
         self.anchor: dict = {}
         self.threshold: dict = {}
         self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
+        self.global_state: dict | None = None  # federated retraining: the final global adapter
+        # Resumption (resume.py): the FedAvg rounds a phase already did, as (rounds, the
+        # global arrays after them, whether any round aggregated), and a hook called with
+        # (phase, round, global arrays, aggregated) after every round (it saves them).
+        self.resumed_rounds: dict[str, tuple[int, ArrayRecord, bool]] = {}
+        self.on_round: Callable[[str, int, ArrayRecord, bool], None] | None = None
+        self.resumed_from: str | None = None
 
     # -- helpers ----------------------------------------------------------------
-    def _fedavg(self, phase: str, only: set[int] | None = None) -> FedAvg:
+    def _fedavg(self, phase: str, only: set[int] | None = None, offset: int = 0) -> SiteFedAvg:
         n = self.cfg["fed.min-nodes"]
         if only is not None:
             n = min(n, len(only))
@@ -111,31 +184,63 @@ class Clues:
         def failed(node: int, server_round: int, reason: str) -> None:
             self._missing(node, f"{phase} round {server_round}", reason)
 
-        return SiteFedAvg(only, failed, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        return SiteFedAvg(only, failed, offset, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
 
-    def _fedavg_rounds(self, grid: Grid, phase: str, rounds: int, *, only=None, evaluate_fn=None):
-        """Flower's FedAvg from the initial adapter for `rounds` rounds of `phase`;
-        keeps the mean client training loss of each round."""
-        result = self._fedavg(phase, only).start(
+    def _initial_record(self, phase: str) -> ArrayRecord:
+        """The initial adapter; for tracing with zero Adam moments (= a fresh optimiser),
+        so that every round's record has the same arrays as the sites' replies (Flower's
+        DP wrapper clips each reply's difference to it)."""
+        state = self.bench.initial_state
+        if phase != "trace":
+            return state_record(state)
+        zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+        return state_record(state, AdamMoments(zeros, dict(zeros)))
+
+    def _fedavg_rounds(self, grid: Grid, phase: str, rounds: int, *, only=None, keep=None) -> ArrayRecord | None:
+        """Flower's FedAvg for `rounds` rounds of `phase` from the initial adapter or, in a
+        resumed run, for the rounds left from the saved global arrays. Keeps the mean
+        client training loss of each round; after each round calls keep(round, arrays)
+        and the on_round hook. Returns the last aggregated arrays (None: none aggregated)."""
+        done, arrays, aggregated = self.resumed_rounds.pop(phase, (0, self._initial_record(phase), False))
+        losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
+        strategy = self._fedavg(phase, only, offset=done)
+
+        def after_round(server_round: int, current: ArrayRecord) -> None:
+            if server_round == 0:  # Flower's call before the first round
+                return
+            true_round = done + server_round
+            if true_round in strategy.losses:
+                losses.append(strategy.losses[true_round])
+            if keep is not None:
+                keep(true_round, current)
+            if self.on_round is not None:
+                self.on_round(phase, true_round, current, aggregated or bool(strategy.aggregated))
+
+        runner = strategy
+        if self.cfg["privacy.adapter-noise"] > 0:
+            sampled = len(only) if only is not None else len(grid.get_node_ids())
+            runner = SiteDPFedAvg(strategy, self.cfg["privacy.adapter-noise"], self.cfg["privacy.adapter-clip"], sampled)
+        result = runner.start(
             grid=grid,
-            initial_arrays=state_record(self.bench.initial_state),
-            num_rounds=rounds,
+            initial_arrays=arrays,
+            num_rounds=rounds - done,
             timeout=self.cfg["fed.timeout"],
             train_config=ConfigRecord({"phase": phase}),
-            evaluate_fn=evaluate_fn,
+            evaluate_fn=after_round,
         )
-        metrics = result.train_metrics_clientapp
-        self.round_losses[phase] = [float(metrics[r].get("train-loss", np.nan)) for r in sorted(metrics)]
-        return result
+        if result.arrays is not None:
+            return result.arrays
+        return arrays if aggregated else None
 
     def _exchange(self, grid: Grid, phase: str, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
         """Send one message per node; keep the replies that carry no error."""
         messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
         replies = grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"])
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
         ok: dict[int, Message] = {}
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = reply_node(reply, sent)
             answered.add(node)
             if reply.has_error():
                 self._missing(node, phase, reply.error.reason)
@@ -160,12 +265,10 @@ class Clues:
     def trace_federated(self, grid: Grid) -> None:
         lr = self.cfg["train.lr"]
 
-        def keep(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round > 0:
-                self.checkpoints.append(record_checkpoint(arrays, lr))
-            return None
+        def keep(server_round: int, arrays: ArrayRecord) -> None:
+            self.checkpoints.append(record_checkpoint(arrays, lr))
 
-        self._fedavg_rounds(grid, "trace", self.cfg["trace.rounds"], evaluate_fn=keep)
+        self._fedavg_rounds(grid, "trace", self.cfg["trace.rounds"], keep=keep)
         if not self.checkpoints:
             raise RuntimeError("tracing produced no checkpoint: no site finished a round")
 
@@ -180,21 +283,22 @@ class Clues:
                 site.checkpoints.append(record_checkpoint(reply.content[f"ckpt-{k}"], lr))
                 k += 1
             site.trace_state, _ = split_record(reply.content["arrays"])
+            if "site" in reply.content:
+                site.digest = str(reply.content["site"]["ids-digest"])
 
     # -- phase 2: score ---------------------------------------------------------
     def _anchor_side(self, checkpoints: list[Checkpoint]):
-        return self.bench.anchor_scores(
-            self.anchors, checkpoints, self.cfg, cache=self.anchor_cache, settings=self.scorer.settings
-        )
+        return self.scorer.anchor_side(self.bench, self.anchors, checkpoints, self.cfg, cache=self.anchor_cache)
 
     def score(self, grid: Grid, nodes: list[int], federated: bool) -> None:
         contents: dict[int, RecordDict] = {}
         shared = None
         if federated and self.scorer.needs_anchor_gradients:
             shared = self._anchor_side(self.checkpoints)
-            self.anchor = {"scores": shared.scores.tolist()}
+            shared.config.update(self._privacy_config(shared.scores))
+            self.anchor = {"scores": shared.scores.tolist(), **shared.config}
         for node in nodes:
-            ckpts, grads = [], []
+            ckpts, grads, side = [], [], shared
             if self.scorer.needs_trace:
                 if federated:
                     ckpts = self.checkpoints
@@ -205,11 +309,12 @@ class Clues:
                         continue  # failed while tracing
                     ckpts = site.checkpoints
                     if self.scorer.needs_anchor_gradients:
-                        anchor = self._anchor_side(site.checkpoints)
-                        site.anchor_scores, site.anchor_grads = anchor.scores, anchor.gradients
-                        grads = anchor.gradients
+                        side = self._anchor_side(site.checkpoints)
+                        site.anchor_scores, site.anchor_grads = side.scores, side.gradients
+                        grads = side.gradients
             record = RecordDict({"config": ConfigRecord({
                 "method": self.cfg["selection.method"], "lrs": [c.lr for c in ckpts],
+                **(side.config if side is not None else {}),
             })})
             for k, ckpt in enumerate(ckpts):
                 record[f"ckpt-{k}"] = checkpoint_record(ckpt)
@@ -219,26 +324,59 @@ class Clues:
         replies = self._exchange(grid, "score", contents, "query.score")
         for node, reply in replies.items():
             site = self.sites.setdefault(node, SiteReport(node, f"node-{node}"))
-            scores = reply.content["scores"]
-            site.ids = [str(i) for i in scores["ids"]]
-            site.scores = np.asarray(scores["scores"], dtype=float)
+            if "histogram" in reply.content:
+                site.histogram = np.asarray(reply.content["histogram"]["counts"], dtype=np.int64)
+            else:
+                scores = reply.content["scores"]
+                site.ids = [str(i) for i in scores["ids"]]
+                site.scores = np.asarray(scores["scores"], dtype=float)
             metrics = reply.content["metrics"]
             site.num_examples = int(metrics["num-examples"])
             site.skipped_rows = int(metrics.get("skipped-rows", 0))
             site.truncated = int(metrics.get("truncated", 0))
+            site.scored = int(metrics.get("scored", site.num_examples))
+            site.method_metrics = {k: metrics[k] for k in ("clusters", "selected-clusters", "bandit-iterations")
+                                   if k in metrics}
             pid = int(metrics.get("partition-id", -1))
             site.name = f"client-{pid}" if pid >= 0 else f"node-{node}"
 
     # -- phase 3: threshold -------------------------------------------------------
+    def _privacy_config(self, anchor_scores: np.ndarray) -> dict:
+        """What sites need to report binned counts and/or noised scores: bin edges and
+        a clipping range, both derived from the public anchor scores only."""
+        cfg = self.cfg
+        histogram, dp = cfg["privacy.report"] == "histogram", privacy.dp_enabled(cfg["privacy.epsilon"])
+        if not (histogram or dp):
+            return {}
+        if self.scorer.selection != "anchor":
+            raise ValueError(f"privacy.report='histogram' and privacy.epsilon > 0 need an anchor-threshold "
+                             f"method such as 'clues', not '{cfg['selection.method']}'")
+        out: dict = {"privacy-report": cfg["privacy.report"]}
+        if histogram:
+            edges = privacy.histogram_edges(anchor_scores, bins=cfg["privacy.bins"])
+            out["edges"] = [float(e) for e in edges[1:-1]]  # the outer edges are -inf, +inf
+        if dp:
+            lo, hi = privacy.clip_range(anchor_scores)
+            out.update({"epsilon": float(cfg["privacy.epsilon"]), "delta": float(cfg["privacy.delta"]),
+                        "clip-lo": float(lo), "clip-hi": float(hi)})
+        return out
+
+    def _reported_scores(self, site: SiteReport) -> np.ndarray:
+        """A site's scores, or stand-ins reproducing its histogram (privacy.report)."""
+        if site.histogram is None:
+            return site.scores
+        edges = privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
+        return privacy.pseudo_scores(site.histogram, edges)
+
     def decide_threshold(self, federated: bool) -> dict:
-        scored = [s for s in self.sites.values() if s.scores.size]
+        scored = [s for s in self.sites.values() if s.reported]
         if not scored:
             raise RuntimeError("no site returned scores")
         if self.scorer.selection == "fixed":
             info = {"rule": "fixed", "threshold": 0.5, "standardised": False}
         elif self.scorer.selection == "ratio":
             # One global threshold that keeps the top selection.ratio of all pooled scores.
-            pooled = np.sort(np.concatenate([s.scores for s in scored]))[::-1]
+            pooled = np.sort(np.concatenate([self._reported_scores(s) for s in scored]))[::-1]
             count = max(1, int(np.ceil(self.cfg["selection.ratio"] * len(pooled) - 1e-9)))
             info = {"rule": "global-ratio", "ratio": self.cfg["selection.ratio"],
                     "threshold": float(pooled[count - 1]), "standardised": False}
@@ -252,13 +390,14 @@ class Clues:
         rule = self.cfg["selection.threshold"]
         if federated:
             anchor_scores = np.asarray(self.anchor["scores"])
-            all_scores = np.concatenate([s.scores for s in scored])
+            all_scores = np.concatenate([self._reported_scores(s) for s in scored])
         else:
             # Local checkpoints give each site its own score scale: express every score
             # in units of that site's anchor-score spread (z-scores), then pool.
             anchor_scores = np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in scored])
             all_scores = np.concatenate([standardise(s.scores, s.anchor_scores) for s in scored])
-        info: dict = {"rule": rule, "anchor-scores": anchor_scores.tolist(), "standardised": not federated}
+        info: dict = {"rule": rule, "anchor-scores": anchor_scores.tolist(), "standardised": not federated,
+                      "reported": self.cfg["privacy.report"], "epsilon": self.cfg["privacy.epsilon"]}
         if rule == "ratio":
             info["ratio"] = self.cfg["selection.ratio"]
         else:
@@ -274,7 +413,7 @@ class Clues:
     def select(self, grid: Grid) -> None:
         contents = {}
         for node, site in self.sites.items():
-            if not site.scores.size:
+            if not site.reported:
                 continue
             config = ConfigRecord()
             if self.threshold["rule"] == "ratio":
@@ -285,6 +424,9 @@ class Clues:
                 config["anchor-mean"] = float(np.mean(site.anchor_scores))
                 config["anchor-std"] = float(max(np.std(site.anchor_scores, ddof=1), 1e-12))
             contents[node] = RecordDict({"config": config})
+            if self.holds_exact_scores:  # the site's own scores go back: a resumed run's sites lost theirs
+                own = ConfigRecord({"ids": list(site.ids), "scores": [float(x) for x in site.scores]})
+                contents[node]["scores"] = own
         replies = self._exchange(grid, "select", contents, "query.select")
         for node, reply in replies.items():
             metrics = reply.content["metrics"]
@@ -292,16 +434,18 @@ class Clues:
             site.kept = int(metrics["kept"])
             site.mean_kept_score = float(metrics["mean-kept-score"])
             site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn")}
+            if "clusters-total" in metrics:
+                site.clusters = (int(metrics["clusters-covered"]), int(metrics["clusters-total"]))
 
     # -- phase 5: retrain + aggregate --------------------------------------------------
     def retrain_federated(self, grid: Grid) -> dict:
         # Sites that kept nothing have nothing to train on: leave them out of FedAvg.
         kept = {n for n, s in self.sites.items() if s.kept > 0}
-        result = self._fedavg_rounds(grid, "retrain", self.cfg["retrain.rounds"], only=kept)
-        if result.arrays is None:
+        arrays = self._fedavg_rounds(grid, "retrain", self.cfg["retrain.rounds"], only=kept)
+        if arrays is None:
             raise RuntimeError("retraining produced no model: no site finished a round")
-        state, _ = split_record(result.arrays)
-        return state
+        self.global_state, _ = split_record(arrays)
+        return self.global_state
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
         contents = {
@@ -315,12 +459,61 @@ class Clues:
             self.sites[node].final_state = states[node]
         return states
 
+    def final_adapters(self) -> dict:
+        """What retraining produced, as the report takes it."""
+        if self.cfg["aggregation"] == "fedavg":
+            return {"state": self.global_state}
+        return {"site-states": {n: s.final_state for n, s in self.sites.items() if s.final_state is not None}}
+
+    # -- resumption ---------------------------------------------------------------------
+    @property
+    def holds_exact_scores(self) -> bool:
+        """Whether the scores the sites reported are their exact scores (no privacy mode):
+        only then can a resumed run hand them back to the sites for selection."""
+        values = self.cfg.values
+        return (values.get("privacy.report", "scores") == "scores"
+                and not privacy.dp_enabled(values.get("privacy.epsilon", 0.0)))
+
+    def rebind_sites(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """A restarted run can see its sites under new node ids (simulation draws them at
+        random; a restarted SuperNode registers anew). Find each site of the saved state
+        among the connected nodes by the digest of its sample ids (query.identify).
+        Returns the connected nodes."""
+        if set(self.sites) <= set(nodes):
+            return nodes
+        nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)))
+        replies = self._exchange(grid, "identify", {n: RecordDict() for n in nodes}, "query.identify")
+        found: dict[str, list[int]] = {}
+        for node, reply in replies.items():
+            found.setdefault(str(reply.content["site"]["ids-digest"]), []).append(node)
+        moved: dict[int, SiteReport] = {}
+        for old, site in self.sites.items():
+            matches = found.get(ids_digest(site.ids) if site.ids else site.digest, [])
+            if len(matches) != 1:
+                raise RuntimeError(
+                    f"resuming: site {site.name} (node {old} before) is "
+                    f"{'not among' if not matches else 'ambiguous among'} the connected sites {nodes}: "
+                    "a resumed run needs the same sites with the same data (or start over: resume=false)"
+                )
+            log.info("resuming: site %s was node %s, is now node %s", site.name, old, matches[0])
+            site.node_id = matches[0]
+            moved[matches[0]] = site
+        self.sites = moved
+        return nodes
+
     # -- report -----------------------------------------------------------------------
     def selection_summary(self) -> dict:
         sites = [s for s in self.sites.values() if s.counts]
         per_site = {}
         for s in sites:
             per_site[s.name] = {**selection_metrics(s.counts), **s.counts, "kept": s.kept,
-                                "skipped-rows": s.skipped_rows, "truncated": s.truncated}
+                                "skipped-rows": s.skipped_rows, "truncated": s.truncated,
+                                "scored": s.scored, **s.method_metrics}
+            if s.clusters:
+                per_site[s.name]["clusters-covered"], per_site[s.name]["clusters-total"] = s.clusters
         overall = selection_metrics(add_counts([s.counts for s in sites])) if sites else {}
+        if sites:
+            overall["scored-fraction"] = sum(s.scored for s in sites) / max(1, sum(s.num_examples for s in sites))
+        if sites and all(s.clusters for s in sites):
+            overall["cluster-coverage"] = sum(s.clusters[0] for s in sites) / sum(s.clusters[1] for s in sites)
         return {**overall, "per-client": per_site}
