@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from threshold_rules import read_run
-
 from clues_fl.privacy import selection_f1_under_noise
+from clues_fl.report import read_run
 
 EPSILONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 

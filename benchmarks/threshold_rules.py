@@ -8,36 +8,12 @@ outputs; the flags are rebuilt from its run-config and seed).
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from clues_fl.config import parse_config
 from clues_fl.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
-from clues_fl.scenario import build_scenario
+from clues_fl.report import read_run
 from clues_fl.selection import global_threshold, mixture_threshold
-
-
-def read_run(out: Path):
-    """(metrics, anchor scores, scores, polluted flags, kinds, site index) of a finished
-    experiment run, pooled over sites in site order."""
-    metrics = json.loads((out / "metrics.json").read_text())
-    anchors = np.asarray(json.loads((out / "thresholds.json").read_text())["anchor-scores"])
-    cfg = parse_config(metrics["config"])
-    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
-    scores, polluted, kinds, sites = [], [], [], []
-    for i, samples in enumerate(data.clients):
-        with open(out / "manifest" / f"client-{i}.csv") as fh:
-            by_id = {row["id"]: float(row["score"]) for row in csv.DictReader(fh)}
-        for s in samples:
-            scores.append(by_id[s.id])
-            polluted.append(s.polluted)
-            kinds.append(f"{s.pollution}:{s.domain}" if s.polluted else "")
-            sites.append(i)
-    return metrics, anchors, np.asarray(scores), np.asarray(polluted), kinds, np.asarray(sites)
 
 
 def main(run_dir: str) -> None:

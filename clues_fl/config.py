@@ -70,8 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "quad.sampling-ratio": 0.05,  # share of a cluster scored each time it is pulled
     "quad.budget": 0.5,  # <= 1: share of each site's samples to select; > 1: a count per site
     "quad.max-scored": 0.2,  # stop once this share of a site's samples has been scored
-    "quad.tau": "anchor-quantile",  # anchor-quantile | anchor-mean | static (selection.quantile / .static)
-    "quad.damping": 0.1,  # K-FAC damping, relative to each layer's mean eigenvalue
+    "quad.tau": "anchor-quantile",  # anchor-quantile (quad.tau-quantile) | anchor-mean | static (selection.static)
+    "quad.tau-quantile": 0.25,
+    "quad.damping": 0.01,  # K-FAC damping, relative to each layer's mean eigenvalue
     "quad.ekfac": False,  # EK-FAC eigenvalue correction
     # privacy of what a site reports (federated mode, anchor-threshold methods)
     "privacy.report": "scores",  # scores | histogram (binned counts only)
@@ -171,6 +172,8 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
         raise ConfigError(f"selection.ratio: must be in (0, 1], got {values['selection.ratio']}")
     if not 0 <= values["selection.quantile"] < 1:
         raise ConfigError(f"selection.quantile: must be in [0, 1), got {values['selection.quantile']}")
+    if not 0 <= values["quad.tau-quantile"] < 1:
+        raise ConfigError(f"quad.tau-quantile: must be in [0, 1), got {values['quad.tau-quantile']}")
     for key in ("quad.sampling-ratio", "quad.max-scored"):
         if not 0 < values[key] <= 1:
             raise ConfigError(f"{key}: must be in (0, 1], got {values[key]}")

@@ -121,7 +121,7 @@ def _jsonl_rows(path: Path, display: str) -> Iterator[_Row]:
                 raw = raw[3:]
             # surrogateescape keeps bad bytes visible so the field holding them is named.
             text = raw.decode("utf-8", errors="surrogateescape")
-            if not text.strip():
+            if not text.strip(" \t\r\n"):  # JSON whitespace only: other lines are reported
                 continue
             try:
                 yield where, str(line_no), json.loads(text)
@@ -231,17 +231,29 @@ def _text(row: dict, name: str, *, required: bool = True, allow_list: bool = Fal
         value = value[0]
     if not isinstance(value, str):
         raise _RowError(f"field '{name}' must be text, got {type(value).__name__}")
-    if any("\udc80" <= ch <= "\udcff" for ch in value):
-        raise _RowError(f"field '{name}' is not valid UTF-8")
+    _check_unicode(value, name)
     value = value.strip()
     if required and not value:
         raise _RowError(f"field '{name}' is empty")
     return value
 
 
+def _check_unicode(value: str, name: str) -> None:
+    """Bad bytes decode (surrogateescape) to lone surrogates, and JSON can spell lone
+    surrogates as escapes: neither can be tokenised."""
+    for ch in value:
+        if "\ud800" <= ch <= "\udfff":
+            kind = "is not valid UTF-8" if "\udc80" <= ch <= "\udcff" else "holds an unpaired surrogate escape"
+            raise _RowError(f"field '{name}' {kind}")
+
+
 def _options_text(value: Any) -> str:
     if value is None:
         return ""
+    texts = [value] if isinstance(value, str) else list(value.values()) if isinstance(value, dict) else value
+    for text in texts if isinstance(texts, (list, tuple)) else []:
+        if isinstance(text, str):
+            _check_unicode(text, _OPTIONS_FIELD)
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -270,6 +282,7 @@ def _to_sample(row: Any, number: str, fields: _Fields | None, label: str, domain
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
             raise _RowError(f"field '{_ID_FIELD}' must be text or an integer, got {type(raw_id).__name__}")
         sample_id = str(raw_id).strip()
+        _check_unicode(sample_id, _ID_FIELD)
         if not sample_id:
             raise _RowError(f"field '{_ID_FIELD}' is empty")
     else:

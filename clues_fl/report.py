@@ -19,11 +19,13 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 
-from .config import RunConfig
+from .config import RunConfig, parse_config
 from .evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
 from .merging import merge_adapters, merge_weights
 from .model import load_lora_state
+from .scenario import build_scenario
 from .selection import keep_mask, standardise
 from .training import mean_loss
 
@@ -172,3 +174,23 @@ def summary_text(metrics: dict, out: Path) -> str:
     lines.append(f"  time: {metrics['timings-seconds']}")
     lines.append(f"  outputs: {out}")
     return "\n".join(lines)
+
+
+def read_run(out: Path):
+    """(metrics, anchor scores, scores, polluted flags, kinds, site index) of a finished
+    experiment run (federated, scores reported), pooled over sites in site order; the
+    flags are rebuilt from its run-config and seed."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    anchors = np.asarray(json.loads((out / "thresholds.json").read_text())["anchor-scores"])
+    cfg = parse_config(metrics["config"])
+    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    scores, polluted, kinds, sites = [], [], [], []
+    for i, samples in enumerate(data.clients):
+        with open(out / "manifest" / f"client-{i}.csv") as fh:
+            by_id = {row["id"]: float(row["score"]) for row in csv.DictReader(fh)}
+        for s in samples:
+            scores.append(by_id[s.id])
+            polluted.append(s.polluted)
+            kinds.append(f"{s.pollution}:{s.domain}" if s.polluted else "")
+            sites.append(i)
+    return metrics, anchors, np.asarray(scores), np.asarray(polluted), kinds, np.asarray(sites)

@@ -175,9 +175,13 @@ class QuadScorer(Scorer):
 
     def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
         side = quad.anchor_influence(bench, anchors, checkpoints, cfg, self.settings, cache=cache)
-        tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["selection.quantile"],
+        tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["quad.tau-quantile"],
                                static=cfg["selection.static"])
-        return AnchorSide(side.scores, side.references, {"tau": float(tau), "budget": float(cfg["quad.budget"])})
+        # Influence values are tiny and their scale depends on the model and damping;
+        # rewards in units of the anchors' spread make the UCB bonus (alpha) meaningful.
+        scale = float(np.std(side.scores, ddof=1)) if len(side.scores) > 1 else 0.0
+        return AnchorSide(side.scores, side.references, {
+            "tau": float(tau), "budget": float(cfg["quad.budget"]), "scale": scale if scale > 0 else 1.0})
 
     def score(self, site, payload):
         cfg, bench, encoded = site.cfg, site.bench, site.encoded
@@ -185,14 +189,16 @@ class QuadScorer(Scorer):
         budget = float(payload.config.get("budget", cfg["quad.budget"]))
         count = int(np.ceil(budget * len(encoded) - 1e-9)) if budget <= 1 else int(budget)
 
-        def influence(rows):
+        scale = float(payload.config.get("scale", 1.0))
+
+        def influence(rows):  # in units of the anchors' influence spread
             subset = site.cache.subset(rows) if site.cache is not None else None
             return bench.score([encoded[r] for r in rows], payload.checkpoints, payload.anchor_gradients, cfg,
-                               cache=subset, settings=self.settings).scores
+                               cache=subset, settings=self.settings).scores / scale
 
         result = quad.quad_select(
             labels, influence, budget=max(1, min(count, len(encoded))),
-            sampling_ratio=cfg["quad.sampling-ratio"], tau=float(payload.config["tau"]), alpha=cfg["quad.alpha"],
+            sampling_ratio=cfg["quad.sampling-ratio"], tau=float(payload.config["tau"]) / scale, alpha=cfg["quad.alpha"],
             max_scored_fraction=cfg["quad.max-scored"], seed=cfg["seed"] * 1000 + site.partition_id,
         )
         self._extras = {

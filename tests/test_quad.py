@@ -464,3 +464,39 @@ def test_score_fn_must_return_one_finite_value_per_row():
         quad_select(np.zeros(10, dtype=int), lambda rows: np.ones(len(rows) + 1), budget=3)
     with pytest.raises(FloatingPointError, match="non-finite"):
         quad_select(np.zeros(10, dtype=int), lambda rows: np.full(len(rows), np.nan), budget=3)
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+def test_anchor_influence_is_leave_one_out_against_the_kfac_reference(model):
+    """The server's reference is H^-1 G_anchor; anchor a is scored against
+    H^-1 G_-a exactly as a site's sample is scored against H^-1 G (cosine)."""
+    from types import SimpleNamespace
+
+    from clues_fl.engine import Checkpoint, ScoreSettings, per_sample_gradients
+    from clues_fl.forward import collate
+    from clues_fl.model import lora_state
+    from clues_fl.quad import anchor_influence, kfac_factors
+
+    first = first_lora_layer(model)
+    anchors = make_samples(5, seed=4)
+    bench = SimpleNamespace(model=model, first_layer=first, pad_id=0)
+    cfg = {"quad.damping": 0.1, "quad.ekfac": False}
+    ckpt = Checkpoint(lora_state(model), 0.5)
+    side = anchor_influence(bench, anchors, [ckpt], cfg, ScoreSettings("cosine", "sgd", 2))
+
+    factors = kfac_factors(model, anchors, first, pad_id=0, batch_size=2)
+    grads = [per_sample_gradients(model, collate(anchors, [i], 0), first) for i in range(5)]
+    names = list(grads[0])
+    mean = {n: sum(g[n][0] for g in grads) / 5 for n in names}
+    reference = inverse_hvp(factors, mean, 0.1)
+    for n in names:
+        torch.testing.assert_close(side.references[0][n], reference[n].to(side.references[0][n].dtype))
+    for a in range(5):
+        others = {n: sum(grads[i][n][0] for i in range(5) if i != a) / 4 for n in names}
+        loo = inverse_hvp(factors, others, 0.1)
+        g = torch.cat([grads[a][n][0].flatten() for n in names])
+        r = torch.cat([loo[n].flatten() for n in names])
+        expected = 0.5 * float(g @ r / (g.norm() * r.norm()))
+        assert side.scores[a] == pytest.approx(expected, rel=1e-6, abs=1e-9)
