@@ -178,8 +178,11 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
     assert "run status: finished:completed" in stdout
     assert "supernode 2 had stopped during the run" in stdout
     metrics = json.loads((out / "kill" / "metrics.json").read_text())
-    missing = [m for m in metrics["missing-sites"] if int(m["node"]) == node_id]
-    assert missing and all(m["phase"] for m in missing), metrics["missing-sites"]
+    # every entry names the dead site (not the SuperLink, which answers for it), with
+    # the phase it was lost in: a trace round, since it was killed in trace round 2
+    assert metrics["missing-sites"], metrics
+    assert all(int(m["node"]) == node_id for m in metrics["missing-sites"]), metrics["missing-sites"]
+    assert metrics["missing-sites"][0]["phase"].startswith("trace round"), metrics["missing-sites"]
     per_client = metrics["selection"]["per-client"]
     assert set(per_client) == {"client-0", "client-1"}
     for counts in per_client.values():
