@@ -181,7 +181,7 @@ def read_run(out: Path):
     experiment run (federated, scores reported), pooled over sites in site order; the
     flags are rebuilt from its run-config and seed."""
     metrics = json.loads((out / "metrics.json").read_text())
-    anchors = np.asarray(json.loads((out / "thresholds.json").read_text())["anchor-scores"])
+    anchors = np.asarray(json.loads((out / "thresholds.json").read_text()).get("anchor-scores", []))
     cfg = parse_config(metrics["config"])
     data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
     scores, polluted, kinds, sites = [], [], [], []
