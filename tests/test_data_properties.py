@@ -48,6 +48,34 @@ def _loc(path: Path, fmt: str, n: int) -> str:
     return f"{path} {WHERE[fmt]} {n}"
 
 
+def _assert_load_contract(path: Path, expected: list, bad: list, where, no_valid: str) -> None:
+    """The loader's contract for a file with good rows `expected` (id, question, answer)
+    and `bad` rows (location number, field or None, reason regex): "raise" names the
+    first bad row's location and field; "skip" returns exactly the good rows and
+    reports exactly the bad ones (an error starting `no_valid` when none is good)."""
+    if not bad:
+        assert _triples(load_samples(str(path)).samples) == expected
+        return
+    with pytest.raises(DataError) as err:
+        load_samples(str(path))
+    n, field, reason = bad[0]
+    message = str(err.value)
+    assert message.startswith(f"{where(n)}: "), message
+    assert re.search(reason, message), (reason, message)
+    if field is not None:
+        assert f"field '{field}'" in message
+    if not expected:
+        with pytest.raises(DataError, match=re.escape(no_valid)):
+            load_samples(str(path), on_error="skip")
+        return
+    res = load_samples(str(path), on_error="skip")
+    assert _triples(res.samples) == expected
+    assert [w for w, _ in res.skipped] == [where(n) for n, _, _ in bad]
+    for (_, why), (_, _, reason) in zip(res.skipped, bad):
+        assert re.search(reason, why), (reason, why)
+    assert len(res.samples) + len(res.skipped) == len(expected) + len(bad)  # nothing dropped silently
+
+
 def _triples(samples: list[Sample]) -> list[tuple[str, str, str]]:
     return [(s.id, s.question, s.answer) for s in samples]
 
@@ -276,28 +304,11 @@ def test_malformed_jsonl_rows(data, kinds):
         bad = [(n, field, reason) for (_, g, field, reason), n in zip(entries, numbers) if g is None]
         event("no bad rows" if not bad else "no good rows" if not good else "good and bad rows")
 
-        if not bad:
-            assert _triples(load_samples(str(path)).samples) == expected
-            return
-        with pytest.raises(DataError) as err:
-            load_samples(str(path))
-        first_line, field, reason = bad[0]
-        message = str(err.value)
-        assert message.startswith(f"{path} line {first_line}: "), message
-        assert re.search(reason, message), (reason, message)
-        if field is not None:
-            assert f"field '{field}'" in message
-
-        if not good:
-            with pytest.raises(DataError, match=re.escape(f"{path}: no valid samples ({len(bad)} bad rows skipped, first: {path} line {first_line}: ")):
-                load_samples(str(path), on_error="skip")
-            return
-        res = load_samples(str(path), on_error="skip")
-        assert _triples(res.samples) == expected
-        assert [w for w, _ in res.skipped] == [f"{path} line {n}" for n, _, _ in bad]
-        for (_, why), (_, field, reason) in zip(res.skipped, bad):
-            assert re.search(reason, why), (reason, why)
-        assert len(res.samples) + len(res.skipped) == len(entries)  # nothing dropped silently
+        first_line = bad[0][0] if bad else 0
+        _assert_load_contract(
+            path, expected, bad, lambda n: f"{path} line {n}",
+            f"{path}: no valid samples ({len(bad)} bad rows skipped, first: {path} line {first_line}: ",
+        )
 
 
 TABULAR_BAD_KINDS = {
@@ -374,26 +385,8 @@ def test_malformed_rows_other_formats(fmt, data):
 
         expected = [g for _, g, _, _ in rows if g]
         bad = [(n, field, reason) for n, (_, g, field, reason) in enumerate(rows, start=1) if g is None]
-        if not bad:
-            assert _triples(load_samples(str(path)).samples) == expected
-            return
-        with pytest.raises(DataError) as err:
-            load_samples(str(path))
-        n, field, reason = bad[0]
-        message = str(err.value)
-        assert message.startswith(f"{_loc(path, fmt, n)}: "), message
-        assert re.search(reason, message), (reason, message)
-        if field is not None:
-            assert f"field '{field}'" in message
-        if not expected:
-            with pytest.raises(DataError, match=re.escape(f"no valid samples ({len(bad)} bad rows skipped")):
-                load_samples(str(path), on_error="skip")
-            return
-        res = load_samples(str(path), on_error="skip")
-        assert _triples(res.samples) == expected
-        assert [w for w, _ in res.skipped] == [_loc(path, fmt, n) for n, _, _ in bad]
-        for (_, why), (_, _, reason) in zip(res.skipped, bad):
-            assert re.search(reason, why), (reason, why)
+        _assert_load_contract(path, expected, bad, lambda n: _loc(path, fmt, n),
+                              f"no valid samples ({len(bad)} bad rows skipped")
 
 
 # ------------------------------------------------------------------ 3. field mapping
