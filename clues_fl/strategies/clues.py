@@ -87,19 +87,12 @@ class SiteFedAvg(FedAvg):
     def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Report the sites that answered with an error or not at all (once per round);
         return the good replies."""
-        replies = list(replies)
+        ok, failed = sort_replies(self._sent, replies)
         if self.on_error is not None and server_round not in self._noted:
             self._noted.add(server_round)
-            sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
-            answered = set()
-            for reply in replies:
-                node = reply_node(reply, sent)
-                answered.add(node)
-                if reply.has_error():
-                    self.on_error(node, server_round, reply.error.reason)
-            for node in sorted(set(sent.values()) - answered):
-                self.on_error(node, server_round, "no reply before the timeout")
-        return [r for r in replies if not r.has_error()]
+            for node, reason in failed:
+                self.on_error(node, server_round, reason)
+        return list(ok.values())
 
     def aggregate_train(self, server_round, replies):
         server_round += self.offset
@@ -119,11 +112,23 @@ class SiteFedAvg(FedAvg):
         return messages
 
 
-def reply_node(reply: Message, sent) -> int:
-    """The site a reply is about. Flower's SuperLink answers for a site that went
-    offline with an error whose source is the SuperLink itself: map the reply back to
-    the message it answers."""
-    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list[tuple[int, str]]]:
+    """The good replies by site, and (site, reason) for every site whose reply was an
+    error or that did not reply. A reply is matched to the message it answers, not to
+    its source: Flower's SuperLink answers for a site that went offline with an error
+    whose source is the SuperLink itself. `sent` must have been pushed (message ids set)."""
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    ok: dict[int, Message] = {}
+    failed: list[tuple[int, str]] = []
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            failed.append((node, reply.error.reason))
+        else:
+            ok[node] = reply
+    answered = {node for node, _ in failed} | set(ok)
+    failed += [(node, "no reply before the timeout") for node in sorted(set(destination.values()) - answered)]
+    return ok, failed
 
 
 class SiteDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
@@ -235,19 +240,9 @@ class Clues:
     def _exchange(self, grid: Grid, phase: str, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
         """Send one message per node; keep the replies that carry no error."""
         messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
-        replies = grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"])
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set when pushed
-        ok: dict[int, Message] = {}
-        answered = set()
-        for reply in replies:
-            node = reply_node(reply, sent)
-            answered.add(node)
-            if reply.has_error():
-                self._missing(node, phase, reply.error.reason)
-            else:
-                ok[node] = reply
-        for node in set(contents) - answered:
-            self._missing(node, phase, "no reply before the timeout")
+        ok, failed = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
+        for node, reason in failed:
+            self._missing(node, phase, reason)
         if len(ok) < min(self.cfg["fed.min-nodes"], len(contents)):
             raise RuntimeError(
                 f"phase '{phase}': only {len(ok)} sites answered, fed.min-nodes={self.cfg['fed.min-nodes']}"
@@ -470,9 +465,7 @@ class Clues:
     def holds_exact_scores(self) -> bool:
         """Whether the scores the sites reported are their exact scores (no privacy mode):
         only then can a resumed run hand them back to the sites for selection."""
-        values = self.cfg.values
-        return (values.get("privacy.report", "scores") == "scores"
-                and not privacy.dp_enabled(values.get("privacy.epsilon", 0.0)))
+        return self.cfg["privacy.report"] == "scores" and not privacy.dp_enabled(self.cfg["privacy.epsilon"])
 
     def rebind_sites(self, grid: Grid, nodes: list[int]) -> list[int]:
         """A restarted run can see its sites under new node ids (simulation draws them at
