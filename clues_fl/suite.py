@@ -375,39 +375,56 @@ def _quad_comparison(size: dict, out: Path, quick: bool) -> list[str]:
     return lines
 
 
-def _privacy_section(run_dir: Path, out: Path) -> list[str]:
-    """The DP curve on a finished run's real scores: sites' reports noised as the
-    ClientApp does, threshold from the noisy reports, applied to the exact scores."""
+EPSILONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def privacy_curves(run_dir: Path, rule: str = "mixture", seeds: int = 20, delta: float = 1e-5) -> dict[str, list[dict]]:
+    """Selection F1 per epsilon on a finished run's real scores, for noised scores and
+    noised histograms: reports noised as the ClientApp does, threshold from the noisy
+    reports and the exact anchors, applied to the exact scores."""
     from .privacy import selection_f1_under_noise
 
     metrics, anchors, scores, polluted, _, sites = read_run(run_dir)
-    epsilons = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-    rows, curves = [], {}
-    for report in ("scores", "histogram"):
-        curves[report] = selection_f1_under_noise(scores, polluted, anchors, epsilons, 1e-5, "mixture", range(20),
-                                                  report=report, site_ids=sites)
-    for s_row, h_row in zip(curves["scores"], curves["histogram"]):
-        rows.append([s_row["epsilon"], s_row["sigma"], f"{s_row['f1_mean']:.3f} ± {s_row['f1_std']:.3f}",
-                     f"{h_row['f1_mean']:.3f} ± {h_row['f1_std']:.3f}"])
+    if metrics["threshold"].get("standardised"):
+        raise ValueError(f"{run_dir}: merging-mode runs standardise per site; privacy modes need mode='federated'")
+    return {report: selection_f1_under_noise(scores, polluted, anchors, EPSILONS, delta, rule, range(seeds),
+                                             report=report, site_ids=sites)
+            for report in ("scores", "histogram")}
+
+
+def privacy_table(curves: dict[str, list[dict]]) -> str:
+    rows = [[s["epsilon"], s["sigma"], f"{s['f1_mean']:.3f} ± {s['f1_std']:.3f}", f"{h['f1_mean']:.3f} ± {h['f1_std']:.3f}"]
+            for s, h in zip(curves["scores"], curves["histogram"])]
     rows.append(["no privacy", 0.0, curves["scores"][0]["f1_raw"], curves["histogram"][0]["f1_noiseless"]])
+    return _table(["epsilon", "noise sigma (scores)", "F1, noised scores", "F1, noised histogram"], rows)
+
+
+def plot_privacy_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    for report, rows_ in curves.items():
-        ax.errorbar([r["epsilon"] for r in rows_], [r["f1_mean"] for r in rows_],
-                    yerr=[r["f1_std"] for r in rows_], marker="o", capsize=3, label=f"noised {report}")
+    for report, rows in curves.items():
+        ax.errorbar([r["epsilon"] for r in rows], [r["f1_mean"] for r in rows],
+                    yerr=[r["f1_std"] for r in rows], marker="o", capsize=3, label=f"noised {report}")
     ax.axhline(curves["scores"][0]["f1_raw"], color="k", ls="--", lw=1, label="no privacy")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon per sample and run (delta 1e-5)")
-    ax.set_ylabel("selection F1 (mixture threshold)")
+    ax.set_ylabel("selection F1")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "privacy_curve.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [_table(["epsilon", "noise sigma (scores)", "F1, noised scores", "F1, noised histogram"], rows), "",
+
+
+def _privacy_section(run_dir: Path, out: Path) -> list[str]:
+    curves = privacy_curves(run_dir)
+    plot_privacy_curves(curves, out / "privacy_curve.png", "mixture threshold under DP")
+    return [privacy_table(curves), "",
             "20 noise draws per epsilon. Anchor-only thresholds (anchor-quantile, anchor-mean) do not use the "
             "sites' reports and are unaffected by the noise.", "", "![privacy curve](privacy_curve.png)", ""]
 
