@@ -179,7 +179,7 @@ class QuadScorer(Scorer):
                                static=cfg["selection.static"])
         # Influence values are tiny and their scale depends on the model and damping;
         # rewards in units of the anchors' spread make the UCB bonus (alpha) meaningful.
-        scale = float(np.std(side.scores, ddof=1)) if len(side.scores) > 1 else 0.0
+        scale = float(np.std(side.scores, ddof=1))  # anchor_influence needs >= 2 anchors
         return AnchorSide(side.scores, side.references, {
             "tau": float(tau), "budget": float(cfg["quad.budget"]), "scale": scale if scale > 0 else 1.0})
 
