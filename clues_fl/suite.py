@@ -37,6 +37,7 @@ PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/
     "threshold": {"ratio": (0.7917, 0.7917, 0.7917, 0.75), "global (ours)": (0.9744, 0.9938, 0.9839, 0.9791)},
     "accuracy": {"ppl": 0.584, "ifd": 0.589, "clues": 0.979},
 }
+SLOW = {8: 20, 10: 12}  # experiments left out of the default --quick run: minutes at the quick size
 TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
 
 
@@ -227,9 +228,9 @@ def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False) -> Pa
     def section(number: int, title: str) -> bool:
         if only and number not in only:
             return False
-        if quick and not only and number == 8:  # keeps --quick under 30 min; --quick --only 8 runs it
-            report.extend([f"## {number}. {title}", "", "Not in the default --quick run: `--quick --only 8` "
-                           "(about 20 min).", ""])
+        if quick and not only and number in SLOW:  # keeps --quick under 30 min; --quick --only N runs it
+            report.extend([f"## {number}. {title}", "", f"Not in the default --quick run: `--quick --only {number}` "
+                           f"(about {SLOW[number]} min).", ""])
             return False
         report.extend([f"## {number}. {title}", ""])
         return True
@@ -348,6 +349,11 @@ def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False) -> Pa
         report += _privacy_section(out / "runs" / clues_fed.name, out)
         timings["9"] = time.time() - t
 
+    if section(10, "Does selection help the model? Longer retraining"):
+        t = time.time()
+        report += _longer_retraining(size, out, fresh)
+        timings["10"] = time.time() - t
+
     total = time.time() - started
     report += ["## Cost", "", f"Total wall time {total / 60:.1f} min on this machine; per experiment (s): "
                + ", ".join(f"{k}: {v:.0f}" for k, v in timings.items()), ""]
@@ -394,6 +400,30 @@ def _quad_comparison(size: dict, out: Path, quick: bool, fresh: bool = False) ->
               "that the kept set touches. Scored: share of samples whose gradient was scored (Quad: only "
               "the bandit's draws; tracing still uses all samples). Positive = clean, non-duplicate kept.", ""]
     return lines
+
+
+def _longer_retraining(size: dict, out: Path, fresh: bool = False) -> list[str]:
+    """The other experiments retrain for a few steps, too few to move the model much.
+    Here the same pool is retrained four times as long at a higher learning rate, and
+    every test answer and more multiple-choice items are scored, so that the final
+    model's quality can separate training on everything, on CLUES's selection, on a
+    random subset of the same size, and on the clean samples only."""
+    longer = {**FIQA, **size, "retrain.rounds": 4 * size["retrain.rounds"], "train.lr": 1e-3,
+              "eval.max-samples": size["data.test-size"], "eval.mc-items": 2 * size["eval.mc-items"]}
+    lab = Lab(longer, out, fresh)
+    clues = lab.run("long-clues")
+    runs = [lab.run("long-all", **{"selection.method": "all"}), lab.run("long-oracle", **{"selection.method": "oracle"}),
+            clues, lab.run("long-random", **{"selection.method": "random",
+                                             "selection.ratio": float(clues.kept.mean())})]
+    rows = [[r.name, int(r.kept.sum()), *_sel(r)[2:3], r.metrics["validation-loss"].get("base", float("nan")),
+             *_quality(r), round(r.seconds)] for r in runs]
+    return [f"Retraining: {longer['retrain.rounds']} FedAvg rounds, learning rate {longer['train.lr']:g} "
+            f"(trace unchanged in length); {longer['eval.max-samples']} test answers, "
+            f"{longer['eval.mc-items']} MMLU-clinical items.", "",
+            _table(["training data", "kept", "F1", "base val loss", "val loss", "ROUGE-L", "token F1", "MC acc",
+                    "seconds"], rows),
+            "", "Random keeps the same overall share as CLUES. Val loss: clean FiQA validation loss of "
+            "the final global model (base: before any training).", ""]
 
 
 EPSILONS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -457,7 +487,7 @@ def lab_ratios(lab: Lab) -> list[float]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: under 30 minutes on 2 CPU cores")
-    ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-9)")
+    ap.add_argument("--only", default="", help="comma-separated experiment numbers (1-10)")
     ap.add_argument("--name", default=None, help="output folder name under outputs/ (default suite or suite-quick)")
     ap.add_argument("--fresh", action="store_true",
                     help="rerun every run; by default a run already finished under runs/ with the same "
