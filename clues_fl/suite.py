@@ -37,7 +37,7 @@ PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/
     "threshold": {"ratio": (0.7917, 0.7917, 0.7917, 0.75), "global (ours)": (0.9744, 0.9938, 0.9839, 0.9791)},
     "accuracy": {"ppl": 0.584, "ifd": 0.589, "clues": 0.979},
 }
-SLOW = {8: 20, 10: 12}  # experiments left out of the default --quick run: minutes at the quick size
+SLOW = {8: 20}  # experiments left out of the default --quick run: minutes at the quick size
 TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
 
 
