@@ -105,7 +105,9 @@ class Lab:
             metrics = json.loads((run / "metrics.json").read_text())
         except (OSError, ValueError):
             return None
-        if metrics.get("config") != json.loads(json.dumps(cfg.values)):
+        # where the suite folder lives is not part of what a run did (it may have been moved)
+        same = {k: v for k, v in json.loads(json.dumps(cfg.values)).items() if k != "output-dir"}
+        if {k: v for k, v in metrics.get("config", {}).items() if k != "output-dir"} != same:
             return None
         data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
         per_site, kinds, kept = [], [], []

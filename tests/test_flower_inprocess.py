@@ -188,6 +188,11 @@ def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tm
     for a, b in zip((again.scores, again.polluted, again.kept), (first.scores, first.polluted, first.kept)):
         assert np.array_equal(a, b)
 
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "runs").rename(moved / "runs")
+    assert suite.Lab(base, moved).run("clues").metrics == first.metrics and calls == []  # a moved suite folder
+
     changed = suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path).run("clues")
     assert len(calls) == 1 and changed.metrics["threshold"]["rule"] == "anchor-mean"
     suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path, fresh=True).run("clues")
