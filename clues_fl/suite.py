@@ -420,7 +420,7 @@ def _longer_retraining(size: dict, out: Path, fresh: bool = False) -> list[str]:
     rows = [[r.name, int(r.kept.sum()), *_sel(r)[2:3], r.metrics["validation-loss"].get("base", float("nan")),
              *_quality(r), round(r.seconds)] for r in runs]
     return [f"Retraining: {longer['retrain.rounds']} FedAvg rounds, learning rate {longer['train.lr']:g} "
-            f"(trace unchanged in length); {longer['eval.max-samples']} test answers, "
+            f"(for the trace too, which keeps its length); {longer['eval.max-samples']} test answers, "
             f"{longer['eval.mc-items']} MMLU-clinical items.", "",
             _table(["training data", "kept", "F1", "base val loss", "val loss", "ROUGE-L", "token F1", "MC acc",
                     "seconds"], rows),
