@@ -176,21 +176,28 @@ def summary_text(metrics: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def read_manifests(out: Path, cfg: RunConfig) -> list[tuple[list, np.ndarray, np.ndarray]]:
+    """Per site, (its samples, their scores, their kept flags) from a finished run's
+    manifests, in the scenario's sample order; the samples, with their pollution
+    flags, are rebuilt from the run-config and seed. OSError if a manifest is missing."""
+    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    sites = []
+    for i, samples in enumerate(data.clients):
+        with open(out / "manifest" / f"client-{i}.csv", newline="") as fh:
+            rows = {row["id"]: row for row in csv.DictReader(fh)}
+        sites.append((samples, np.array([float(rows[s.id]["score"]) for s in samples]),
+                      np.array([rows[s.id]["kept"] == "1" for s in samples], dtype=bool)))
+    return sites
+
+
 def read_run(out: Path):
     """(metrics, anchor scores, scores, polluted flags, kinds, site index) of a finished
     experiment run (federated, scores reported), pooled over sites in site order; the
     flags are rebuilt from its run-config and seed."""
     metrics = json.loads((out / "metrics.json").read_text())
     anchors = np.asarray(json.loads((out / "thresholds.json").read_text()).get("anchor-scores", []))
-    cfg = parse_config(metrics["config"])
-    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
-    scores, polluted, kinds, sites = [], [], [], []
-    for i, samples in enumerate(data.clients):
-        with open(out / "manifest" / f"client-{i}.csv") as fh:
-            by_id = {row["id"]: float(row["score"]) for row in csv.DictReader(fh)}
-        for s in samples:
-            scores.append(by_id[s.id])
-            polluted.append(s.polluted)
-            kinds.append(f"{s.pollution}:{s.domain}" if s.polluted else "")
-            sites.append(i)
-    return metrics, anchors, np.asarray(scores), np.asarray(polluted), kinds, np.asarray(sites)
+    sites = read_manifests(out, parse_config(metrics["config"]))
+    samples = [s for site, _, _ in sites for s in site]
+    return (metrics, anchors, np.concatenate([scores for _, scores, _ in sites]),
+            np.array([s.polluted for s in samples]), [f"{s.pollution}:{s.domain}" if s.polluted else "" for s in samples],
+            np.concatenate([np.full(len(site), i) for i, (site, _, _) in enumerate(sites)]))

@@ -11,7 +11,6 @@ read here, on the experiment side, to measure selections; no scorer sees them.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from . import client_app
 from .config import parse_config
 from .inprocess import InMemoryGrid
 from .metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
-from .report import evaluate_and_report, read_run
-from .scenario import build_scenario, server_sets
+from .report import evaluate_and_report, read_manifests, read_run
+from .scenario import server_sets
 from .selection import global_threshold, keep_mask
 from .strategies.clues import Clues
 from .workbench import workbench
@@ -94,7 +93,11 @@ class Lab:
         final = ({"state": clues.retrain_federated(grid)} if cfg["aggregation"] == "fedavg"
                  else {"site-states": clues.retrain_local(grid)})
         evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
-        return self.finished(name, cfg)
+        outcome = self.finished(name, cfg)
+        if outcome is None:
+            raise RuntimeError(f"{name}: no manifest for every site; see {self.out / 'runs' / name / 'metrics.json'} "
+                               "missing-sites")
+        return outcome
 
     def finished(self, name: str, cfg) -> Outcome | None:
         """The outcome of a run written under runs/<name> with this exact run-config
@@ -109,22 +112,16 @@ class Lab:
         same = {k: v for k, v in json.loads(json.dumps(cfg.values)).items() if k != "output-dir"}
         if {k: v for k, v in metrics.get("config", {}).items() if k != "output-dir"} != same:
             return None
-        data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
-        per_site, kinds, kept = [], [], []
-        for i, samples in enumerate(data.clients):
-            path = run / "manifest" / f"client-{i}.csv"
-            if not path.exists():
-                return None
-            with open(path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
-            flags = {s.id: s for s in samples}
-            site = [flags[r["id"]] for r in rows]
-            per_site.append((np.array([float(r["score"]) for r in rows]), np.array([s.polluted for s in site])))
-            kinds += [s.pollution if s.polluted else "" for s in site]
-            kept.append(np.array([r["kept"] == "1" for r in rows], dtype=bool))
+        try:
+            sites = read_manifests(run, cfg)
+        except OSError:  # stopped before its manifests were written
+            return None
+        per_site = [(scores, np.array([s.polluted for s in samples])) for samples, scores, _ in sites]
         return Outcome(name, metrics, np.concatenate([s for s, _ in per_site]),
-                       np.concatenate([p for _, p in per_site]), kinds, per_site,
-                       float(metrics.get("timings-seconds", {}).get("total", 0.0)), np.concatenate(kept))
+                       np.concatenate([p for _, p in per_site]),
+                       [s.pollution if s.polluted else "" for samples, _, _ in sites for s in samples], per_site,
+                       float(metrics.get("timings-seconds", {}).get("total", 0.0)),
+                       np.concatenate([kept for _, _, kept in sites]))
 
 
 # -- tables -------------------------------------------------------------------------
