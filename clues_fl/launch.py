@@ -385,6 +385,7 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         print(f"stopped processes: {' '.join(str(p.pid) for p in started)}", flush=True)
         if left := _stop_leftovers(marker, grace=0.0 if stopped_by else 15.0):
             print(f"stopped leftover processes: {' '.join(map(str, left))}", flush=True)
+        shutil.rmtree(home / "apps", ignore_errors=True)  # the installed app; the logs stay
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 

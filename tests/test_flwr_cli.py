@@ -104,7 +104,7 @@ def test_failed_run_exits_nonzero(tmp_path):
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_stopping_the_launcher_stops_the_launch(tmp_path, how):
     """Issue 13: SIGTERM to the launcher left 11 processes; SIGKILL left a flwr-simulation
-    that finished the run unattended. Stop it once the simulation runs: within 30 s no
+    that finished the run unattended. Stop it once the simulation has started Ray: within 30 s no
     process of the launch is left (SIGKILL: the watchdog), and the run never finishes."""
     out = tmp_path / "outputs"
     launcher = subprocess.Popen(
@@ -117,9 +117,10 @@ def test_stopping_the_launcher_stops_the_launch(tmp_path, how):
         marker = None
         while marker is None and time.time() < deadline and launcher.poll() is None:
             time.sleep(0.5)
-            marker = next((m for m, owner, cmd in launch_processes().values()
-                           if owner.startswith(f"{launcher.pid}:") and "flwr-simulation" in cmd), None)
-        assert marker, "the simulation never started"
+            mine = [(m, cmd) for m, owner, cmd in launch_processes().values() if owner.startswith(f"{launcher.pid}:")]
+            if any("flwr-simulation" in cmd for _, cmd in mine) and any("raylet" in cmd for _, cmd in mine):
+                marker = mine[0][0]
+        assert marker, "the simulation never started Ray"
         before = launch_processes(marker)
         stopped_at = time.time()
         if how == "SIGKILL":  # the launcher and the `flwr run` CLI in its group, no cleanup
