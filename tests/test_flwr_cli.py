@@ -1,7 +1,7 @@
 """The smoke scenario through the real `flwr run` CLI (local simulation SuperLink,
-real SmolLM2, real FiQA samples): two launches at once, each its own run; a run that
-fails inside Flower exits non-zero; SIGTERM or SIGKILL of the launcher stops every
-process the launch started."""
+real SmolLM2, real FiQA samples): two launches at once, each its own run; a run whose
+sites fail exits non-zero with their message; SIGTERM or SIGKILL of the launcher stops
+every process the launch started."""
 
 from __future__ import annotations
 
@@ -91,13 +91,29 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_failed_run_exits_nonzero(tmp_path):
-    """A failure inside Flower (preflight cannot see it: every reply times out) ends the
-    run at its first round with a non-zero exit, whatever `flwr run --stream` returns."""
-    proc = launch(tmp_path, f"output-dir='{tmp_path}' fed.timeout=0.01 {QUICK}")
-    assert proc.returncode != 0
+def test_a_site_error_stops_the_run_once_with_the_sites_message(tmp_path):
+    """A run that fails at the sites, not at the server, exits non-zero (`flwr run
+    --stream` can exit 0 on a failed run). Preflight would refuse this run-config (3
+    pollution ratios for 2 sites), so it is bypassed here to reach the sites, as with
+    `flwr run .` alone: their error reaches the launcher's console as their message,
+    and the run stops at trace round 1 instead of repeating it in every round (issue 13:
+    786 lines)."""
+    bypass = ("import sys; from clues_fl import launch; launch.preflight = lambda values, **kw: None; "
+              "sys.exit(launch.main(sys.argv[1:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", bypass, "scenarios/smoke.toml", "--num-supernodes", "2", "--run-config",
+         f"output-dir='{tmp_path}' pollution.ratios='0.5,0.25,0.1' {QUICK}"],
+        cwd=REPO, env=dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home")), capture_output=True, text=True,
+        timeout=900,
+    )
+    output = proc.stdout + proc.stderr
+    (tmp_path / "launcher.out").write_text(output)
+    assert proc.returncode == 1, output[-4000:]
     assert "completed" not in proc.stdout.split("run status:")[-1]
-    assert "trace round 1: 0 of 2 sites replied" in proc.stdout + proc.stderr
+    assert ("run stopped: trace round 1: 0 of 2 sites replied, fewer than fed.min-nodes=2; stopping the run. "
+            "client-0, client-1: ConfigError: pollution.ratios: 3 values for 2 clients") in output, output[-4000:]
+    assert "trace round 2" not in output
+    print(f"{output.count('pollution.ratios: 3 values')} lines name the error, of {len(output.splitlines())}")
     assert stopped_pids_are_gone(proc.stdout)
 
 
