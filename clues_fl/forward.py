@@ -72,7 +72,7 @@ def length_buckets(encoded: list, batch_size: int) -> list[list[int]]:
 # -- which forward a model uses ----------------------------------------------------
 
 _PLANS: "weakref.WeakKeyDictionary[torch.nn.Module, Family | None]" = weakref.WeakKeyDictionary()
-_PROBE_LENGTHS = (24, 17)  # two samples, the second right-padded
+_PROBE_LENGTHS = (24, 17)  # two samples of different lengths (the second padded)
 
 
 def _base(model) -> torch.nn.Module:
