@@ -199,11 +199,12 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     full = _linear_names(model)
     if not any(n == t or n.endswith("." + t) for t in settings.target_modules for n in full):
         present = linear_module_names(model)
-        fused = " (this model fuses q, k and v into qkv_proj)" if "qkv_proj" in present else ""
+        hint = (
+            "; this model fuses q, k and v: lora.target-modules='qkv_proj'" if "qkv_proj" in present else ""
+        )
         raise ModelError(
             f"lora.target-modules: none of {list(settings.target_modules)} is a linear layer of "
-            f"this model{fused}; its linear layers are {present}: "
-            f"set e.g. lora.target-modules='{','.join(present[:2])}'"
+            f"this model; its linear layers are {present}{hint}"
         )
     return get_peft_model(model, settings.peft_config())
 
