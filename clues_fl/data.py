@@ -453,7 +453,7 @@ def encode_sample(tokenizer, sample: Sample, max_length: int, system_prompt: str
 def encode_samples(
     tokenizer, samples: Sequence[Sample], max_length: int, system_prompt: str | None = None
 ) -> list[Encoded]:
-    from tqdm.auto import tqdm
+    from .console import progress as tqdm
 
     return [
         encode_sample(tokenizer, s, max_length, system_prompt)

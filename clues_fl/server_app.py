@@ -14,6 +14,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from . import console
 from .config import RunConfig, parse_config
 from .report import evaluate_and_report
 from .resume import RunState
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    console.setup()
     run_protocol(grid, parse_config(context.run_config))
 
 
@@ -54,14 +56,17 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     nodes: list[int] = []
     if not run.done("retrain"):  # every step before the report talks to the sites
         nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"]))
+        clues.name_sites(grid, nodes)
 
     def step(name: str, fn: Callable[[], object]) -> None:
         if run.done(name):
             return
         start = run.begin(name)
+        console.status("%s: started (%s)", name, phase_plan(cfg, clues, name, nodes))
         fn()
         clues.record_time(name, start)
         run.complete(name)
+        console.status("%s: done in %s (%s)", name, console.seconds(time.time() - start), phase_result(clues, name))
 
     if traced:
         step("trace", lambda: clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes))
@@ -77,3 +82,42 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     metrics = evaluate_and_report(cfg, clues, clues.final_adapters(), skipped=skipped, started=started)
     run.complete("report")
     return clues, metrics
+
+
+def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str:
+    """What a step is about to do, for its status line."""
+    sites = f"{len(nodes)} sites"
+    if name == "trace":
+        return f"{sites}, {cfg['trace.rounds']} {'FedAvg rounds' if cfg['mode'] == 'federated' else 'local checkpoints'}"
+    if name == "score":
+        return f"{sites}, method {cfg['selection.method']}, {len(clues.anchors)} anchors"
+    if name == "threshold":
+        return f"rule {cfg['selection.threshold'] if clues.scorer.selection == 'anchor' else clues.scorer.selection}"
+    if name == "select":
+        return f"{sum(1 for s in clues.sites.values() if s.reported)} sites"
+    if name == "retrain":
+        rounds = cfg["retrain.rounds"]
+        return (f"{sum(1 for s in clues.sites.values() if s.kept > 0)} sites with kept samples, "
+                f"{rounds} {'FedAvg rounds' if cfg['aggregation'] == 'fedavg' else 'local epochs, ' + cfg['aggregation'] + ' merge'}")
+    return sites
+
+
+def phase_result(clues: Clues, name: str) -> str:
+    """What a step did, for its status line."""
+    sites = list(clues.sites.values())
+    missing = sorted({m["site"] for m in clues.missing if m["phase"].split()[0] == name})
+    failed = f"; failed: {', '.join(missing)}" if missing else ""
+    if name in ("trace", "retrain"):
+        losses = clues.round_losses.get(name, [])
+        loss = f"mean training loss {losses[-1]:.4f} in the last round" if losses else "local training"
+        return f"{loss}{failed}"
+    if name == "score":
+        scored = sum(s.scored for s in sites if s.reported)
+        return f"{scored} samples scored on {sum(1 for s in sites if s.reported)} sites{failed}"
+    if name == "threshold":
+        value = clues.threshold.get("threshold", clues.threshold.get("ratio"))
+        return f"{clues.threshold.get('rule')} = {value:.4g}" if isinstance(value, float) else f"{clues.threshold.get('rule')}"
+    if name == "select":
+        kept = ", ".join(f"{s.name} {s.kept}/{s.num_examples}" for s in sorted(sites, key=lambda s: s.name) if s.counts)
+        return f"kept {kept}{failed}"
+    return failed.lstrip("; ")

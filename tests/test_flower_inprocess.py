@@ -16,6 +16,7 @@ from clues_fl.inprocess import InMemoryGrid
 from clues_fl.scenario import build_scenario
 from clues_fl.scorers import Scorer
 from clues_fl.server_app import run_protocol
+from clues_fl.site_ids import read_id_map
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -64,6 +65,17 @@ def _strings_in(record) -> list[str]:
     return out
 
 
+def assert_no_real_ids(grid, real_ids: set[str]) -> None:
+    """No sample id of any site appears in any message, either way (hashes only)."""
+    for ex in grid.log:
+        for message in (ex.sent, ex.reply):
+            if message.has_error():
+                continue
+            for name, record in message.content.items():
+                for s in _strings_in(record) + list(record.keys()) + [name]:
+                    assert not any(i in s for i in real_ids), (ex.message_type, name, s)
+
+
 @pytest.mark.parametrize("mode,aggregation", [("federated", "fedavg"), ("merging", "weighted")])
 def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggregation):
     raw = run_config(tiny_model_dir, tmp_path, mode=mode, aggregation=aggregation)
@@ -76,6 +88,8 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     # The private texts of each site: none of them may appear in any reply.
     data = build_scenario(cfg, 2)
     texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
+    real_ids = {s.id for c in data.clients for s in c}
+    assert_no_real_ids(grid, real_ids)
     n_params = sum(v.numel() for v in clues.bench.initial_state.values())
     for ex in grid.log:
         assert not ex.reply.has_error(), ex.reply.error
@@ -93,6 +107,11 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
             scores = content["scores"]
             assert set(scores.keys()) == {"ids", "scores"}
             assert np.isfinite(np.asarray(scores["scores"])).all()
+            # keyed hashes (32 hex digits), which the site maps back in its own folder only
+            assert all(len(i) == 32 and int(i, 16) >= 0 for i in scores["ids"])
+            site = tmp_path / "inprocess" / "sites" / f"client-{NODES[ex.node]['partition-id']}"
+            mapped = read_id_map(site)
+            assert [mapped[i] for i in scores["ids"]] == [s.id for s in data.clients[NODES[ex.node]["partition-id"]]]
         if ex.message_type == "query.select":
             assert set(content["metrics"].keys()) >= {"kept", "tp", "fp", "fn", "tn"}
 
@@ -110,7 +129,8 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]
     lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
-    assert lines[0] == "id,score,kept" and len(lines) == 9
+    assert lines[0] == "id-hash,score,kept" and len(lines) == 9
+    assert not any(i in "\n".join(lines) for i in real_ids)
     # counts reported by the sites agree with the kept flags of the manifest
     kept = sum(int(l.rsplit(",", 1)[1]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
@@ -122,6 +142,9 @@ def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_mod
     phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
     assert phases == ["trace round 1", "trace round 2", "retrain round 1"]
     assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
+    # the site by its partition (known before it ever replied: query.site), and the round
+    assert [(m["site"], m["partition-id"], m["round"]) for m in metrics["missing-sites"]] == [
+        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1)]
     assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
 
 
@@ -129,6 +152,7 @@ def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
     assert metrics["missing-sites"] and metrics["missing-sites"][0]["phase"] == "score"
+    assert metrics["missing-sites"][0]["site"] == "client-1" and metrics["missing-sites"][0]["round"] is None
     assert list(metrics["selection"]["per-client"]) == ["client-0"]
 
 
