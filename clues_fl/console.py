@@ -30,6 +30,8 @@ def quiet_warnings() -> None:
     peft), one per process per location, repeated by every Ray worker: off unless verbose."""
     if verbose():
         return
+    if not _is_tty():  # Hugging Face's own bars ("Loading weights") arrive as fragments in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -44,7 +46,7 @@ class FlowerBanner(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        if "/flwr/serverapp/strategy/" not in path:
+        if "/flwr/serverapp/strategy/" not in path or verbose():
             return True
         message = record.getMessage()
         if "is set to 0.0" in message:
@@ -58,8 +60,7 @@ def setup() -> None:
     quiet_warnings()
     flwr = logging.getLogger("flwr")
     if not any(isinstance(f, FlowerBanner) for f in flwr.filters):
-        if not verbose():
-            flwr.addFilter(FlowerBanner())
+        flwr.addFilter(FlowerBanner())
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     if not log.handlers and not logging.getLogger().handlers:

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    console.setup()
     run_protocol(grid, parse_config(context.run_config))
 
 
@@ -37,6 +36,7 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     has. Returns the protocol's state (None if the run had finished before) and the
     metrics."""
     started = time.time()
+    console.setup()
     run = RunState(cfg)
     if run.finished:
         log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "

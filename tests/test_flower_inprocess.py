@@ -221,3 +221,42 @@ def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tm
     assert len(calls) == 1 and changed.metrics["threshold"]["rule"] == "anchor-mean"
     suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path, fresh=True).run("clues")
     assert len(calls) == 2
+
+
+def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """One line per phase (start and end, evaluation included) and per FedAvg round;
+    Flower's per-start strategy banner is dropped unless CLUES_FL_VERBOSE=1."""
+    import logging
+
+    from flwr.serverapp.strategy import FedAvg
+
+    monkeypatch.delenv("CLUES_FL_VERBOSE", raising=False)
+    caplog.set_level(logging.INFO)
+    drive(run_config(tiny_model_dir, tmp_path, **{"eval.mc-items": 0, "eval.max-samples": 0}))
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("clues_fl")]
+    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+        assert any(m.startswith(f"{phase}: started") for m in ours), phase
+        assert any(m.startswith(f"{phase}: done in") for m in ours), phase
+    assert any(m.startswith("trace round 2/2: 2 sites, mean training loss") for m in ours)
+    assert any("kept client-0 " in m for m in ours if m.startswith("select: done"))
+    flower = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert flower == [], flower[:5]
+
+    caplog.clear()
+    FedAvg(fraction_evaluate=0.0)
+    assert caplog.records == []
+    monkeypatch.setenv("CLUES_FL_VERBOSE", "1")
+    FedAvg(fraction_evaluate=0.0)
+    assert any("fraction_evaluate is set to 0.0" in r.getMessage() for r in caplog.records)
+
+
+def test_progress_lines_off_a_terminal(capsys, monkeypatch):
+    from clues_fl import console
+
+    monkeypatch.setenv("CLUES_FL_PROGRESS_SECONDS", "0")
+    assert list(console.progress(range(3), desc="scoring")) == [0, 1, 2]  # stderr is captured: no TTY
+    err = capsys.readouterr().err
+    assert "scoring: 1/3" in err and "scoring: 3/3" in err and "\r" not in err
+    with console.progress(total=2, desc="train", disable=True) as bar:
+        bar.update(2)
+    assert capsys.readouterr().err == ""
