@@ -126,6 +126,14 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
     assert (out / "adapter" / "adapter_config.json").exists() or any((out / "adapter").rglob("adapter_config.json"))
+    for config in (out / "adapter").rglob("adapter_config.json"):  # the name given, and a filled model card
+        assert json.loads(config.read_text())["base_model_name_or_path"] == tiny_model_dir
+        card = (config.parent / "README.md").read_text()
+        assert "run `inprocess`" in card and "kept" in card and "[More Information Needed]" not in card
+    report = (out / "report.md").read_text()
+    assert "| client-0 | 8 |" in report and "![score histograms](score_histograms.png)" in report
+    assert "Validation loss" in report and (out / "score_histograms.png").stat().st_size > 1000
+    assert ((out / "round_losses.png").exists()) == (mode == "federated")
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]
     lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
