@@ -84,10 +84,9 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     bench = clues.bench
     out = output_dir(cfg)
     t = time.time()
-    console.status("evaluate: started (validation loss of %d samples under %s models, %s test answers, %s "
-                   "multiple-choice items)", len(clues.val) if cfg["eval.validation"] else 0,
-                   "3" if cfg["eval.validation"] else "0",
-                   min(cfg["eval.max-samples"], len(clues.test)), cfg["eval.mc-items"])
+    console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
+                   len(clues.val) if cfg["eval.validation"] else 0, min(cfg["eval.max-samples"], len(clues.test)),
+                   cfg["eval.mc-items"])
     losses: dict[str, float] = {}
     if cfg["eval.validation"] and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)

@@ -84,21 +84,26 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     return clues, metrics
 
 
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
+
+
 def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str:
     """What a step is about to do, for its status line."""
-    sites = f"{len(nodes)} sites"
+    sites = _n(len(nodes), "site")
     if name == "trace":
-        return f"{sites}, {cfg['trace.rounds']} {'FedAvg rounds' if cfg['mode'] == 'federated' else 'local checkpoints'}"
+        return f"{sites}, {_n(cfg['trace.rounds'], 'FedAvg round' if cfg['mode'] == 'federated' else 'local checkpoint')}"
     if name == "score":
         return f"{sites}, method {cfg['selection.method']}, {len(clues.anchors)} anchors"
     if name == "threshold":
         return f"rule {cfg['selection.threshold'] if clues.scorer.selection == 'anchor' else clues.scorer.selection}"
     if name == "select":
-        return f"{sum(1 for s in clues.sites.values() if s.reported)} sites"
+        return _n(sum(1 for s in clues.sites.values() if s.reported), "site")
     if name == "retrain":
         rounds = cfg["retrain.rounds"]
-        return (f"{sum(1 for s in clues.sites.values() if s.kept > 0)} sites with kept samples, "
-                f"{rounds} {'FedAvg rounds' if cfg['aggregation'] == 'fedavg' else 'local epochs, ' + cfg['aggregation'] + ' merge'}")
+        plan = (_n(rounds, "FedAvg round") if cfg["aggregation"] == "fedavg"
+                else f"{_n(rounds, 'local epoch')}, {cfg['aggregation']} merge")
+        return f"{_n(sum(1 for s in clues.sites.values() if s.kept > 0), 'site')} with kept samples, {plan}"
     return sites
 
 
@@ -113,7 +118,7 @@ def phase_result(clues: Clues, name: str) -> str:
         return f"{loss}{failed}"
     if name == "score":
         scored = sum(s.scored for s in sites if s.reported)
-        return f"{scored} samples scored on {sum(1 for s in sites if s.reported)} sites{failed}"
+        return f"{_n(scored, 'sample')} scored on {_n(sum(1 for s in sites if s.reported), 'site')}{failed}"
     if name == "threshold":
         value = clues.threshold.get("threshold", clues.threshold.get("ratio"))
         return f"{clues.threshold.get('rule')} = {value:.4g}" if isinstance(value, float) else f"{clues.threshold.get('rule')}"

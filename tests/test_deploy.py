@@ -183,6 +183,9 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
     assert metrics["missing-sites"], metrics
     assert all(int(m["node"]) == node_id for m in metrics["missing-sites"]), metrics["missing-sites"]
     assert metrics["missing-sites"][0]["phase"].startswith("trace round"), metrics["missing-sites"]
+    # ... by its partition (the server asked each site at the start) and with the round
+    assert all((m["site"], m["partition-id"]) == ("client-2", 2) for m in metrics["missing-sites"]), metrics
+    assert metrics["missing-sites"][0]["round"] == 2, metrics["missing-sites"]
     per_client = metrics["selection"]["per-client"]
     assert set(per_client) == {"client-0", "client-1"}
     for counts in per_client.values():
