@@ -71,6 +71,35 @@ def _wire_ids(context: Context) -> list[str]:
     return list(_wire_ids_cached(_frozen(context.run_config), _frozen(context.node_config)))
 
 
+def _ids_hidden(handler):
+    """A handler whose errors name this site's samples by their hashed ids: an error's
+    message travels to the server (Flower's error reply), and a sample id can be a
+    patient or account number (e.g. the engine's `non-finite loss for samples [...]`)."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as err:
+            text = str(err)
+            try:
+                _, _, _, encoded, _, _ = _load(context)
+                pairs = [(e.id, h) for e, h in zip(encoded, _wire_ids(context)) if e.id in text]
+            except Exception:  # the site's data did not load: its errors name files and lines
+                raise err from None
+            if not pairs:
+                raise
+            for real, hashed in sorted(pairs, key=lambda p: -len(p[0])):  # longest first: 'x-12' before 'x-1'
+                text = text.replace(real, f"<id {hashed}>")
+            try:
+                hidden = type(err)(text)
+            except Exception:
+                hidden = RuntimeError(f"{type(err).__name__}: {text}")
+            raise hidden from None
+
+    return wrapper
+
+
 def _kept_rows(context: Context) -> list[int]:
     if KEPT_KEY not in context.state:
         raise RuntimeError("retraining asked for before selection: no kept samples on this site")
@@ -82,6 +111,7 @@ def _reply(message: Message, content: RecordDict) -> Message:
 
 
 @app.train()
+@_ids_hidden
 def train(message: Message, context: Context) -> Message:
     """One FedAvg round: 'trace' on all raw data, 'retrain' on the kept samples."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
@@ -121,6 +151,7 @@ def _subset_cache(cache, rows):
 
 
 @app.train("local")
+@_ids_hidden
 def train_local(message: Message, context: Context) -> Message:
     """Merging mode: a whole local run, with K checkpoints when tracing."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
@@ -144,6 +175,7 @@ def train_local(message: Message, context: Context) -> Message:
 
 
 @app.query("score")
+@_ids_hidden
 def score(message: Message, context: Context) -> Message:
     """Per-sample scores of the configured selection method (CLUES by default)."""
     cfg, bench, samples, encoded, cache, skipped = _load(context)
@@ -194,6 +226,7 @@ def _reported(values: np.ndarray, ids: list[str], config) -> dict:
 
 
 @app.query("select")
+@_ids_hidden
 def select(message: Message, context: Context) -> Message:
     """Apply the global threshold (or ratio) locally; report counts only."""
     cfg, bench, samples, encoded, cache, _ = _load(context)

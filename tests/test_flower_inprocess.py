@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
@@ -268,3 +268,23 @@ def test_progress_lines_off_a_terminal(capsys, monkeypatch):
     with console.progress(total=2, desc="train", disable=True) as bar:
         bar.update(2)
     assert capsys.readouterr().err == ""
+
+
+class FailingScorer(Scorer):  # an error that names a sample, as the engine's non-finite-loss error does
+    name = "failing"
+
+    def score(self, site, payload):
+        raise FloatingPointError(f"non-finite loss for samples {[s.id for s in site.samples[:2]]}")
+
+
+def test_a_sites_error_names_its_samples_by_hashed_ids_only(tiny_model_dir, tmp_path):
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "test_flower_inprocess:FailingScorer"})
+    grid = InMemoryGrid(client_module.app, NODES, raw)
+    context = grid._contexts[101]
+    real = [s.id for s in client_module._load(context)[2][:2]]
+    with pytest.raises(FloatingPointError) as err:  # in-process the error propagates; Flower sends its text
+        client_module.app(Message(RecordDict({"config": ConfigRecord({"method": "test_flower_inprocess:FailingScorer"})}),
+                                  dst_node_id=101, message_type="query.score"), context)
+    text = str(err.value)
+    assert not any(i in text for i in real), text
+    assert all(f"<id {h}>" in text for h in client_module._wire_ids(context)[:2]), text
