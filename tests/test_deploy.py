@@ -22,6 +22,7 @@ from test_flwr_cli import stopped_pids_are_gone
 
 from clues_fl.data import load_samples
 from clues_fl.launch import make_tls_certificates
+from clues_fl.site_ids import read_id_map
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,8 +104,10 @@ def test_three_supernodes_with_their_own_files_over_tls(tmp_path):
     assert set(metrics["selection"]["per-client"]) == {"client-0", "client-1", "client-2"}
     for i in range(3):  # each site scored exactly the rows of its own file
         with open(out / "deploy" / "manifest" / f"client-{i}.csv") as fh:
-            ids = [row["id"] for row in csv.DictReader(fh)]
-        assert sorted(ids) == sorted(f"site{i}-row{j}" for j in range(8))
+            hashes = [row["id-hash"] for row in csv.DictReader(fh)]
+        assert not any("row" in h for h in hashes)  # the server holds keyed hashes only
+        ids = read_id_map(out / "deploy" / "sites" / f"client-{i}")  # the site's own map
+        assert sorted(ids[h] for h in hashes) == sorted(f"site{i}-row{j}" for j in range(8))
     assert stopped_pids_are_gone(proc.stdout)  # the SuperLink and all three SuperNodes
     assert not processes_with_home(home)
 

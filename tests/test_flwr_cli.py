@@ -40,7 +40,14 @@ def test_smoke_scenario_runs_through_flwr_cli(tmp_path):
     assert 0.0 <= metrics["selection"]["f1"] <= 1.0
     assert metrics["validation-loss"]["selected"] > 0
     assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "cli-smoke" / "report.md").exists() and (out / "cli-smoke" / "score_histograms.png").exists()
     assert stopped_pids_are_gone(proc.stdout)
+    # the console: a line when each phase starts and ends, no per-phase Flower banner, no library warnings
+    console = proc.stdout + proc.stderr
+    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+        assert f"{phase}: started" in console and f"{phase}: done in" in console, phase
+    for noise in ("fraction_evaluate is set to 0.0", "(empty!)", "FutureWarning", "DeprecationWarning"):
+        assert noise not in console, noise
 
 
 def test_failed_run_exits_nonzero(tmp_path):
