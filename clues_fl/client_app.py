@@ -21,6 +21,9 @@ from .messages import (
     ids_digest,
     record_checkpoint,
     record_gradient,
+    MOMENTS_KEY,
+    moments_record,
+    record_moments,
     split_record,
     state_record,
 )
@@ -114,11 +117,15 @@ def _reply(message: Message, content: RecordDict) -> Message:
 @app.train()
 @_ids_hidden
 def train(message: Message, context: Context) -> Message:
-    """One FedAvg round: 'trace' on all raw data, 'retrain' on the kept samples."""
+    """One round of fed.strategy: 'trace' on all raw data, 'retrain' on the kept samples.
+    The Adam moments (tracing) come and go in their own record; FedProx's proximal-mu
+    adds its proximal term to the local loss."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
     config = message.content["config"]
     phase = str(config.get("phase", "trace"))
     state, moments = split_record(message.content["arrays"])
+    if MOMENTS_KEY in message.content:
+        moments = record_moments(message.content[MOMENTS_KEY])
     rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
     server_round = int(config.get("server-round", 1))
     t0 = time.time()
@@ -127,16 +134,18 @@ def train(message: Message, context: Context) -> Message:
         start_step=_steps_before(server_round, len(rows), cfg) if moments is not None else 0,
         cache=_subset_cache(cache, rows),
         seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
-        desc=f"{phase} round {server_round}",
+        desc=f"{phase} round {server_round}", proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    arrays = state_record(lora_state(bench.model), result.moments if phase == "trace" else None)
-    metrics = MetricRecord({
+    content = RecordDict({"arrays": state_record(lora_state(bench.model))})
+    if phase == "trace":
+        content[MOMENTS_KEY] = moments_record(result.moments)
+    content["metrics"] = MetricRecord({
         "num-examples": len(rows),
         "train-loss": result.mean_loss,
         "train-steps": len(result.step_losses),
         "train-seconds": time.time() - t0,
     })
-    return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
+    return _reply(message, content)
 
 
 def _steps_before(server_round: int, n: int, cfg) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .aggregation import StrategyError, builtin_name, check_name, parse_args
+
 DEFAULTS: dict[str, Any] = {
     "run-name": "demo",
     "output-dir": "outputs",
@@ -82,9 +84,11 @@ DEFAULTS: dict[str, Any] = {
     "privacy.adapter-noise": 0.0,  # > 0: Flower's server-side DP wrapper on adapter updates (noise multiplier)
     "privacy.adapter-clip": 1.0,  # its clipping norm
     # aggregation of the retrained adapters
-    "aggregation": "fedavg",  # fedavg | linear | weighted | ties
+    "aggregation": "fedavg",  # fedavg (rounds of fed.strategy) | linear | weighted | ties | module:function
     "merge.density": 0.5,
     # federation
+    "fed.strategy": "fedavg",  # the rounds' aggregation: a flwr.serverapp.strategy name or module:Class
+    "fed.strategy-args": "",  # its keyword arguments, "name=value, name=value" (aggregation.py)
     "fed.min-nodes": 2,
     "fed.timeout": 3600.0,
     "fed.wait-for-nodes": 180.0,  # seconds the server waits for fed.min-nodes sites to connect
@@ -104,7 +108,7 @@ CHOICES = {
     "scoring.similarity": ("dot", "cosine"),
     "scoring.preconditioner": ("sgd", "adam"),
     "selection.threshold": ("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
-    "aggregation": ("fedavg", "linear", "weighted", "ties"),
+    "aggregation": ("fedavg", "linear", "weighted", "ties"),  # or module:function (a merge rule)
     "quad.tau": ("anchor-quantile", "anchor-mean", "static"),
     "privacy.report": ("scores", "histogram"),
 }
@@ -115,8 +119,14 @@ POSITIVE_INTS = (
 )
 
 
+
 class ConfigError(ValueError):
     pass
+
+
+def _module_attr(value: str) -> bool:
+    module, sep, attr = str(value).partition(":")
+    return bool(sep and module and attr)
 
 
 @dataclass
@@ -163,9 +173,22 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
                 f"{key}: expected {type(default).__name__}, got {value!r}"
             ) from err
         values[key] = value
+    try:
+        check_name(values["fed.strategy"])
+        parse_args(values["fed.strategy-args"])
+    except StrategyError as err:
+        raise ConfigError(str(err)) from err
+    if values["aggregation"] != "fedavg" and builtin_name(values["aggregation"]):
+        raise ConfigError(f"aggregation: '{values['aggregation']}' is a strategy for the rounds: set "
+                          f"fed.strategy='{values['aggregation']}' (with aggregation='fedavg', the default: "
+                          "retraining in rounds); aggregation is 'fedavg' or a one-shot merge rule "
+                          "(linear, weighted, ties, module:function)")
     for key, allowed in CHOICES.items():
+        if key == "aggregation" and _module_attr(values[key]):
+            continue  # a merge rule of your own
         if values[key] not in allowed:
-            raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
+            extra = " or module:function (your merge rule)" if key == "aggregation" else ""
+            raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}{extra}")
     for key in POSITIVE_INTS:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be >= 1, got {values[key]}")

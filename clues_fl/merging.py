@@ -16,23 +16,117 @@ peft's ``add_weighted_adapter`` does the work:
   top-``density`` magnitudes, elect a sign per entry, average the entries that
   agree with it) on the full ``dW_i``, then a truncated SVD back to rank
   ``svd_rank``. peft's plain ``"ties"`` would again work on A and B separately.
+
+**Merge rules.** A rule is a pure function of peft's ``merge_utils`` shape,
+``rule(task_tensors: list[Tensor], weights: Tensor[, density]) -> Tensor``, applied to
+each adapted module's ``dW_i`` (``task_tensors``) with the sites' merge weights; the
+built-in rules and how each site is weighted are registered in ``MERGE_RULES`` (the one
+place). ``aggregation = "module:function"`` names your own rule (uniform site weights;
+``density`` = merge.density is passed when the function takes it): its merged ``dW`` is
+brought back to a LoRA adapter by truncated SVD at rank ``sum_i r_i`` (capped at the
+modules' ``min(out, in)``): exact for a linear rule (a weighted sum of the sites'
+updates has at most that rank), the best approximation of that rank otherwise. The built-in
+rules compute the same result through peft's ``add_weighted_adapter`` in low rank
+(``MergeRule.exact``: ``cat`` exactly, ``ties_svd`` with the same SVD).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import re
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils import merge_utils
 
-MERGE_METHODS = ("linear", "weighted", "ties")
 
 _STATE_ADAPTER = "default"  # adapter name inside lora_state() keys
 _LORA_KEY = re.compile(r"\.(lora_[AB])\.([^.]+)\.")
+
+
+def uniform_weights(kept_counts: list[int], mean_scores: list[float]) -> list[float]:
+    """``1/n`` for every site (``linear``, ``ties``, your own rules)."""
+    n = len(kept_counts)
+    return [1.0 / n] * n
+
+
+def score_weights(kept_counts: list[int], mean_scores: list[float], *, temperature: float = 1.0) -> list[float]:
+    """``weighted``: ``w_i ∝ kept_i * exp((mean_i - max_j mean_j) / temperature)`` (see merge_weights)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = len(kept_counts)
+    counts = np.asarray(kept_counts, dtype=float)
+    scores = np.asarray(mean_scores, dtype=float)
+    if (counts < 0).any():
+        raise ValueError(f"kept_counts must be >= 0, got {list(kept_counts)}")
+    active = counts > 0
+    if not active.any():
+        raise ValueError("weighted merging: every client kept 0 samples")
+    if not np.isfinite(scores[active]).all():
+        raise ValueError(
+            f"weighted merging: non-finite mean score for a client with kept samples: {list(mean_scores)}"
+        )
+    logits = np.full(n, -np.inf)
+    logits[active] = np.log(counts[active]) + (scores[active] - scores[active].max()) / temperature
+    w = np.exp(logits - logits[active].max())
+    return (w / w.sum()).tolist()
+
+
+def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i w_i dW_i`` (``linear``, ``weighted``; peft ``merge_utils.task_arithmetic``)."""
+    return merge_utils.task_arithmetic(task_tensors, weights)
+
+
+def ties_mean(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float = 0.5) -> torch.Tensor:
+    """TIES on the ``dW_i`` (``ties``): trim each to its top-``density`` magnitudes, elect a
+    sign per entry, and average the entries that agree with it. peft's disjoint merge
+    divides the sum of the agreeing weighted entries by their count, so the weights are
+    rescaled to average 1 (uniform ``1/n`` -> 1 each): the TIES paper's disjoint mean."""
+    return merge_utils.ties(task_tensors, weights * len(task_tensors), density)
+
+
+@dataclass(frozen=True)
+class MergeRule:
+    """A one-shot merge: `combine` (peft merge_utils shape) on each module's ``dW_i``,
+    `site_weights(kept_counts, mean_scores)` the sites' weights, and `exact` the peft
+    ``add_weighted_adapter`` combination that computes `combine` in low rank (None: the
+    merged ``dW`` is brought back to LoRA by truncated SVD)."""
+
+    name: str
+    combine: Callable[..., torch.Tensor]
+    site_weights: Callable[[list[int], list[float]], list[float]] = uniform_weights
+    exact: str | None = None
+
+
+MERGE_RULES: dict[str, MergeRule] = {
+    "linear": MergeRule("linear", task_arithmetic, uniform_weights, exact="cat"),
+    "weighted": MergeRule("weighted", task_arithmetic, score_weights, exact="cat"),
+    "ties": MergeRule("ties", ties_mean, uniform_weights, exact="ties_svd"),
+}
+MERGE_METHODS = tuple(MERGE_RULES)
+
+
+def merge_rule(name: str) -> MergeRule:
+    """The registered rule ``name``, or your function ``module:function`` (uniform weights)."""
+    if name in MERGE_RULES:
+        return MERGE_RULES[name]
+    module, sep, attr = str(name).partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"unknown merge method '{name}': expected one of {', '.join(MERGE_METHODS)} "
+                         "or 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"aggregation: cannot load merge rule '{name}': {err}") from err
+    if not callable(fn):
+        raise ValueError(f"aggregation: '{name}' is not a function")
+    return MergeRule(name, fn)
 
 
 def merge_weights(
@@ -59,32 +153,15 @@ def merge_weights(
       whose kept samples score one anchor-std higher gets ``e`` times the weight per
       sample. Clients that kept nothing get weight 0 (their mean score may be NaN).
     """
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method '{method}': expected one of {', '.join(MERGE_METHODS)}")
+    rule = merge_rule(method)
     n = len(kept_counts)
     if n == 0:
         raise ValueError("merge_weights needs at least one client")
     if len(mean_scores) != n:
         raise ValueError(f"{n} kept_counts but {len(mean_scores)} mean_scores")
-    if method in ("linear", "ties"):
-        return [1.0 / n] * n
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    counts = np.asarray(kept_counts, dtype=float)
-    scores = np.asarray(mean_scores, dtype=float)
-    if (counts < 0).any():
-        raise ValueError(f"kept_counts must be >= 0, got {list(kept_counts)}")
-    active = counts > 0
-    if not active.any():
-        raise ValueError("weighted merging: every client kept 0 samples")
-    if not np.isfinite(scores[active]).all():
-        raise ValueError(
-            f"weighted merging: non-finite mean score for a client with kept samples: {list(mean_scores)}"
-        )
-    logits = np.full(n, -np.inf)
-    logits[active] = np.log(counts[active]) + (scores[active] - scores[active].max()) / temperature
-    w = np.exp(logits - logits[active].max())
-    return (w / w.sum()).tolist()
+    if rule.site_weights is score_weights:
+        return score_weights(kept_counts, mean_scores, temperature=temperature)
+    return rule.site_weights(kept_counts, mean_scores)
 
 
 def lora_deltas(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -168,15 +245,14 @@ def merge_adapters(
     ``set_adapter`` makes the merged adapter the trainable one, so ``lora_state``
     afterwards returns its tensors (named ``...{adapter_name}...``).
     """
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method '{method}': expected one of {', '.join(MERGE_METHODS)}")
+    rule = merge_rule(method)
     if not states:
         raise ValueError("merge_adapters needs at least one client state")
     if len(weights) != len(states):
         raise ValueError(f"{len(states)} states but {len(weights)} weights")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"non-finite merge weight: {weights}")
-    if method == "ties" and not 0.0 < density <= 1.0:
+    if rule.exact != "cat" and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     template_name = _STATE_ADAPTER if _STATE_ADAPTER in model.peft_config else model.active_adapter
     template = model.peft_config[template_name]
@@ -199,30 +275,55 @@ def merge_adapters(
         model.add_adapter(name, replace(template, r=rank, inference_mode=False))
         _load_as(model, state, name, i)
 
-    kwargs: dict = {}
-    if method == "ties":
-        combination = "ties_svd"
-        n = len(weights)
-        weights = [w * n for w in weights]
-        max_rank = min(
-            min(m.in_features, m.out_features)
-            for m in model.modules()
-            if isinstance(m, LoraLayer) and names[0] in m.lora_A
-        )
-        rank = sum(ranks) if svd_rank is None else int(svd_rank)
-        if rank < 1:
-            raise ValueError(f"svd_rank must be >= 1, got {svd_rank}")
-        kwargs = dict(density=density, svd_rank=min(rank, max_rank), svd_full_matrices=False)
-    else:
-        combination = "cat"
-    model.add_weighted_adapter(
-        adapters=names,
-        weights=[float(w) for w in weights],
-        adapter_name=adapter_name,
-        combination_type=combination,
-        **kwargs,
+    max_rank = min(
+        min(m.in_features, m.out_features)
+        for m in model.modules()
+        if isinstance(m, LoraLayer) and names[0] in m.lora_A
     )
+    rank = sum(ranks) if svd_rank is None else int(svd_rank)
+    if rank < 1 and rule.exact != "cat":
+        raise ValueError(f"svd_rank must be >= 1, got {svd_rank}")
+    if rule.exact is None:
+        _merge_dense(model, rule, names, weights, density, min(rank, max_rank), template, adapter_name)
+    else:
+        kwargs: dict = {}
+        if rule.exact == "ties_svd":
+            n = len(weights)
+            weights = [w * n for w in weights]
+            kwargs = dict(density=density, svd_rank=min(rank, max_rank), svd_full_matrices=False)
+        model.add_weighted_adapter(
+            adapters=names,
+            weights=[float(w) for w in weights],
+            adapter_name=adapter_name,
+            combination_type=rule.exact,
+            **kwargs,
+        )
     model.set_adapter(adapter_name)
     for name in names:
         model.delete_adapter(name)
     return model
+
+
+def _merge_dense(model: PeftModel, rule: MergeRule, names: list[str], weights: list[float], density: float,
+                 rank: int, template, adapter_name: str) -> None:
+    """A rule without a low-rank form: `rule.combine` on each module's dense ``dW_i``, then
+    the best rank-`rank` approximation (truncated SVD) as adapter `adapter_name`
+    (``r = lora_alpha = rank``: scaling 1, so ``B @ A`` is the merged ``dW``)."""
+    deltas = [lora_deltas(model, name) for name in names]
+    accepts = inspect.signature(rule.combine).parameters
+    options = {"density": density} if "density" in accepts or any(
+        p.kind == p.VAR_KEYWORD for p in accepts.values()) else {}
+    model.add_adapter(adapter_name, replace(template, r=rank, lora_alpha=rank, inference_mode=False))
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if not (isinstance(module, LoraLayer) and adapter_name in module.lora_A):
+                continue
+            tensors = [d[module_name].double() for d in deltas]
+            merged = rule.combine(tensors, torch.tensor(weights, dtype=torch.float64), **options)
+            if not isinstance(merged, torch.Tensor) or merged.shape != tensors[0].shape:
+                raise ValueError(f"merge rule '{rule.name}' returned {getattr(merged, 'shape', type(merged))} "
+                                 f"for {module_name}, expected a tensor of shape {tuple(tensors[0].shape)}")
+            u, sv, vh = torch.linalg.svd(merged, full_matrices=False)
+            a, b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+            b.copy_((u[:, :rank] * sv[:rank]).to(b.dtype))
+            a.copy_(vh[:rank].to(a.dtype))

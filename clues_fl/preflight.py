@@ -6,7 +6,8 @@ instead of after the SuperLink, Ray and the model have started (and, for a site'
 data, once per site and round). The ServerApp calls it too (`flwr run .` without the
 launcher), for what the server itself reads.
 
-Plain Python: no Flower, no torch (both take seconds to import).
+Plain Python: no Flower, no torch (both take seconds to import); Flower only to check a
+fed.strategy other than the default FedAvg, or its fed.strategy-args.
 """
 
 from __future__ import annotations
@@ -131,6 +132,34 @@ def check_method(method: str) -> None:
         found = None
     if found is None:
         raise PreflightError(f"selection.method: cannot find module '{module}' (is it on PYTHONPATH?)")
+
+
+def check_strategy(values: dict[str, Any]) -> None:
+    """fed.strategy and fed.strategy-args: a strategy Flower has (or your class, imported)
+    and only parameters it takes. Flower is imported only when they differ from the
+    default FedAvg."""
+    from . import aggregation
+
+    value = values.get("fed.strategy", aggregation.DEFAULT_STRATEGY)
+    if str(value).lower() == aggregation.DEFAULT_STRATEGY and not aggregation.strategy_args(values):
+        return
+    try:
+        aggregation.resolve(values)
+    except aggregation.StrategyError as err:
+        raise PreflightError(str(err)) from err
+
+
+def check_merge_rule(value: str) -> None:
+    """aggregation = module:function: the module can be found (not imported here)."""
+    module, sep, attr = str(value).partition(":")
+    if not sep:
+        return
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise PreflightError(f"aggregation: cannot find module '{module}' of merge rule '{value}' (is it on PYTHONPATH?)")
 
 
 # --------------------------------------------------------------------------- data
@@ -272,6 +301,8 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     if sites is not None:
         check_sites(cfg, sites, site_files)
     check_method(cfg["selection.method"])
+    check_strategy(cfg.values)
+    check_merge_rule(cfg["aggregation"])
     check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
         check_model(cfg["quad.embedding-model"], "quad.embedding-model")

@@ -95,15 +95,24 @@ def train_lora(
     start_step: int = 0,
     num_checkpoints: int = 0,
     desc: str = "training",
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train the model's LoRA adapter in place; optionally keep `num_checkpoints`
-    evenly spaced checkpoints (the last one at the end of training)."""
+    evenly spaced checkpoints (the last one at the end of training).
+
+    `proximal_mu` > 0 (FedProx, sent by the server as "proximal-mu"): each step's loss
+    gets ``mu / 2 * ||w - w_global||^2`` over the LoRA parameters, ``w_global`` the
+    adapter training started from. The step losses reported are the task loss alone;
+    0 leaves training exactly as without the term."""
     if not encoded:
         raise ValueError("no samples to train on")
     torch.manual_seed(settings.seed)
     model.train()
     params = lora_parameters(model)
     opt = _optimizer(params, settings, moments, start_step)
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    start = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else None
     schedule = _schedule(encoded, settings)
     marks = (
         {round((i + 1) * len(schedule) / num_checkpoints) for i in range(num_checkpoints)}
@@ -120,7 +129,11 @@ def train_lora(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step} (samples {batch.ids[:5]})")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if start is not None:
+            proximal = sum(((p - start[name]) ** 2).sum() for name, p in params.items())
+            (loss + proximal_mu / 2 * proximal).backward()
+        else:
+            loss.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(list(params.values()), settings.max_grad_norm)
         opt.step()

@@ -90,12 +90,13 @@ class Workbench:
 
     # -- operations ---------------------------------------------------------
     def train(self, encoded, cfg: RunConfig, state=None, *, moments=None, start_step=0,
-              epochs=None, num_checkpoints=0, cache=None, seed_offset=0, desc="training") -> TrainResult:
+              epochs=None, num_checkpoints=0, cache=None, seed_offset=0, desc="training",
+              proximal_mu: float = 0.0) -> TrainResult:
         load_lora_state(self.model, state if state is not None else self.initial_state)
         return train_lora(
             self.model, encoded, train_settings(cfg, epochs=epochs, seed_offset=seed_offset), self.first_layer,
             pad_id=self.pad_id, cache=cache, moments=moments, start_step=start_step,
-            num_checkpoints=num_checkpoints, desc=desc,
+            num_checkpoints=num_checkpoints, desc=desc, proximal_mu=proximal_mu,
         )
 
     def score(self, encoded, checkpoints: list[Checkpoint], anchor_grads, cfg: RunConfig, cache=None,

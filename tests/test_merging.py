@@ -201,3 +201,83 @@ def test_merged_forward_and_reload(method, tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "merged")
     reloaded.eval()
     assert torch.equal(logits(reloaded), got)
+
+
+# --- merge rules: one registry, pure functions, and a user's own -----------------------
+
+
+def test_builtin_rules_are_registered_functions_of_the_deltas():
+    from clues_fl.merging import MERGE_RULES, merge_rule
+
+    assert tuple(MERGE_RULES) == MERGE_METHODS and merge_rule("ties") is MERGE_RULES["ties"]
+    states = client_states()
+    weights = merge_weights("weighted", [30, 10, 20], [0.4, -0.2, 1.1])
+    model = merge_adapters(tiny_lora_model(0), states, weights, "weighted")
+    for module, delta in lora_deltas(model, "merged").items():  # the low-rank merge = the rule on dW
+        rule = MERGE_RULES["weighted"].combine([hand_delta(s, module) for s in states],
+                                               torch.tensor(weights, dtype=torch.float64))
+        torch.testing.assert_close(delta, rule.to(delta.dtype), rtol=0, atol=1e-9)
+
+
+USER_RULE = '''
+import torch
+
+calls = []
+
+def sign_mean(task_tensors, weights):
+    """A user's merge rule: the weighted mean where the sites agree in sign, 0 elsewhere."""
+    calls.append(len(task_tensors))
+    stacked = torch.stack(task_tensors)
+    mean = sum(w * t for w, t in zip(weights, task_tensors))
+    agree = (torch.sign(stacked) == torch.sign(stacked[0])).all(0)
+    return torch.where(agree, mean, torch.zeros_like(mean))
+'''
+
+
+@pytest.fixture
+def user_rule_module(tmp_path, monkeypatch):
+    (tmp_path / "my_merge_rules.py").write_text(USER_RULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    yield importlib.import_module("my_merge_rules")
+    import sys
+
+    sys.modules.pop("my_merge_rules", None)
+
+
+def test_a_users_merge_rule_from_a_module(user_rule_module):
+    q = {"targets": ("q_proj",)}  # 32 x 32: svd_rank 32 is full rank (v_proj is 16 x 32)
+    states = client_states(**q)
+    assert merge_weights("my_merge_rules:sign_mean", [5, 1, 2], [0.0, 1.0, 2.0]) == [1 / 3] * 3  # uniform
+    # svd_rank = min(out, in) of the modules: the merged dW exactly (by default: its best
+    # approximation of rank sum r_i; exact for a linear rule, whose result has that rank)
+    model = merge_adapters(tiny_lora_model(0, **q), states, [1 / 3] * 3, "my_merge_rules:sign_mean", svd_rank=32)
+    assert user_rule_module.calls == [3] * 2  # once per adapted module
+    assert model.active_adapter == "merged" and set(model.peft_config) == {"default", "merged"}
+    for module, delta in lora_deltas(model, "merged").items():
+        deltas = [hand_delta(s, module) for s in states]
+        expected = user_rule_module.sign_mean(deltas, torch.tensor([1 / 3] * 3, dtype=torch.float64))
+        torch.testing.assert_close(delta, expected.to(delta.dtype), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="cannot load merge rule 'my_merge_rules:nope'"):
+        merge_weights("my_merge_rules:nope", [1], [0.0])
+
+
+def test_a_users_merge_rule_from_the_run_config(tiny_model_dir, tmp_path, user_rule_module):
+    from test_flower_inprocess import drive, run_config
+
+    raw = run_config(tiny_model_dir, tmp_path, mode="merging", aggregation="my_merge_rules:sign_mean",
+                     **{"eval.max-samples": 0, "eval.mc-items": 0})
+    cfg, grid, clues, metrics = drive(raw)
+    assert user_rule_module.calls and metrics["aggregation"] == "my_merge_rules:sign_mean"
+    assert set(metrics["threshold"]["merge-weights"].values()) == {0.5}
+    assert "selected" in metrics["validation-loss"]
+    assert any((tmp_path / "inprocess" / "adapter").rglob("adapter_config.json"))
+
+
+def test_peft_merge_utils_functions_are_merge_rules():
+    states = client_states()
+    model = merge_adapters(tiny_lora_model(0), states, [1 / 3] * 3, "peft.utils.merge_utils:task_arithmetic")
+    for module, delta in lora_deltas(model, "merged").items():
+        expected = sum(hand_delta(s, module) for s in states) / 3
+        torch.testing.assert_close(delta, expected.to(delta.dtype), rtol=0, atol=1e-9)

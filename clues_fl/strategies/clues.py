@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
-from .. import privacy
+from .. import aggregation, privacy
 from ..config import RunConfig
 from ..engine import AdamMoments, Checkpoint
 from ..messages import (
@@ -27,6 +26,7 @@ from ..messages import (
     gradient_record,
     ids_digest,
     record_checkpoint,
+    split_moments,
     split_record,
     state_record,
 )
@@ -35,12 +35,9 @@ from ..scorers import make_scorer
 from ..selection import global_threshold, standardise
 from ..site_errors import summarise
 from ..workbench import score_settings
+from .rounds import SiteDP, SiteRounds, SitesFailed, site_strategy, sort_replies  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class SitesFailed(RuntimeError):
-    """Fewer sites than fed.min-nodes answered: the run stops, with the sites' errors."""
 
 
 @dataclass
@@ -69,96 +66,6 @@ class SiteReport:
     @property
     def reported(self) -> bool:
         return bool(self.scores.size) or self.histogram is not None
-
-
-class SiteFedAvg(FedAvg):
-    """Flower's FedAvg restricted to a set of sites (None: all) that reports the sites
-    whose reply was an error (FedAvg itself only logs and drops them).
-
-    `offset`: rounds done before this start (a resumed run continues from the saved
-    global arrays). Flower numbers the rounds of each start() from 1; the sites are
-    sent the true round as "server-round" (their Adam step count and seed use it).
-
-    A round in which fewer than `min_train_nodes` sites replied stops the run
-    (SitesFailed, naming the phase, the round and each site's error), instead of
-    aggregating fewer sites than fed.min-nodes or going on to fail the same way in
-    every later round."""
-
-    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, *, phase: str = "FedAvg",
-                 **kwargs):
-        super().__init__(**kwargs)
-        self.only = only
-        self.on_error = on_error
-        self.offset = offset
-        self.phase = phase
-        self.losses: dict[int, float] = {}  # true round -> mean client training loss
-        self.aggregated: set[int] = set()  # true rounds that produced global arrays
-        self._sent: list[Message] = []  # this round's messages
-        self._noted: set[int] = set()
-        self.answered: dict[int, int] = {}  # true round -> sites whose reply was good
-
-    def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Report the sites that answered with an error or not at all (once per round);
-        return the good replies."""
-        ok, failed = sort_replies(self._sent, replies)
-        self.answered[server_round] = len(ok)
-        if self.on_error is not None and server_round not in self._noted:
-            self._noted.add(server_round)
-            for node, reason in failed:
-                self.on_error(node, server_round, reason)
-        if len(ok) < self.min_train_nodes:
-            raise SitesFailed(
-                f"{self.phase} round {server_round}: {len(ok)} of {len(self._sent)} sites replied, fewer than "
-                f"fed.min-nodes={self.min_train_nodes}; stopping the run. {summarise(failed)}"
-            )
-        return list(ok.values())
-
-    def aggregate_train(self, server_round, replies):
-        server_round += self.offset
-        replies = self.note_failures(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.aggregated.add(server_round)
-        if metrics is not None:
-            self.losses[server_round] = float(metrics.get("train-loss", np.nan))
-        return arrays, metrics
-
-    def configure_train(self, server_round, arrays, config, grid):
-        messages = super().configure_train(server_round + self.offset, arrays, config, grid)
-        if self.only is not None:
-            messages = [m for m in messages if m.metadata.dst_node_id in self.only]
-        self._sent = messages  # Flower sets their ids when it pushes these very objects
-        return messages
-
-
-def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list[tuple[int, str]]]:
-    """The good replies by site, and (site, reason) for every site whose reply was an
-    error or that did not reply. A reply is matched to the message it answers, not to
-    its source: Flower's SuperLink answers for a site that went offline with an error
-    whose source is the SuperLink itself. `sent` must have been pushed (message ids set)."""
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-    ok: dict[int, Message] = {}
-    failed: list[tuple[int, str]] = []
-    for reply in replies:
-        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        if reply.has_error():
-            failed.append((node, reply.error.reason))
-        else:
-            ok[node] = reply
-    answered = {node for node, _ in failed} | set(ok)
-    failed += [(node, "no reply before the timeout") for node in sorted(set(destination.values()) - answered)]
-    return ok, failed
-
-
-class SiteDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's central-DP wrapper (server-side fixed clipping of each site's update,
-    Gaussian noise on the aggregate) around SiteFedAvg. Flower's wrapper skips a whole
-    round when one site errors; here the failed site is recorded and the round goes on
-    with the others, as without DP."""
-
-    def aggregate_train(self, server_round, replies):
-        inner = self.strategy
-        return super().aggregate_train(server_round, inner.note_failures(server_round + inner.offset, replies))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: float = 30.0,
@@ -215,7 +122,10 @@ class Clues:
         self.resumed_from: str | None = None
 
     # -- helpers ----------------------------------------------------------------
-    def _fedavg(self, phase: str, only: set[int] | None = None, offset: int = 0) -> SiteFedAvg:
+    def _strategy(self, phase: str, only: set[int] | None = None, offset: int = 0,
+                  moments: ArrayRecord | None = None) -> SiteRounds:
+        """The aggregation step of `phase`'s rounds: fed.strategy (FedAvg by default) with
+        its fed.strategy-args, with the CLUES rounds' behaviour mixed in (rounds.py)."""
         n = self.cfg["fed.min-nodes"]
         if only is not None:
             n = min(n, len(only))
@@ -223,13 +133,12 @@ class Clues:
         def failed(node: int, server_round: int, reason: str) -> None:
             self._missing(node, f"{phase} round {server_round}", reason, server_round)
 
-        return SiteFedAvg(only, failed, offset, phase=phase, fraction_evaluate=0.0, min_train_nodes=n,
-                          min_available_nodes=n)
+        cls, kwargs = aggregation.resolve(self.cfg.values)
+        return site_strategy(cls)(only, failed, offset, phase=phase, min_nodes=n, moments=moments,
+                                  **aggregation.run_kwargs(cls, n), **kwargs)
 
     def _initial_record(self, phase: str) -> ArrayRecord:
-        """The initial adapter; for tracing with zero Adam moments (= a fresh optimiser),
-        so that every round's record has the same arrays as the sites' replies (Flower's
-        DP wrapper clips each reply's difference to it)."""
+        """The initial adapter; for tracing with zero Adam moments (= a fresh optimiser)."""
         state = self.bench.initial_state
         if phase != "trace":
             return state_record(state)
@@ -237,13 +146,16 @@ class Clues:
         return state_record(state, AdamMoments(zeros, dict(zeros)))
 
     def _fedavg_rounds(self, grid: Grid, phase: str, rounds: int, *, only=None, keep=None) -> ArrayRecord | None:
-        """Flower's FedAvg for `rounds` rounds of `phase` from the initial adapter or, in a
-        resumed run, for the rounds left from the saved global arrays. Keeps the mean
-        client training loss of each round; after each round calls keep(round, arrays)
-        and the on_round hook. Returns the last aggregated arrays (None: none aggregated)."""
+        """The rounds of `phase` (fed.strategy, FedAvg by default) for `rounds` rounds from
+        the initial adapter or, in a resumed run, for the rounds left from the saved global
+        arrays. Keeps the mean client training loss of each round; after each round calls
+        keep(round, arrays) and the on_round hook with the global adapter and, while
+        tracing, its averaged Adam moments in one record. Returns the last aggregated
+        record (None: none aggregated)."""
         done, arrays, aggregated = self.resumed_rounds.pop(phase, (0, self._initial_record(phase), False))
         losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
-        strategy = self._fedavg(phase, only, offset=done)
+        adapter, moments = split_moments(arrays)
+        strategy = self._strategy(phase, only, offset=done, moments=moments)
 
         started = [time.time()]
 
@@ -257,6 +169,7 @@ class Clues:
             log.info("%s round %d/%d: %d sites%s (%.1f s)", phase, true_round, rounds,
                      strategy.answered.get(true_round, 0), loss, time.time() - started[0])
             started[0] = time.time()
+            current = strategy.with_moments(true_round, current)
             if keep is not None:
                 keep(true_round, current)
             if self.on_round is not None:
@@ -265,17 +178,17 @@ class Clues:
         runner = strategy
         if self.cfg["privacy.adapter-noise"] > 0:
             sampled = len(only) if only is not None else len(grid.get_node_ids())
-            runner = SiteDPFedAvg(strategy, self.cfg["privacy.adapter-noise"], self.cfg["privacy.adapter-clip"], sampled)
+            runner = SiteDP(strategy, self.cfg["privacy.adapter-noise"], self.cfg["privacy.adapter-clip"], sampled)
         result = runner.start(
             grid=grid,
-            initial_arrays=arrays,
+            initial_arrays=adapter,
             num_rounds=rounds - done,
             timeout=self.cfg["fed.timeout"],
             train_config=ConfigRecord({"phase": phase}),
             evaluate_fn=after_round,
         )
         if result.arrays is not None:
-            return result.arrays
+            return strategy.with_moments(max(strategy.aggregated, default=done), result.arrays)
         return arrays if aggregated else None
 
     def _exchange(self, grid: Grid, phase: str, contents: dict[int, RecordDict], message_type: str) -> dict[int, Message]:
