@@ -31,7 +31,7 @@ from .metrics import confusion_counts
 from .model import lora_state
 from .scenario import site_samples
 from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
-from .selection import keep_mask
+from .selection import keep
 from .site_errors import report_site_errors
 from .site_ids import site_name, wire_ids
 from .workbench import score_settings, workbench
@@ -244,10 +244,7 @@ def select(message: Message, context: Context) -> Message:
     config = message.content["config"]
     if "anchor-mean" in config:  # merging mode: scores from local checkpoints, standardised
         scores = (scores - float(config["anchor-mean"])) / float(config["anchor-std"])
-    if "ratio" in config:
-        kept = keep_mask(scores, ratio=float(config["ratio"]))
-    else:
-        kept = keep_mask(scores, threshold=float(config["threshold"]))
+    kept = keep(scores, config)  # the server's threshold, or its ratio of this site's scores
     rows = [int(i) for i in np.flatnonzero(kept)]
     context.state[KEPT_KEY] = ConfigRecord({"rows": rows})
     polluted = np.array([s.polluted for s in samples])

@@ -29,7 +29,7 @@ from .evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
 from .merging import merge_adapters, merge_weights
 from .model import load_lora_state
 from .scenario import build_scenario
-from .selection import keep_mask, standardise
+from .selection import keep, standardise
 from .training import mean_loss
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         scores = site.scores
         if clues.threshold.get("standardised"):
             scores = standardise(scores, site.anchor_scores)
-        if clues.threshold["rule"] != "ratio":
-            kept = scores >= clues.threshold["threshold"]
-        else:
-            kept = keep_mask(scores, ratio=clues.threshold["ratio"])
+        kept = keep(scores, clues.threshold)
         with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["id-hash", "score", "kept"])

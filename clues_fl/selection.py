@@ -12,6 +12,8 @@ Positive class everywhere: "clean" / "kept".
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
@@ -43,6 +45,109 @@ def _anchors(anchor_scores) -> np.ndarray:
     return _finite(anchor_scores, "anchor_scores", 2)
 
 
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """The run-config values the rules read (selection.quantile, .static, .ratio)."""
+
+    quantile: float = 0.1
+    static: float = 0.0
+    ratio: float = 0.5
+
+
+class ThresholdRule:
+    """A threshold policy: from the anchors' leave-one-out scores and the pooled scores of
+    all samples, the decision every site applies with :func:`keep`, as a dict with
+    ``threshold`` (keep ``score >= threshold``) or ``ratio`` (keep the top fraction of
+    each site's own scores). Chosen by name (:func:`threshold_rule`)."""
+
+    name = ""
+
+    def decide(self, anchor_scores, all_scores, settings: ThresholdSettings) -> dict:
+        raise NotImplementedError
+
+
+class AnchorMean(ThresholdRule):
+    """Mean of the anchors' scores (keeps roughly half of the clean data: precision over recall)."""
+
+    name = "anchor-mean"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        return {"threshold": float(_anchors(anchor_scores).mean())}
+
+
+class AnchorQuantile(ThresholdRule):
+    """The ``quantile`` of the anchors' scores: about ``1 - quantile`` of clean data is kept."""
+
+    name = "anchor-quantile"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        anchors = _anchors(anchor_scores)
+        if not 0.0 <= settings.quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {settings.quantile}")
+        return {"threshold": float(np.quantile(anchors, settings.quantile))}
+
+
+class Mixture(ThresholdRule):
+    """Expected-F1-optimal threshold under a clean/polluted mixture (:func:`mixture_threshold`)."""
+
+    name = "mixture"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        anchors = _anchors(anchor_scores)
+        if all_scores is None:
+            raise ValueError("threshold rule 'mixture' needs all_scores (the scores of all samples)")
+        return {"threshold": mixture_threshold(anchors, all_scores)[0]}
+
+
+class Static(ThresholdRule):
+    """The value selection.static."""
+
+    name = "static"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        return {"threshold": float(settings.static)}
+
+
+class SiteRatio(ThresholdRule):
+    """No global threshold: every site keeps the top selection.ratio of its own scores."""
+
+    name = "ratio"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        return {"ratio": settings.ratio}
+
+
+class GlobalRatio(ThresholdRule):
+    """One global threshold keeping the top selection.ratio of all pooled scores
+    (the methods without anchor scores: less, datainf, ppl, ifd, random, ...)."""
+
+    name = "global-ratio"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        pooled = np.sort(np.asarray(all_scores, dtype=float))[::-1]
+        count = max(1, int(np.ceil(settings.ratio * len(pooled) - 1e-9)))
+        return {"ratio": settings.ratio, "threshold": float(pooled[count - 1])}
+
+
+class Fixed(ThresholdRule):
+    """Scores that are selection flags (Quad, all, oracle): keep the 1s."""
+
+    name = "fixed"
+
+    def decide(self, anchor_scores, all_scores, settings):
+        return {"threshold": 0.5}
+
+
+RULES: dict[str, ThresholdRule] = {r.name: r for r in (AnchorMean(), AnchorQuantile(), Mixture(), Static(),
+                                                        SiteRatio(), GlobalRatio(), Fixed())}
+
+
+def threshold_rule(name: str) -> ThresholdRule:
+    if name not in RULES:
+        raise ValueError(f"unknown threshold rule '{name}': expected one of {', '.join(THRESHOLD_RULES)}")
+    return RULES[name]
+
+
 def global_threshold(
     rule: str,
     anchor_scores: np.ndarray,
@@ -70,20 +175,8 @@ def global_threshold(
             "threshold rule 'ratio' has no global threshold: it keeps the top fraction of "
             "each client's own scores; use keep_mask(scores, ratio=...)"
         )
-    if rule == "static":
-        return float(static)
-    anchors = _anchors(anchor_scores)
-    if rule == "anchor-mean":
-        return float(anchors.mean())
-    if rule == "anchor-quantile":
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-        return float(np.quantile(anchors, quantile))
-    # mixture
-    if all_scores is None:
-        raise ValueError("threshold rule 'mixture' needs all_scores (the scores of all samples)")
-    threshold, _ = mixture_threshold(anchors, all_scores)
-    return threshold
+    settings = ThresholdSettings(quantile=quantile, static=static)
+    return threshold_rule(rule).decide(anchor_scores, all_scores, settings)["threshold"]
 
 
 # Floor on the clean component's sd in standardised units (anchor sd = 1), so that
@@ -211,6 +304,17 @@ def keep_mask(scores, *, threshold: float | None = None, ratio: float | None = N
     mask = np.zeros(arr.size, dtype=bool)
     mask[order[:k]] = True
     return mask
+
+
+def keep(scores, decision: Mapping) -> np.ndarray:
+    """The keep rule, the one place every party applies the run's decision to a site's
+    scores (the site when selecting, the server's manifests and report): ``score >=
+    decision["threshold"]`` when the decision has a threshold, else the site's top
+    ``decision["ratio"]`` (rule ``ratio``). Scores are already standardised where the
+    decision is (merging mode)."""
+    if "threshold" in decision:
+        return keep_mask(scores, threshold=float(decision["threshold"]))
+    return keep_mask(scores, ratio=float(decision["ratio"]))
 
 
 def standardise(scores, anchor_scores) -> np.ndarray:

@@ -32,7 +32,7 @@ from ..messages import (
 )
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
-from ..selection import global_threshold, standardise
+from ..selection import ThresholdSettings, standardise, threshold_rule
 from ..site_errors import summarise
 from ..workbench import score_settings
 from .rounds import SiteDP, SiteRounds, SitesFailed, site_strategy, sort_replies  # noqa: F401 (re-exported)
@@ -348,16 +348,12 @@ class Clues:
         scored = [s for s in self.sites.values() if s.reported]
         if not scored:
             raise RuntimeError("no site returned scores")
-        if self.scorer.selection == "fixed":
-            info = {"rule": "fixed", "threshold": 0.5, "standardised": False}
-        elif self.scorer.selection == "ratio":
-            # One global threshold that keeps the top selection.ratio of all pooled scores.
-            pooled = np.sort(np.concatenate([self._reported_scores(s) for s in scored]))[::-1]
-            count = max(1, int(np.ceil(self.cfg["selection.ratio"] * len(pooled) - 1e-9)))
-            info = {"rule": "global-ratio", "ratio": self.cfg["selection.ratio"],
-                    "threshold": float(pooled[count - 1]), "standardised": False}
-        else:
+        if self.scorer.selection == "anchor":
             info = self._anchor_threshold(scored, federated)
+        else:  # "fixed": selection flags; "ratio": the top selection.ratio of all pooled scores
+            rule = threshold_rule("global-ratio" if self.scorer.selection == "ratio" else "fixed")
+            pooled = np.concatenate([self._reported_scores(s) for s in scored])
+            info = {"rule": rule.name, **rule.decide(None, pooled, self._threshold_settings()), "standardised": False}
         info["method"] = self.cfg["selection.method"]
         self.threshold = info
         return info
@@ -374,16 +370,12 @@ class Clues:
             all_scores = np.concatenate([standardise(s.scores, s.anchor_scores) for s in scored])
         info: dict = {"rule": rule, "anchor-scores": anchor_scores.tolist(), "standardised": not federated,
                       "reported": self.cfg["privacy.report"], "epsilon": self.cfg["privacy.epsilon"]}
-        if rule == "ratio":
-            info["ratio"] = self.cfg["selection.ratio"]
-        else:
-            info["threshold"] = float(
-                global_threshold(
-                    rule, anchor_scores, all_scores,
-                    quantile=self.cfg["selection.quantile"], static=self.cfg["selection.static"],
-                )
-            )
+        info.update(threshold_rule(rule).decide(anchor_scores, all_scores, self._threshold_settings()))
         return info
+
+    def _threshold_settings(self) -> ThresholdSettings:
+        return ThresholdSettings(quantile=self.cfg["selection.quantile"], static=self.cfg["selection.static"],
+                                 ratio=self.cfg["selection.ratio"])
 
     # -- phase 4: select ------------------------------------------------------------
     def select(self, grid: Grid) -> None:
