@@ -6,7 +6,7 @@ a top-k) serves every method. Losses and gradients come from the same split forw
 and hook engine as CLUES (response-only loss, each sample normalised by its own answer
 length, optional prefix cache), so the baselines differ from CLUES only in the score.
 
-The run-config key ``selection.method`` names a method of `SCORERS`; ``all`` and
+The run-config key ``selection.method`` names a scorer of ``scorers.BUILTIN``; ``all`` and
 ``oracle`` have no scorer function (keep everything / keep exactly the known clean
 samples), ``random`` keeps as many samples as CLUES kept, chosen at random.
 """
@@ -31,20 +31,6 @@ from .engine import (
 )
 from .forward import sample_losses
 
-SCORERS: dict[str, str] = {
-    "clues": "CLUES: sum_k eta_k * sim(P_k g_k(z), G_k) along the training trajectory "
-    "(engine.score_samples), global threshold from leave-one-out anchor scores",
-    "all": "no selection, train on every sample (the paper's 'low-quality' baseline); no scorer",
-    "oracle": "keep exactly the clean samples (experiment-only pollution flags); no scorer",
-    "random": "uniform random scores; keep as many samples as CLUES kept (random_scores)",
-    "ppl": "perplexity filter: -mean answer-token loss, low perplexity kept (ppl_scores)",
-    "ifd": "instruction-following difficulty loss(a|q)/loss(a), high IFD <= 1 kept (ifd_scores)",
-    "datainf": "DataInf influence on the anchor loss with the closed-form per-layer "
-    "inverse Hessian of the LoRA gradients (datainf_scores)",
-    "less": "LESS: cosine of Adam-preconditioned gradients with the anchor gradient, "
-    "lr-weighted over checkpoints (less_scores)",
-}
-NO_SCORER = ("all", "oracle")  # selection methods that need no score
 
 
 def _finite(scores: np.ndarray, what: str) -> np.ndarray:

@@ -44,16 +44,6 @@ from .selection import global_threshold, keep_mask
 
 REPORT_MODES = ("scores", "histogram")
 
-# Proposed run-config keys and defaults (for the integrator; nothing reads them here).
-PRIVACY_DEFAULTS = {
-    "privacy.report": "scores",  # "scores" | "histogram"
-    "privacy.bins": 64,  # histogram: number of bins, the two open-ended outer bins included
-    "privacy.span": 6.0,  # histogram: finite grid = median +- span * robust spread of anchors
-    "privacy.clip-span": 3.0,  # DP on scores: clip range = median +- clip-span * robust spread
-    "privacy.epsilon": 0.0,  # <= 0 (or inf): DP off
-    "privacy.delta": 1e-5,
-}
-
 # MAD -> standard deviation for Gaussian data.
 _MAD_TO_SD = 1.4826
 

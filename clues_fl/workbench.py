@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import numpy as np
 import torch
 
 from .config import RunConfig
@@ -129,7 +128,3 @@ def workbench(cfg: RunConfig) -> Workbench:
         tuple(cfg.list("lora.target-modules")), cfg["lora.layers"],
     )
     return _cached(cfg["model.name"], cfg["model.quantization"], key, cfg["seed"])
-
-
-def to_numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}

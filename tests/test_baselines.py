@@ -10,7 +10,6 @@ from conftest import Enc, make_samples, random_checkpoints, tiny_llama, tiny_lor
 
 from clues_fl import baselines
 from clues_fl.baselines import (
-    SCORERS,
     datainf_inverse_hvp,
     datainf_lambda,
     datainf_scores,
@@ -242,5 +241,8 @@ def test_random_scores_and_select_top():
 
 
 def test_registry_names_every_selection_method():
-    assert set(SCORERS) == {"clues", "all", "oracle", "random", "ppl", "ifd", "datainf", "less"}
-    assert set(baselines.NO_SCORER) <= set(SCORERS)
+    from clues_fl.preflight import SELECTION_METHODS
+    from clues_fl.scorers import BUILTIN
+
+    assert set(BUILTIN) == set(SELECTION_METHODS) == {"clues", "quad", "all", "oracle", "random", "ppl", "ifd",
+                                                       "datainf", "less"}
