@@ -282,9 +282,11 @@ def test_a_sites_error_names_its_samples_by_hashed_ids_only(tiny_model_dir, tmp_
     grid = InMemoryGrid(client_module.app, NODES, raw)
     context = grid._contexts[101]
     real = [s.id for s in client_module._load(context)[2][:2]]
-    with pytest.raises(FloatingPointError) as err:  # in-process the error propagates; Flower sends its text
-        client_module.app(Message(RecordDict({"config": ConfigRecord({"method": "test_flower_inprocess:FailingScorer"})}),
-                                  dst_node_id=101, message_type="query.score"), context)
-    text = str(err.value)
+    # the site's error comes back as an error reply (site_errors.report_site_errors): its text travels
+    reply = client_module.app(Message(RecordDict({"config": ConfigRecord({"method": "test_flower_inprocess:FailingScorer"})}),
+                                      dst_node_id=101, message_type="query.score"), context)
+    assert reply.has_error()
+    text = reply.error.reason
+    assert "FloatingPointError" in text, text
     assert not any(i in text for i in real), text
     assert all(f"<id {h}>" in text for h in client_module._wire_ids(context)[:2]), text
