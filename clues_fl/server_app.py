@@ -100,7 +100,7 @@ def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str
     """What a step is about to do, for its status line."""
     sites = _n(len(nodes), "site")
     if name == "trace":
-        return f"{sites}, {_n(cfg['trace.rounds'], 'FedAvg round' if cfg['mode'] == 'federated' else 'local checkpoint')}"
+        return f"{sites}, {_n(cfg['trace.rounds'], _round(cfg) if cfg['mode'] == 'federated' else 'local checkpoint')}"
     if name == "score":
         return f"{sites}, method {cfg['selection.method']}, {len(clues.anchors)} anchors"
     if name == "threshold":
@@ -109,10 +109,17 @@ def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str
         return _n(sum(1 for s in clues.sites.values() if s.reported), "site")
     if name == "retrain":
         rounds = cfg["retrain.rounds"]
-        plan = (_n(rounds, "FedAvg round") if cfg["aggregation"] == "fedavg"
+        plan = (_n(rounds, _round(cfg)) if cfg["aggregation"] == "fedavg"
                 else f"{_n(rounds, 'local epoch')}, {cfg['aggregation']} merge")
         return f"{_n(sum(1 for s in clues.sites.values() if s.kept > 0), 'site')} with kept samples, {plan}"
     return sites
+
+
+def _round(cfg: RunConfig) -> str:
+    """'FedAvg round', or the round of the fed.strategy chosen ('FedProx round')."""
+    from .aggregation import builtin_name
+
+    return f"{builtin_name(cfg['fed.strategy']) or cfg['fed.strategy'].rpartition(':')[2]} round"
 
 
 def phase_result(clues: Clues, name: str) -> str:

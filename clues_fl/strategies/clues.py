@@ -35,7 +35,15 @@ from ..scorers import make_scorer
 from ..selection import ThresholdSettings, standardise, threshold_rule
 from ..site_errors import summarise
 from ..workbench import score_settings
-from .rounds import SiteDP, SiteRounds, SitesFailed, site_strategy, sort_replies  # noqa: F401 (re-exported)
+from .rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies: re-exported)
+    SiteDP,
+    SiteDPFedAvg,
+    SiteFedAvg,
+    SiteRounds,
+    SitesFailed,
+    site_strategy,
+    sort_replies,
+)
 
 log = logging.getLogger(__name__)
 

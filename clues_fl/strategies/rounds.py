@@ -22,7 +22,7 @@ import functools
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.dp_fixed_clipping import add_gaussian_noise_inplace, compute_stdv
 
 from ..messages import M_PREFIX, MOMENTS_KEY, V_PREFIX, average_moments, join_records, split_moments
@@ -204,3 +204,8 @@ class SiteDP(DifferentialPrivacyServerSideFixedClipping):
             inner.round_moments[true_round] = inner.moments = ArrayRecord(
                 {k: Array(np.asarray(v)) for k, v in zip(keys, noisy, strict=True)})
         return arrays, metrics
+
+
+# The names these had when FedAvg was the only strategy.
+SiteFedAvg = site_strategy(FedAvg)
+SiteDPFedAvg = SiteDP
