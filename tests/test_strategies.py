@@ -224,3 +224,24 @@ def test_fedprox_sends_mu_and_mu_zero_is_fedavg(tiny_model_dir, tmp_path):
     moved = [float(sum(((c.state[k] - avg.bench.initial_state[k]) ** 2).sum() for k in c.state))
              for c in (avg.checkpoints[-1], prox.checkpoints[-1])]
     assert moved[1] < 0.9 * moved[0], moved
+
+
+@pytest.mark.slow
+def test_the_smoke_scenario_on_the_real_model_with_fedprox(tmp_path):
+    """The smoke scenario on the real SmolLM2-135M, in-process, through FedProx rounds."""
+    import tomllib
+    from pathlib import Path
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    raw = flat(tomllib.loads((Path(__file__).parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw.update({"output-dir": str(tmp_path), "eval.max-samples": 0, "eval.mc-items": 0,
+                "fed.strategy": "FedProx", "fed.strategy-args": "proximal_mu=0.01"})
+    cfg, grid, clues, metrics = drive(raw)
+    assert not metrics["missing-sites"] and len(clues.checkpoints) == 2
+    assert all(e.sent.content["config"]["proximal-mu"] == 0.01 for e in _train_rounds(grid, "trace"))
+    assert 0 <= metrics["selection"]["f1"] <= 1 and np.isfinite(metrics["validation-loss"]["selected"])
