@@ -3,7 +3,8 @@
 The server holds the public anchor set and a clean validation set. It never sees a
 site's samples: it sends adapters and anchor gradients, receives per-sample scores
 (with keyed hashes of the sample ids, site_ids.py) and confusion counts, and aggregates adapters with Flower's FedAvg
-or merges them once (linear / weighted / TIES on dW = B A).
+or merges them once (linear / weighted / TIES on dW = B A). The rounds' aggregation is
+fed.strategy (any Flower strategy, aggregation.py; rounds.py mixes in what the rounds need).
 """
 
 from __future__ import annotations
