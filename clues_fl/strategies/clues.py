@@ -32,7 +32,7 @@ from ..messages import (
 )
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
-from ..selection import global_threshold, standardise
+from ..selection import clean_share, global_threshold, score_distribution, standardise
 from ..workbench import score_settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class SiteReport:
     clusters: tuple[int, int] | None = None  # eval.coverage: (covered by the kept set, total)
     histogram: np.ndarray | None = None  # privacy.report = histogram: binned counts instead of scores
     digest: str = ""  # merging mode: digest of the site's sample ids, from its trace reply (resume)
+    labelled: bool = True  # the site's data carries quality labels (experiments): it sent confusion counts
+    selected: bool = False  # the site answered the selection
 
     @property
     def reported(self) -> bool:
@@ -428,7 +430,9 @@ class Clues:
             site = self.sites[node]
             site.kept = int(metrics["kept"])
             site.mean_kept_score = float(metrics["mean-kept-score"])
-            site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn")}
+            site.labelled = bool(int(metrics.get("labelled", 1)))
+            site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn") if k in metrics}
+            site.selected = True
             if "clusters-total" in metrics:
                 site.clusters = (int(metrics["clusters-covered"]), int(metrics["clusters-total"]))
 
@@ -496,6 +500,9 @@ class Clues:
 
     # -- report -----------------------------------------------------------------------
     def selection_summary(self) -> dict:
+        answered = [s for s in self.sites.values() if s.selected]
+        if answered and not all(s.labelled and s.counts for s in answered):
+            return self.unlabelled_summary(answered)
         sites = [s for s in self.sites.values() if s.counts]
         per_site = {}
         for s in sites:
@@ -509,4 +516,36 @@ class Clues:
             overall["scored-fraction"] = sum(s.scored for s in sites) / max(1, sum(s.num_examples for s in sites))
         if sites and all(s.clusters for s in sites):
             overall["cluster-coverage"] = sum(s.clusters[0] for s in sites) / sum(s.clusters[1] for s in sites)
-        return {**overall, "per-client": per_site}
+        return {**overall, **self._share_and_distribution(), "per-client": per_site}
+
+    def unlabelled_summary(self, sites: list[SiteReport]) -> dict:
+        """Selection report for data without quality labels: kept counts per site, the
+        estimated clean share and the score distribution; no precision/recall/F1 (every
+        sample would count as clean and the figures would be meaningless)."""
+        per_site = {s.name: {"kept": s.kept, "n": s.num_examples, "kept-share": s.kept / max(1, s.num_examples),
+                             "skipped-rows": s.skipped_rows, "truncated": s.truncated, "scored": s.scored,
+                             **s.method_metrics} for s in sites}
+        n = sum(s.num_examples for s in sites)
+        kept = sum(s.kept for s in sites)
+        return {"labelled": False, "n": n, "kept": kept, "kept-share": kept / max(1, n),
+                **self._share_and_distribution(), "per-client": per_site}
+
+    def _share_and_distribution(self) -> dict:
+        """Estimated clean share (mixture model on the anchor-based scores, bootstrap
+        interval) and the score distribution of the sites and of the anchors."""
+        out: dict = {}
+        reported = [s for s in self.sites.values() if s.reported]
+        if not reported or self.scorer.selection != "anchor":
+            return out
+        try:
+            if self.threshold.get("standardised"):
+                anchors = np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in reported])
+                pooled = np.concatenate([standardise(s.scores, s.anchor_scores) for s in reported])
+            else:
+                anchors = np.asarray(self.anchor["scores"])
+                pooled = np.concatenate([self._reported_scores(s) for s in reported])
+            out["estimated-clean-share"] = clean_share(anchors, pooled, seed=self.cfg["seed"])
+            out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
+        except ValueError as err:  # too few finite scores
+            log.warning("no clean-share estimate: %s", err)
+        return out
