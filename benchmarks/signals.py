@@ -103,6 +103,24 @@ def table(d: dict) -> None:
         row("min z: " + "+".join(names), combined(d, names)[0])
 
 
+def grid(d: dict, method: str, **kw) -> list[dict]:
+    """The threshold-rule grid (clues_fl.suite.threshold_grid) on this pool's scores."""
+    from clues_fl.suite import threshold_grid
+
+    if method == "clues+":
+        scores, anchors = combined(d, sg.DEFAULT_SIGNALS)
+    else:
+        scores, anchors = d["site/clues"], d["anchor/clues"]
+    return threshold_grid(scores, anchors, [str(k) for k in d["kinds"]], **kw)
+
+
+def print_grid(rows: list[dict], method: str) -> None:
+    from clues_fl.suite import grid_table
+
+    print(f"\n{method}: mean F1 over resampled pools")
+    print(grid_table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="outputs/signals-quick.npz")
@@ -113,11 +131,15 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid", action="store_true", help="also the threshold-rule grid (resampled pools)")
     args = ap.parse_args()
     if not args.table:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.out, **measure(args))
     table(load(args.out))
+    if args.grid:
+        for method in ("clues", "clues+"):
+            print_grid(grid(load(args.out), method), method)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,11 @@ def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     phase = str(config.get("phase", "trace"))
     state, moments = split_record(message.content["arrays"])
-    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
+    rows = list(range(len(encoded))) if phase in ("trace", "retrain-all") else _kept_rows(context)
     server_round = int(config.get("server-round", 1))
     t0 = time.time()
     result = bench.train(
-        [encoded[i] for i in rows], cfg, state, moments=moments,
+        [encoded[i] for i in rows], cfg, state, moments=moments, epochs=_equal_budget_epochs(phase, cfg, context, len(rows)),
         start_step=_steps_before(server_round, len(rows), cfg) if moments is not None else 0,
         cache=_subset_cache(cache, rows),
         seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
@@ -92,6 +92,15 @@ def train(message: Message, context: Context) -> Message:
         "train-seconds": time.time() - t0,
     })
     return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+def _equal_budget_epochs(phase: str, cfg, context: Context, n: int) -> float | None:
+    """'retrain-all' (the all-data reference) trains on every sample for as many steps per
+    round as the selection's retraining takes on this site (its kept samples): equal budgets."""
+    if phase != "retrain-all":
+        return None
+    per_round = math.ceil(len(_kept_rows(context)) / cfg["train.batch-size"])
+    return cfg["train.local-epochs"] * per_round / max(1, math.ceil(n / cfg["train.batch-size"]))
 
 
 def _steps_before(server_round: int, n: int, cfg) -> int:

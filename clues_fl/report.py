@@ -84,7 +84,12 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     losses: dict[str, float] = {}
     if cfg["eval.validation"] and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
-        if clues.checkpoints:  # federated trace: the last global adapter saw all raw data
+        if getattr(clues, "all_data_state", None) is not None:  # retrained on all data at the selection's budget
+            losses["all-data"] = bench.loss(clues.val, clues.all_data_state, cache=clues.val_cache)
+            if clues.checkpoints:
+                losses["last-trace-checkpoint"] = bench.loss(clues.val, clues.checkpoints[-1].state,
+                                                             cache=clues.val_cache)
+        elif clues.checkpoints:  # federated trace: the last global adapter saw all raw data
             losses["all-data"] = bench.loss(clues.val, clues.checkpoints[-1].state, cache=clues.val_cache)
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]

@@ -102,7 +102,10 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert written["selection"]["per-client"]["client-0"]["skipped-rows"] == 0
     for key in ("precision", "recall", "f1", "accuracy"):
         assert 0.0 <= written["selection"][key] <= 1.0
-    assert set(written["validation-loss"]) == {"base", "all-data", "selected"}
+    assert set(written["validation-loss"]) >= {"base", "all-data", "selected"}
+    if mode == "federated":  # the all-data reference is retrained at the selection's budget
+        assert "last-trace-checkpoint" in written["validation-loss"]
+        assert len(written["round-losses"]["retrain-all"]) == cfg["retrain.rounds"]
     quality = written["model-quality"]
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
@@ -110,9 +113,9 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]
     lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
-    assert lines[0] == "id,score,kept" and len(lines) == 9
+    assert lines[0] == "id,score,kept,score-z" and len(lines) == 9
     # counts reported by the sites agree with the kept flags of the manifest
-    kept = sum(int(l.rsplit(",", 1)[1]) for l in lines[1:])
+    kept = sum(int(l.split(",")[2]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
 
 

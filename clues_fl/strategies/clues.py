@@ -175,6 +175,7 @@ class Clues:
         self.threshold: dict = {}
         self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
         self.global_state: dict | None = None  # federated retraining: the final global adapter
+        self.all_data_state: dict | None = None  # the all-data reference at the selection's budget
         # Resumption (resume.py): the FedAvg rounds a phase already did, as (rounds, the
         # global arrays after them, whether any round aggregated), and a hook called with
         # (phase, round, global arrays, aggregated) after every round (it saves them).
@@ -445,6 +446,17 @@ class Clues:
             raise RuntimeError("retraining produced no model: no site finished a round")
         self.global_state, _ = split_record(arrays)
         return self.global_state
+
+    def retrain_all_federated(self, grid: Grid) -> dict:
+        """The all-data reference at an equal budget: retrained from the base model on every
+        sample of the same sites, for the same rounds and, per site, the same number of
+        steps as the selection's retraining (client_app._equal_budget_epochs)."""
+        kept = {n for n, s in self.sites.items() if s.kept > 0}
+        arrays = self._fedavg_rounds(grid, "retrain-all", self.cfg["retrain.rounds"], only=kept)
+        if arrays is None:
+            raise RuntimeError("all-data retraining produced no model: no site finished a round")
+        self.all_data_state, _ = split_record(arrays)
+        return self.all_data_state
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
         contents = {
