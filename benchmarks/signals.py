@@ -31,6 +31,7 @@ def measure(args) -> dict:
     cfg = parse_config({
         "data.samples-per-client": args.per_site, "pollution.ratios": ",".join([str(args.ratio)] * args.sites),
         "pollution.types": args.types, "trace.rounds": args.rounds, "seed": args.seed,
+        "data.max-length": args.max_length,
     })
     data = build_scenario(cfg, args.sites)
     bench = workbench(cfg)
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--grid", action="store_true", help="also the threshold-rule grid (resampled pools)")
     args = ap.parse_args()
     if not args.table:

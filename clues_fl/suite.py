@@ -204,7 +204,7 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
                 est = clean_share(anchors, s, reps=15, seed=int(rng.integers(1 << 30)))
                 res["estimated"].append(est["estimate"])
                 res["covered"].append(est["low"] <= c.mean() <= est["high"])
-        out.append({"type": kind, "bad": share, **{k: float(np.mean(v)) for k, v in res.items()}})
+        out.append({"type": kind, "bad": share, **{k: float(np.mean(v)) if v else float("nan") for k, v in res.items()}})
     return out
 
 

@@ -139,3 +139,18 @@ def test_clean_share_interval_covers_the_truth():
         assert out["low"] <= out["estimate"] <= out["high"] and out["high"] - out["low"] < 0.5
         covered += out["low"] <= 0.7 <= out["high"]
     assert covered >= 2
+
+
+def test_threshold_grid_has_every_cell_and_the_references():
+    from clues_fl.suite import grid_table, threshold_grid
+
+    rng = np.random.default_rng(0)
+    kinds = [""] * 60 + ["cut"] * 20 + ["exchange"] * 20
+    scores = np.concatenate([rng.normal(0, 1, 60), rng.normal(-4, 1, 20), rng.normal(-1, 1, 20)])
+    rows = threshold_grid(scores, rng.normal(0, 1, 16), kinds, draws=2, intervals=0)
+    assert len(rows) == 3 * 4 + 1  # (cut, exchange, mixed) x 4 shares + sites with different shares
+    for r in rows:
+        assert r["keep-all"] <= r["best threshold"] + 1e-12 and 0 <= r["mixture"] <= 1
+    cut = [r for r in rows if r["type"] == "cut"]
+    assert min(r["best threshold"] for r in cut) > 0.9  # well separated: the best threshold is near perfect
+    assert "worst cell" in grid_table(rows)
