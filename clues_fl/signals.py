@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .forward import final_hidden
-from .model import lm_head
+from .forward import sample_losses
 
 # name -> (direction: +1 higher is better / -1 lower is better, reason when it is the worst)
 SIGNALS: dict[str, tuple[int, str]] = {
@@ -84,24 +82,23 @@ def token_loss_stats(model, encoded: Sequence, first_layer: int, *, pad_id: int,
     ``data.encode_sample`` appends the end-of-turn token to every answer, so the last
     answer token is the end of the answer, except for a sample cut at
     ``data.max-length`` (``Encoded.truncated``), whose last-token loss is NaN here.
+    Both go through ``forward.sample_losses`` (whatever forward the model family uses);
+    the second with a target mask holding only the last answer position.
     """
     from .engine import iterate_batches
 
     mean = np.zeros(len(encoded))
     last = np.full(len(encoded), np.nan)
     for batch in iterate_batches(encoded, batch_size, pad_id, cache):
-        hidden = final_hidden(model, batch, first_layer)
-        b_idx, t_idx = batch.target_mask.nonzero(as_tuple=True)
-        logits = lm_head(model)(hidden[b_idx, t_idx]).float()
-        tok = F.cross_entropy(logits, batch.input_ids[b_idx, t_idx + 1], reduction="none").double()
-        sums = torch.zeros(batch.size, dtype=tok.dtype).index_add(0, b_idx, tok)
-        counts = batch.target_mask.sum(1).clamp(min=1).to(tok.dtype)
-        mean[batch.rows] = (sums / counts).numpy()
-        ends = batch.attention_mask.sum(1) - 2  # position predicting the last real token
+        mean[batch.rows] = sample_losses(model, batch, first_layer).double().cpu().numpy()
+        ends = batch.attention_mask.sum(1) - 2  # the position predicting the last real token
+        only_last = torch.zeros_like(batch.target_mask)
+        only_last[torch.arange(batch.size), ends.clamp(min=0)] = True
+        only_last &= batch.target_mask
+        end_loss = sample_losses(model, replace(batch, target_mask=only_last), first_layer).double().cpu().numpy()
         for b, row in enumerate(batch.rows):
-            hit = ((b_idx == b) & (t_idx == ends[b])).nonzero().flatten()
-            if hit.numel() and not encoded[row].truncated:
-                last[row] = float(tok[hit[0]])
+            if only_last[b].any() and not encoded[row].truncated:
+                last[row] = end_loss[b]
     return mean, last
 
 
