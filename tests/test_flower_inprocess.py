@@ -123,7 +123,7 @@ def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_mod
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("out of memory")})
     phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
-    assert phases == ["trace round 1", "trace round 2", "retrain round 1"]
+    assert phases == ["trace round 1", "trace round 2", "retrain round 1", "retrain-all round 1"]
     assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
     assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
 
