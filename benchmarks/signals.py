@@ -101,7 +101,7 @@ def table(d: dict) -> None:
               ("clues", "base-loss", "loss", "qinfo", "eos", "dup"),
               ("clues", "base-loss", "qinfo", "learn", "eos", "dup")]
     for names in dict.fromkeys(combos):
-        row("min z: " + "+".join(names), combined(d, names)[0])
+        row("calibrated: " + "+".join(names), combined(d, names)[0])
 
 
 def grid(d: dict, method: str, **kw) -> list[dict]:

@@ -110,8 +110,8 @@ class CluesScorer(Scorer):
 class CluesPlusScorer(CluesScorer):
     """CLUES+ : CLUES alignment plus loss, question-information, end-of-answer and
     near-duplicate signals (clues_fl/signals.py), each in units of the anchors' robust
-    spread; a sample's score is its worst one-sided deviation (0 = a typical anchor,
-    -3 = three spreads on the bad side). The server calibrates on the anchors
+    spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere worse
+    than a typical anchor, -3 = three spreads on the bad side in all). The server calibrates on the anchors
     (leave-one-out) and the sites report only that one number per sample."""
 
     name = "clues+"

@@ -3,8 +3,8 @@
 Gradient alignment (CLUES) catches answers from another domain and little else: an
 exchanged, cut or garbled answer in the right domain aligns with the anchors like a
 clean one. Other signals see those, but each on its own is a poor ranker (fluent bad
-answers exist), so they are not summed: each is put in units of what the clean anchor
-set looks like and a sample is as anchor-like as its *worst* signal.
+answers exist), so raw values are not summed: each is first put in units of what the clean anchor
+set looks like, and a sample scores its total shortfall below a typical anchor.
 
 Signals (all computed at the site from passes the engine already makes, plus one
 forward pass of the base model over the sample and one over its answer alone):
@@ -14,7 +14,8 @@ name            what                                            good is   an out
 ==============  ==============================================  ========  ==========================
 ``clues``       CLUES alignment with the anchor gradient         high      off-domain
 ``loss``        answer loss at the last trace checkpoint         low       garbled
-``learn``       loss drop first -> last checkpoint (learning)    high      garbled (learned late)
+``learn``       loss drop first -> last checkpoint (learning)    high      garbled (not in the default:
+                                                                                    bad samples' loss drops MORE)
 ``base-loss``   answer loss under the base model                 low       garbled
 ``qinfo``       loss(answer alone) - loss(answer | question)     high      answer unrelated to question
 ``eos``         loss of the end-of-answer token (base model)     low       truncated
@@ -52,14 +53,16 @@ SIGNALS: dict[str, tuple[int, str]] = {
     "eos": (-1, "truncated"),
     "dup": (-1, "duplicate"),
 }
-# Chosen on the quick measurement pool (benchmarks/signals.py): the signals that add.
-DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup")
+# Chosen on the quick measurement pool (benchmarks/signals.py, README "Selection signals
+# and the calibrated score"): the signals that add.
+DEFAULT_SIGNALS = ("clues", "loss", "base-loss", "qinfo", "eos", "dup")
 MAD_SCALE = 1.4826  # MAD -> sd for a normal distribution
 # Smallest spread per signal, in the signal's own units: anchors are (nearly) never
 # near-duplicates of each other, so their dup spread is ~0 and any shared phrase would
-# look like a many-sigma outlier; a 0.1 Jaccard spread puts a near-copy (Jaccard ~0.9)
-# at about -8 and a shared phrase (0.1) at about -0.5.
-MIN_SPREAD = {"dup": 0.1}
+# look like a many-sigma outlier; a 0.3 Jaccard spread puts a near-copy (Jaccard ~0.9)
+# at about -3 and a shared phrase (0.1) at about -0.3 (0.1 and 0.2 cost cross-domain AUC
+# on the quick pool: benchmarks/signals.py).
+MIN_SPREAD = {"dup": 0.3}
 Z_FLOOR = -50.0  # a signal cannot push a score below this (keeps histograms and plots readable)
 
 
@@ -247,8 +250,11 @@ def standardised(signals: dict[str, np.ndarray], cal: Calibration) -> np.ndarray
 
 
 def combine(z: np.ndarray) -> np.ndarray:
-    """How anchor-like each sample is: its worst one-sided deviation."""
-    return z.min(axis=0)
+    """How anchor-like each sample is: the sum of its one-sided shortfalls, sum_j min(z_j, 0)
+    (0 = nowhere worse than a typical anchor). On the quick pool this ranked better than the
+    single worst deviation (min_j z_j) for every pollution type: a clean sample is rarely
+    somewhat low on several signals at once, a bad one often is."""
+    return np.minimum(z, 0.0).sum(axis=0)
 
 
 def calibrated_scores(signals: dict[str, np.ndarray], cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
