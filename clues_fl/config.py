@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     # federation
     "fed.min-nodes": 2,
     "fed.timeout": 3600.0,
+    "fed.wait-for-nodes": 180.0,  # seconds the server waits for fed.min-nodes sites to connect
     "eval.validation": True,
     "eval.max-samples": 16,  # test answers generated for ROUGE-L / token F1 (0: skip)
     "eval.max-new-tokens": 48,
@@ -191,6 +192,9 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
         raise ConfigError(f"quad.budget: must be > 0 (a share <= 1 or a count), got {values['quad.budget']}")
     if values["quad.clusters"] < 0:
         raise ConfigError(f"quad.clusters: must be >= 0 (0: elbow rule), got {values['quad.clusters']}")
+    for key in ("fed.timeout", "fed.wait-for-nodes"):
+        if values[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0 seconds, got {values[key]}")
     if values["train.lr"] <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {values['train.lr']}")
     if values["data.anchor-size"] < 2 and not values["data.anchor-file"]:

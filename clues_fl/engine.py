@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .forward import Batch, collate, length_buckets, sample_losses
 from .model import load_lora_state

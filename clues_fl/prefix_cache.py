@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .forward import Batch, collate, length_buckets, prefix_hidden
 from .model import backbone, cache_root

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .engine import AdamMoments, Checkpoint, lora_parameters
 from .forward import collate, length_buckets, sample_losses

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flwr_cli import stopped_pids_are_gone
+from test_flwr_cli import launch_home, stopped_pids_are_gone
 
 from clues_fl.data import load_samples
 from clues_fl.launch import make_tls_certificates
+from clues_fl.site_ids import read_id_map
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,6 +94,7 @@ def test_three_supernodes_with_their_own_files_over_tls(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "run status: finished:completed" in proc.stdout
+    home = launch_home(proc.stdout)  # the launch's own Flower home
     # TLS everywhere: the CLI trusts our CA instead of `insecure`, the SuperLink serves HTTPS.
     config = (home / "config.toml").read_text()
     assert "root-certificates" in config and "insecure" not in config
@@ -103,8 +105,10 @@ def test_three_supernodes_with_their_own_files_over_tls(tmp_path):
     assert set(metrics["selection"]["per-client"]) == {"client-0", "client-1", "client-2"}
     for i in range(3):  # each site scored exactly the rows of its own file
         with open(out / "deploy" / "manifest" / f"client-{i}.csv") as fh:
-            ids = [row["id"] for row in csv.DictReader(fh)]
-        assert sorted(ids) == sorted(f"site{i}-row{j}" for j in range(8))
+            hashes = [row["id-hash"] for row in csv.DictReader(fh)]
+        assert not any("row" in h for h in hashes)  # the server holds keyed hashes only
+        ids = read_id_map(out / "deploy" / "sites" / f"client-{i}")  # the site's own map
+        assert sorted(ids[h] for h in hashes) == sorted(f"site{i}-row{j}" for j in range(8))
     assert stopped_pids_are_gone(proc.stdout)  # the SuperLink and all three SuperNodes
     assert not processes_with_home(home)
 
@@ -183,6 +187,9 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
     assert metrics["missing-sites"], metrics
     assert all(int(m["node"]) == node_id for m in metrics["missing-sites"]), metrics["missing-sites"]
     assert metrics["missing-sites"][0]["phase"].startswith("trace round"), metrics["missing-sites"]
+    # ... by its partition (the server asked each site at the start) and with the round
+    assert all((m["site"], m["partition-id"]) == ("client-2", 2) for m in metrics["missing-sites"]), metrics
+    assert metrics["missing-sites"][0]["round"] == 2, metrics["missing-sites"]
     per_client = metrics["selection"]["per-client"]
     assert set(per_client) == {"client-0", "client-1"}
     assert metrics["selection"]["labelled"] is False  # the sites' own files carry no quality labels
@@ -190,4 +197,4 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
         assert "kept" in counts and counts["n"] == 8 and not {"tp", "fp", "f1"} & set(counts)
     assert (out / "kill" / "adapter" / "adapter_model.safetensors").exists()
     assert stopped_pids_are_gone(stdout)
-    assert not processes_with_home(home)
+    assert not processes_with_home(launch_home(stdout))

@@ -2,7 +2,7 @@
 
 The server holds the public anchor set and a clean validation set. It never sees a
 site's samples: it sends adapters and anchor gradients, receives per-sample scores
-(with opaque ids) and confusion counts, and aggregates adapters with Flower's FedAvg
+(with keyed hashes of the sample ids, site_ids.py) and confusion counts, and aggregates adapters with Flower's FedAvg
 or merges them once (linear / weighted / TIES on dW = B A).
 """
 
@@ -33,9 +33,14 @@ from ..messages import (
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
 from ..selection import clean_share, global_threshold, score_distribution, standardise
+from ..site_errors import summarise
 from ..workbench import score_settings
 
 log = logging.getLogger(__name__)
+
+
+class SitesFailed(RuntimeError):
+    """Fewer sites than fed.min-nodes answered: the run stops, with the sites' errors."""
 
 
 @dataclass
@@ -74,26 +79,40 @@ class SiteFedAvg(FedAvg):
 
     `offset`: rounds done before this start (a resumed run continues from the saved
     global arrays). Flower numbers the rounds of each start() from 1; the sites are
-    sent the true round as "server-round" (their Adam step count and seed use it)."""
+    sent the true round as "server-round" (their Adam step count and seed use it).
 
-    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, **kwargs):
+    A round in which fewer than `min_train_nodes` sites replied stops the run
+    (SitesFailed, naming the phase, the round and each site's error), instead of
+    aggregating fewer sites than fed.min-nodes or going on to fail the same way in
+    every later round."""
+
+    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, *, phase: str = "FedAvg",
+                 **kwargs):
         super().__init__(**kwargs)
         self.only = only
         self.on_error = on_error
         self.offset = offset
+        self.phase = phase
         self.losses: dict[int, float] = {}  # true round -> mean client training loss
         self.aggregated: set[int] = set()  # true rounds that produced global arrays
         self._sent: list[Message] = []  # this round's messages
         self._noted: set[int] = set()
+        self.answered: dict[int, int] = {}  # true round -> sites whose reply was good
 
     def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Report the sites that answered with an error or not at all (once per round);
         return the good replies."""
         ok, failed = sort_replies(self._sent, replies)
+        self.answered[server_round] = len(ok)
         if self.on_error is not None and server_round not in self._noted:
             self._noted.add(server_round)
             for node, reason in failed:
                 self.on_error(node, server_round, reason)
+        if len(ok) < self.min_train_nodes:
+            raise SitesFailed(
+                f"{self.phase} round {server_round}: {len(ok)} of {len(self._sent)} sites replied, fewer than "
+                f"fed.min-nodes={self.min_train_nodes}; stopping the run. {summarise(failed)}"
+            )
         return list(ok.values())
 
     def aggregate_train(self, server_round, replies):
@@ -144,15 +163,29 @@ class SiteDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
         return super().aggregate_train(server_round, inner.note_failures(server_round + inner.offset, replies))
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: float = 30.0,
+                   poll: float = 1.0) -> list[int]:
+    """The connected nodes once at least `minimum` are; logs every `every` seconds how
+    many are still missing and which have connected; gives up after `timeout` seconds
+    (fed.wait-for-nodes) with TimeoutError."""
     start = time.time()
+    said = start
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
-        if time.time() - start > timeout:
-            raise TimeoutError(f"only {len(nodes)} of the {minimum} required sites connected")
-        time.sleep(1.0)
+        waited = time.time() - start
+        if waited > timeout:
+            raise TimeoutError(
+                f"fed.min-nodes={minimum}: only {len(nodes)} site(s) connected in fed.wait-for-nodes={timeout:g} s "
+                f"(node ids {nodes or 'none'}); start the missing SuperNodes, or lower fed.min-nodes"
+            )
+        if time.time() - said >= every:
+            said = time.time()
+            log.warning("waiting for sites: %d of fed.min-nodes=%d connected (node ids %s), %d missing; "
+                        "giving up in %.0f s (fed.wait-for-nodes)", len(nodes), minimum, nodes or "none",
+                        minimum - len(nodes), timeout - waited)
+        time.sleep(poll)
 
 
 class Clues:
@@ -168,6 +201,7 @@ class Clues:
         self.val_cache = bench.cache(val_encoded, cfg, desc="validation prefix cache")
         self.sites: dict[int, SiteReport] = {}
         self.missing: list[dict] = []
+        self.site_info: dict[int, dict] = {}  # node -> its name, partition id, data file (query.site)
         self.timings: dict[str, float] = {}
         self.round_losses: dict[str, list[float]] = {}
         self.checkpoints: list[Checkpoint] = []  # federated mode: shared
@@ -190,9 +224,10 @@ class Clues:
             n = min(n, len(only))
 
         def failed(node: int, server_round: int, reason: str) -> None:
-            self._missing(node, f"{phase} round {server_round}", reason)
+            self._missing(node, f"{phase} round {server_round}", reason, server_round)
 
-        return SiteFedAvg(only, failed, offset, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        return SiteFedAvg(only, failed, offset, phase=phase, fraction_evaluate=0.0, min_train_nodes=n,
+                          min_available_nodes=n)
 
     def _initial_record(self, phase: str) -> ArrayRecord:
         """The initial adapter; for tracing with zero Adam moments (= a fresh optimiser),
@@ -213,12 +248,18 @@ class Clues:
         losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
         strategy = self._fedavg(phase, only, offset=done)
 
+        started = [time.time()]
+
         def after_round(server_round: int, current: ArrayRecord) -> None:
             if server_round == 0:  # Flower's call before the first round
                 return
             true_round = done + server_round
             if true_round in strategy.losses:
                 losses.append(strategy.losses[true_round])
+            loss = f", mean training loss {strategy.losses[true_round]:.4f}" if true_round in strategy.losses else ""
+            log.info("%s round %d/%d: %d sites%s (%.1f s)", phase, true_round, rounds,
+                     strategy.answered.get(true_round, 0), loss, time.time() - started[0])
+            started[0] = time.time()
             if keep is not None:
                 keep(true_round, current)
             if self.on_round is not None:
@@ -247,14 +288,41 @@ class Clues:
         for node, reason in failed:
             self._missing(node, phase, reason)
         if len(ok) < min(self.cfg["fed.min-nodes"], len(contents)):
-            raise RuntimeError(
-                f"phase '{phase}': only {len(ok)} sites answered, fed.min-nodes={self.cfg['fed.min-nodes']}"
+            raise SitesFailed(
+                f"phase '{phase}': only {len(ok)} of {len(contents)} sites answered, fewer than "
+                f"fed.min-nodes={self.cfg['fed.min-nodes']}; stopping the run. {summarise(failed)}"
             )
         return ok
 
-    def _missing(self, node: int, phase: str, reason: str) -> None:
-        log.warning("site %s failed in phase '%s': %s", node, phase, reason)
-        self.missing.append({"node": node, "phase": phase, "reason": str(reason)[:500]})
+    def _missing(self, node: int, phase: str, reason: str, server_round: int | None = None) -> None:
+        """Record a site that failed: which site (name, partition id, data file when it
+        has one), where (phase and FedAvg round) and why."""
+        who = self.describe_site(node)
+        log.warning("site %s (node %s) failed in phase '%s': %s", who["site"], node, phase, reason)
+        self.missing.append({"node": node, **who, "phase": phase, "round": server_round, "reason": str(reason)[:500]})
+
+    def describe_site(self, node: int) -> dict:
+        """{"site", "partition-id"[, "data-file"]} of a node, as far as the server knows it."""
+        info = dict(self.site_info.get(node, {}))
+        if node in self.sites and not self.sites[node].name.startswith("node-"):
+            info.setdefault("site", self.sites[node].name)
+        info.setdefault("site", f"node-{node}")
+        info.setdefault("partition-id", int(info["site"].removeprefix("client-")) if info["site"].startswith("client-") else -1)
+        return info
+
+    def name_sites(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask each site who it is (query.site: from its node config, no data read), so that
+        a site failing before it ever replied is still named in `missing-sites`. A site
+        that does not answer stays known by its node id."""
+        messages = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in nodes]
+        ok, _ = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
+        for node, reply in ok.items():
+            site = reply.content["site"]
+            pid = int(reply.content["metrics"]["partition-id"])
+            info = {"site": str(site["name"]) if pid >= 0 else f"node-{node}", "partition-id": pid}
+            if "data-file" in site:
+                info["data-file"] = str(site["data-file"])
+            self.site_info[node] = info
 
     def record_time(self, name: str, start: float) -> None:
         self.timings[name] = round(time.time() - start, 2)
@@ -275,7 +343,7 @@ class Clues:
         replies = self._exchange(grid, "trace", contents, "train.local")
         lr = self.cfg["train.lr"]
         for node, reply in replies.items():
-            site = self.sites.setdefault(node, SiteReport(node, f"node-{node}"))
+            site = self.sites.setdefault(node, SiteReport(node, self.describe_site(node)["site"]))
             k = 0
             while f"ckpt-{k}" in reply.content:
                 site.checkpoints.append(record_checkpoint(reply.content[f"ckpt-{k}"], lr))
@@ -490,7 +558,7 @@ class Clues:
         Returns the connected nodes."""
         if set(self.sites) <= set(nodes):
             return nodes
-        nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)))
+        nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)), self.cfg["fed.wait-for-nodes"])
         replies = self._exchange(grid, "identify", {n: RecordDict() for n in nodes}, "query.identify")
         found: dict[str, list[int]] = {}
         for node, reply in replies.items():
