@@ -91,7 +91,7 @@ def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_
             for record in ex.reply.content.values():
                 assert row["answer"] not in _strings_in(record)
     header = (tmp_path / "inprocess" / "manifest" / "client-0.csv").read_text().splitlines()[0]
-    assert header == "id,score,kept,score-z"
+    assert header == "id-hash,score,kept,score-z"
     assert "estimated-clean-share" in metrics["selection"]
 
 
