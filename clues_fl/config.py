@@ -18,7 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "resume": True,  # re-running a run-name resumes from its saved state (false: start over)
     # model
     "model.name": "smollm2-135m",
-    "model.quantization": "none",
+    "model.quantization": "none",  # none | 4bit (QLoRA nf4) | 8bit; needs bitsandbytes
+    "model.device": "auto",  # auto | cpu | cuda | cuda:N (auto: CUDA where available)
+    "model.dtype": "auto",  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, else float32)
     # LoRA
     "lora.r": 16,
     "lora.alpha": 16,
@@ -50,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "train.lr": 3e-4,
     "train.batch-size": 8,
     "train.local-epochs": 1.0,
+    "train.gradient-checkpointing": False,  # recompute activations in training (less GPU memory)
     "trace.rounds": 3,  # federated: FedAvg rounds = checkpoints; merging: local checkpoints
     "retrain.rounds": 2,
     # scoring
@@ -98,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
 CHOICES = {
     "mode": ("federated", "merging"),
     "model.quantization": ("none", "4bit", "8bit"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.on-error": ("raise", "skip"),
     "partition.method": ("iid", "sizes", "domain"),
     "scoring.similarity": ("dot", "cosine"),
@@ -165,6 +169,9 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
     for key, allowed in CHOICES.items():
         if values[key] not in allowed:
             raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}")
+    device = values["model.device"]
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"model.device: '{device}' is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
     for key in POSITIVE_INTS:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be >= 1, got {values[key]}")

@@ -35,8 +35,9 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def collate(encoded: list, rows: list[int], pad_id: int) -> Batch:
-    """Pad the samples `encoded[r] for r in rows` into one Batch."""
+def collate(encoded: list, rows: list[int], pad_id: int, device=None) -> Batch:
+    """Pad the samples `encoded[r] for r in rows` into one Batch (on `device`, e.g. the
+    model's `device.device_of(model)`; default the CPU)."""
     items = [encoded[r] for r in rows]
     width = max(len(e.input_ids) for e in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -48,7 +49,19 @@ def collate(encoded: list, rows: list[int], pad_id: int) -> Batch:
         attention[b, :n] = 1
         # position t predicts token t+1; answer tokens are prompt_len .. n-1
         target[b, max(e.prompt_len - 1, 0) : n - 1] = True
-    return Batch([e.id for e in items], input_ids, attention, target, list(rows))
+    return to_device(Batch([e.id for e in items], input_ids, attention, target, list(rows)), device)
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """The one place a batch moves to the model's device (in place; returns it)."""
+    if device is None or batch.input_ids.device == torch.device(device):
+        return batch
+    blocking = torch.device(device).type == "cpu"
+    for name in ("input_ids", "attention_mask", "target_mask", "hidden"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.to(device, non_blocking=not blocking))
+    return batch
 
 
 def length_buckets(encoded: list, batch_size: int) -> list[list[int]]:
@@ -110,7 +123,7 @@ def answer_losses(model, batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
     token_loss = F.cross_entropy(logits, targets, reduction="none")
     counts = batch.target_mask.sum(dim=1).clamp(min=1).to(token_loss.dtype)
-    sums = torch.zeros(batch.size, dtype=token_loss.dtype).index_add(0, b_idx, token_loss)
+    sums = torch.zeros(batch.size, dtype=token_loss.dtype, device=token_loss.device).index_add(0, b_idx, token_loss)
     return sums / counts
 
 

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,26 +94,71 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none") -> torch.nn.Module:
-    """Frozen base causal LM in float32 on CPU (or 4/8-bit through bitsandbytes)."""
-    kwargs: dict = {"dtype": torch.float32}
-    if quantization in ("4bit", "8bit"):
+QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
+
+
+def check_quantization_available(cfg_or_quantization) -> None:
+    """Raise ModelError, naming the install command, when `model.quantization` asks for
+    bitsandbytes and it is not installed. Takes a RunConfig, a dict or the value itself;
+    cheap (no import), so a launcher can call it before any SuperLink starts."""
+    quantization = cfg_or_quantization
+    if not isinstance(cfg_or_quantization, str):
+        quantization = cfg_or_quantization["model.quantization"]
+    if quantization in ("", "none"):
+        return
+    if quantization not in ("4bit", "8bit"):
+        raise ModelError(f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization='{quantization}' needs bitsandbytes, which is not installed "
+                         f"in {sys.prefix}: {QUANT_INSTALL}")
+
+
+def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", device: str = "cpu",
+                    dtype: str = "float32", gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The frozen base causal LM: the one place it is loaded, placed and quantised.
+
+    `device` / `dtype` are `model.device` / `model.dtype` (device.resolve: auto = CUDA
+    with bf16 where available, else CPU float32). `quantization` 4bit is QLoRA's nf4
+    with double quantisation; 8bit is LLM.int8. A quantised model computes in bf16
+    when `dtype` is auto (also on the CPU, where bitsandbytes runs it too) and goes
+    through peft's prepare_model_for_kbit_training. `gradient_checkpointing`
+    recomputes activations in training (non-reentrant, so it also works from the
+    prefix cache, whose hidden states do not require grad).
+    """
+    from .device import resolve
+
+    check_quantization_available(quantization)
+    dev, dt = resolve(device, dtype)
+    quantized = quantization in ("4bit", "8bit")
+    if quantized and dtype in ("", "auto"):
+        dt = torch.bfloat16
+    kwargs: dict = {"dtype": dt}
+    if quantized:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit",
             load_in_8bit=quantization == "8bit",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dt,
         )
-    elif quantization not in ("", "none"):
-        raise ModelError(
-            f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit"
-        )
+    if quantized or dev.type == "cuda":
+        kwargs["device_map"] = {"": str(dev)}  # straight onto the device, no host copy
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
     except OSError as err:
         raise ModelError(f"model.name: cannot load '{name}': {err}") from err
     model.config.use_cache = False
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -180,7 +226,7 @@ def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
         raise ModelError(f"adapter tensors do not match the model: {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+            params[name].copy_(torch.as_tensor(value).to(dtype=params[name].dtype, device=params[name].device))
 
 
 def first_lora_layer(model: PeftModel) -> int:
