@@ -23,6 +23,7 @@ from .messages import (
     split_record,
     state_record,
 )
+from .device import peak_memory_mib
 from .metrics import confusion_counts
 from .model import lora_state
 from .scenario import site_samples
@@ -90,8 +91,15 @@ def train(message: Message, context: Context) -> Message:
         "train-loss": result.mean_loss,
         "train-steps": len(result.step_losses),
         "train-seconds": time.time() - t0,
+        **_gpu_peak(),
     })
     return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+def _gpu_peak() -> dict:
+    """{"gpu-peak-mib": peak since the last reply} on a GPU, {} on the CPU."""
+    peak = peak_memory_mib()
+    return {} if peak is None else {"gpu-peak-mib": peak}
 
 
 def _steps_before(server_round: int, n: int, cfg) -> int:
@@ -121,7 +129,7 @@ def train_local(message: Message, context: Context) -> Message:
     )
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
-        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),
+        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss, **_gpu_peak()}),
         "site": ConfigRecord({"ids-digest": ids_digest(e.id for e in encoded)}),  # resume: who this is
     })
     for k, ckpt in enumerate(result.checkpoints):
@@ -158,6 +166,7 @@ def score(message: Message, context: Context) -> Message:
             "truncated": sum(int(e.truncated) for e in encoded),
             "scored": len(encoded),  # a scorer that scores fewer (Quad) overrides it
             **scorer.extras(),
+            **_gpu_peak(),
         }),
     })
     return _reply(message, reply)
