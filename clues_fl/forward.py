@@ -40,12 +40,12 @@ def collate(encoded: list, rows: list[int], pad_id: int, device=None) -> Batch:
     model's `device.device_of(model)`; default the CPU)."""
     items = [encoded[r] for r in rows]
     width = max(len(e.input_ids) for e in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), width), dtype=torch.long)
-    target = torch.zeros((len(items), width), dtype=torch.bool)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long, device="cpu")
+    attention = torch.zeros((len(items), width), dtype=torch.long, device="cpu")
+    target = torch.zeros((len(items), width), dtype=torch.bool, device="cpu")
     for b, e in enumerate(items):
         n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long, device="cpu")
         attention[b, :n] = 1
         # position t predicts token t+1; answer tokens are prompt_len .. n-1
         target[b, max(e.prompt_len - 1, 0) : n - 1] = True

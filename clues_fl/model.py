@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -226,7 +227,8 @@ def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
         raise ModelError(f"adapter tensors do not match the model: {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(torch.as_tensor(value).to(dtype=params[name].dtype, device=params[name].device))
+            value = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            params[name].copy_(value.to(dtype=params[name].dtype, device=params[name].device))
 
 
 def first_lora_layer(model: PeftModel) -> int:

@@ -149,7 +149,7 @@ class PrefixCache:
             return batch
         host_dtype = torch.from_numpy(np.zeros(0, dtype=self.array.dtype)).dtype
         pinned = device.type == "cuda"
-        hidden = torch.zeros(shape, dtype=host_dtype, pin_memory=pinned)
+        hidden = torch.zeros(shape, dtype=host_dtype, device="cpu", pin_memory=pinned)
         for b, r in enumerate(batch.rows):
             n = int(self.lengths[r])
             block = np.array(self.array[self.offsets[r] : self.offsets[r] + n])
