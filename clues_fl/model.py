@@ -154,6 +154,14 @@ def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", devic
     if quantized:
         from peft import prepare_model_for_kbit_training
 
+        for module in model.modules():
+            # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel on the first
+            # no-grad eval forward; after that no gradient flows through the layer (measured:
+            # LoRA gradients None, training stalls). Training and scoring follow evaluation
+            # here, so the repacking is switched off.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
