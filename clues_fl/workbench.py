@@ -16,6 +16,7 @@ import torch
 
 from .config import RunConfig
 from .data import Encoded, Sample, encode_samples
+from .forward import splittable
 from .engine import AnchorScores, Checkpoint, ScoreResult, ScoreSettings, anchor_scores, score_samples
 from .device import free_memory, resolve
 from .model import (
@@ -84,7 +85,7 @@ class Workbench:
         )
 
     def cache(self, encoded: list[Encoded], cfg: RunConfig, desc: str = "prefix cache") -> PrefixCache | None:
-        if not cfg["scoring.prefix-cache"] or not encoded:
+        if not cfg["scoring.prefix-cache"] or not encoded or not splittable(self.model):
             return None
         return PrefixCache.build(
             self.model, encoded, self.first_layer, pad_id=self.pad_id,
