@@ -29,9 +29,10 @@ from .model import lora_state
 from .scenario import site_samples
 from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
 from .selection import keep_mask
+from .site_errors import report_site_errors
 from .workbench import score_settings, workbench
 
-app = ClientApp()
+app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
 
 SCORES_KEY = "clues.scores"
 KEPT_KEY = "clues.kept"

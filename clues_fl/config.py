@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
     # federation
     "fed.min-nodes": 2,
     "fed.timeout": 3600.0,
+    "fed.wait-for-nodes": 180.0,  # seconds the server waits for fed.min-nodes sites to connect
     "eval.validation": True,
     "eval.max-samples": 16,  # test answers generated for ROUGE-L / token F1 (0: skip)
     "eval.max-new-tokens": 48,
@@ -120,6 +121,29 @@ POSITIVE_INTS = (
 
 class ConfigError(ValueError):
     pass
+
+
+QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
+
+
+def check_quantization_available(cfg_or_quantization) -> None:
+    """Raise ConfigError, naming the install command, when `model.quantization` asks for
+    bitsandbytes and it is not installed. Takes a RunConfig, a dict or the value itself;
+    plain Python and no import of bitsandbytes, so preflight calls it before anything
+    starts (model.py re-exports it; the workbench calls it before loading)."""
+    import importlib.util
+    import sys
+
+    quantization = cfg_or_quantization
+    if not isinstance(cfg_or_quantization, str):
+        quantization = cfg_or_quantization["model.quantization"]
+    if quantization in ("", "none"):
+        return
+    if quantization not in ("4bit", "8bit"):
+        raise ConfigError(f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: '{quantization}' needs bitsandbytes, which is not installed "
+                          f"in {sys.prefix}: {QUANT_INSTALL}")
 
 
 @dataclass
@@ -198,6 +222,9 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
         raise ConfigError(f"quad.budget: must be > 0 (a share <= 1 or a count), got {values['quad.budget']}")
     if values["quad.clusters"] < 0:
         raise ConfigError(f"quad.clusters: must be >= 0 (0: elbow rule), got {values['quad.clusters']}")
+    for key in ("fed.timeout", "fed.wait-for-nodes"):
+        if values[key] <= 0:
+            raise ConfigError(f"{key}: must be > 0 seconds, got {values[key]}")
     if values["train.lr"] <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {values['train.lr']}")
     if values["data.anchor-size"] < 2 and not values["data.anchor-file"]:

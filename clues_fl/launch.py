@@ -2,18 +2,27 @@
 
 `flwr run` against the built-in `local` connection starts a SuperLink in the
 background and leaves it running, without telling its process id. This launcher
-starts the SuperLink itself (free port, FLWR_HOME inside the repo), runs the app,
-asks the SuperLink for the run's final status (`flwr run --stream` can exit 0 on
-a failed run), and always stops the SuperLink by its process id.
+checks the run first (clues_fl.preflight: run-config, model, every site's data; a
+bad one exits 2 within seconds, before anything starts), then starts the SuperLink
+itself on a free port with a Flower home of its own, runs the app, asks the SuperLink
+for the run's final status (`flwr run --stream` can exit 0 on a failed run), and
+stops everything it started.
 
     python -m clues_fl.launch scenarios/smoke.toml [--run-config "k=v ..."]
     python -m clues_fl.launch scenarios/smoke.toml --deploy 3 [--data-dir sites/] [--tls]
 
+Each launch has its own Flower home, $FLWR_HOME/launches/<time>-<run-name>-<id>/
+($FLWR_HOME defaults to .flwr/ in the repo), with its own connection (config.toml),
+run-config file and logs: the user's $FLWR_HOME/config.toml is never read or
+written, and launches at the same time do not meet. The first line printed names it.
+
 With --deploy it prints one "supernode I pid P log FILE" line per site as it starts
-them (tests use it to stop a site mid-run), and at the end it stops every process it
-started, then any process they left behind (found by an environment marker).
-With --tls it makes a throw-away CA and a certificate for 127.0.0.1/localhost in
-$FLWR_HOME/certificates and runs every connection over TLS (deploy/README.md).
+them (tests use it to stop a site mid-run). At the end, on SIGINT, SIGTERM or SIGHUP,
+it stops every process it started, then any process they left behind (found by an
+environment marker, clues_fl.processes); if the launcher itself is killed, a watchdog
+process does that. With --tls it makes a throw-away CA and a certificate for
+127.0.0.1/localhost in the launch's Flower home (certificates/) and runs every
+connection over TLS (deploy/README.md).
 """
 
 from __future__ import annotations
@@ -33,9 +42,24 @@ from pathlib import Path
 
 import tomllib
 
+from .preflight import PreflightError, preflight
+from .processes import MARKER, launcher_env, marked_processes, reap_orphans, start_watchdog, stop_marked
+
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "clues-local"
-MARKER = "CLUES_FL_LAUNCH_ID"  # set in the environment of every process the launcher starts
+__all__ = ["MARKER", "main", "make_tls_certificates", "marked_processes", "run"]
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP reached the launcher: stop the launch."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def _free_port() -> int:
@@ -49,14 +73,15 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def _scenario_nodes(scenario: Path | None, default: int) -> int:
-    if scenario is None:
-        return default
-    data = tomllib.loads(scenario.read_text())
-    ratios = str(data.get("pollution", {}).get("ratios", ""))
-    if "fed" in data and "min-nodes" in data["fed"] and not ratios:
-        return int(data["fed"]["min-nodes"])
-    return len([r for r in ratios.split(",") if r.strip()]) or default
+def _scenario_nodes(values: dict, default: int = 2) -> int:
+    """Sites of a simulation: one per pollution ratio, else fed.min-nodes, else `default`."""
+    ratios = [r for r in str(values.get("pollution.ratios", "")).split(",") if r.strip()]
+    if ratios:
+        return len(ratios)
+    try:
+        return int(values.get("fed.min-nodes", default))
+    except (TypeError, ValueError):
+        return default  # preflight names the bad value
 
 
 def _toml_value(value) -> str:
@@ -67,14 +92,34 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def _merged_run_config(scenario: Path | None, overrides: str | None) -> str:
-    """One TOML file: `flwr run` takes a file or key=value pairs, not both."""
+def _run_values(scenario: Path | None, overrides: str | None) -> dict:
+    """The scenario file's keys with the --run-config overrides over them (flat keys)."""
     from flwr.common.config import flatten_dict, parse_config_args
 
-    values = flatten_dict(tomllib.loads(scenario.read_text())) if scenario else {}
+    try:
+        values = flatten_dict(tomllib.loads(scenario.read_text())) if scenario else {}
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise PreflightError(f"{scenario}: {' '.join(str(err).split())}") from err
     if overrides:
-        values.update(parse_config_args([overrides]))
+        try:
+            values.update(parse_config_args([overrides]))
+        except Exception as err:  # noqa: BLE001 - Flower raises several types for a bad string
+            raise PreflightError(f"--run-config: {' '.join(str(err).split())}") from err
+    return values
+
+
+def _render_run_config(values: dict) -> str:
+    """One TOML file: `flwr run` takes a file or key=value pairs, not both."""
     return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items())
+
+
+def _launch_home(values: dict, marker: str) -> Path:
+    """This launch's own Flower home, under $FLWR_HOME/launches (default .flwr/ in the repo)."""
+    base = Path(os.environ.get("FLWR_HOME") or REPO / ".flwr")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(values.get("run-name", "demo")))[:60]
+    home = base / "launches" / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{marker[:8]}"
+    home.mkdir(parents=True)
+    return home
 
 
 def _wait_http(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -127,14 +172,30 @@ def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 
     raise RuntimeError(f"only {online} of {len(sites)} SuperNodes connected in {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started, and its children, by its process-group id."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Stop processes we started, and their children, by their process-group ids:
+    SIGTERM to all, SIGKILL to those still running after `timeout` seconds."""
+    def signal_groups(sig: int) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    signal_groups(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for proc in procs:
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            pass
+    signal_groups(signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def make_tls_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
@@ -198,48 +259,24 @@ def make_tls_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "
     return paths
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Live processes whose environment holds MARKER=marker (Linux /proc; else none).
-    Flower starts its SuperExec and app processes in sessions of their own, so
-    stopping the process groups we started does not reach them directly."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if int(entry.name) != os.getpid() and needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to read
-    return pids
-
-
-def _stop_leftovers(marker: str, grace: float = 15.0) -> list[int]:
-    """Give the processes our processes started time to follow their parent out
-    (they watch its pid), then stop the rest by pid."""
+def _stop_leftovers(marker: str, grace: float) -> list[int]:
+    """Give the processes our processes started `grace` seconds to follow their parent
+    out (they watch its pid), then stop the rest (processes.stop_marked)."""
     deadline = time.time() + grace
-    while (pids := marked_processes(marker)) and time.time() < deadline:
+    while marked_processes(marker) and time.time() < deadline:
         time.sleep(0.5)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while (left := marked_processes(marker)) and time.time() < deadline:
-            time.sleep(0.5)
-        if not left:
-            break
-        pids = left
-    return pids
+    return stop_marked(marker, grace=5.0, timeout=30.0)
 
 
-def _site_files(data_dir: Path | None, sites: int) -> list[Path | None]:
+def _site_files(data_dir: Path | None, sites: int) -> list[Path] | None:
+    """A deployment's data files, one per site, sorted by name (None: no --data-dir)."""
     if data_dir is None:
-        return [None] * sites
+        return None
+    if not data_dir.is_dir():
+        raise PreflightError(f"--data-dir {data_dir}: not a folder")
     files = sorted(p for p in data_dir.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
     if len(files) != sites:
-        raise SystemExit(f"--data-dir {data_dir}: {len(files)} data files for {sites} sites")
+        raise PreflightError(f"--data-dir {data_dir}: {len(files)} data files for {sites} sites")
     return files
 
 
@@ -247,9 +284,24 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         deploy: int = 0, data_dir: Path | None = None, tls: bool = False, gpus_per_site: float = 0.0) -> int:
     """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
     and N SuperNodes on 127.0.0.1, each site with its own node config (and data file).
-    `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA."""
-    home = Path(os.environ.get("FLWR_HOME", REPO / ".flwr"))
-    home.mkdir(parents=True, exist_ok=True)
+    `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA.
+    Returns the exit code: 0 on a completed run, 2 when preflight refuses it, 128 + the
+    signal number when stopped by a signal, else 1."""
+    scenario_path = Path(scenario).resolve() if scenario else None
+    try:  # before anything starts: a bad run-config, model or data file ends here, in seconds
+        values = _run_values(scenario_path, run_config)
+        nodes = deploy or num_supernodes or _scenario_nodes(values)
+        site_files = _site_files(data_dir, deploy) if deploy else None
+        preflight(values, sites=nodes, site_files=site_files)
+    except PreflightError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if reaped := reap_orphans():
+        print(f"stopped processes left by an earlier launch: {' '.join(map(str, reaped))}", flush=True)
+
+    marker = uuid.uuid4().hex
+    home = _launch_home(values, marker)
+    print(f"flower home {home}", flush=True)
     port = _free_port()
     if tls:
         certs = make_tls_certificates(home / "certificates")
@@ -265,8 +317,7 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     )
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
-    marker = uuid.uuid4().hex
-    env[MARKER] = marker
+    env.update(launcher_env(marker))
     env.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))
     # The SuperLink starts flower-superexec and the apps by name: the venv must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -279,21 +330,22 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         started.append(proc)
         return proc
 
-    superlink = spawn(
-        [_bin("flower-superlink"), *link_security, *([] if deploy else ["--simulation"]), "--isolation", "subprocess",
-         "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
-         "--disable-runtime-dependency-installation"],
-        log_file,
-    )
-    print(f"superlink pid {superlink.pid} port {port} log {log_file}", flush=True)
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    start_watchdog(marker, home / "watchdog.log")  # stops the launch if this process dies without cleaning up
+    stopped_by: Interrupted | None = None
     sites: list[subprocess.Popen] = []
     try:
+        superlink = spawn(
+            [_bin("flower-superlink"), *link_security, *([] if deploy else ["--simulation"]), "--isolation",
+             "subprocess", "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+             "--disable-runtime-dependency-installation"],
+            log_file,
+        )
+        print(f"superlink pid {superlink.pid} port {port} log {log_file}", flush=True)
         _wait_http(port, superlink)
-        scenario_path = Path(scenario).resolve() if scenario else None
-        nodes = deploy or num_supernodes or _scenario_nodes(scenario_path, 2)
         cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream"]
         if deploy:
-            for i, data_file in enumerate(_site_files(data_dir, deploy)):
+            for i, data_file in enumerate(site_files or [None] * deploy):
                 node_config = f"partition-id={i} num-partitions={deploy}"
                 if data_file is not None:
                     node_config += f" data-file='{data_file.resolve()}'"
@@ -307,10 +359,9 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
             _wait_supernodes(env, sites)
         else:
             cmd += ["--federation-config", federation_config(nodes, cpus_per_client, gpus_per_site)]
-        merged = _merged_run_config(scenario_path, run_config)
-        if merged:
+        if values:
             path = home / "run-config.toml"
-            path.write_text(merged)
+            path.write_text(_render_run_config(values))
             cmd += ["--run-config", str(path)]
         print("+", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env)
@@ -323,12 +374,20 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         if not ok:
             print(f"run failed (flwr exit {proc.returncode}, status '{status}'); logs in {home}", file=sys.stderr)
         return 0 if ok else 1
+    except Interrupted as stop:
+        stopped_by = stop
+        print(f"{stop}: stopping every process this launch started", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     finally:
-        for proc in reversed(started):
-            _stop(proc)
+        for sig in handlers:  # cleanup runs to its end (bounded); a SIGKILL leaves it to the watchdog
+            signal.signal(sig, signal.SIG_IGN)
+        _stop(list(reversed(started)), timeout=5.0 if stopped_by else 20.0)
         print(f"stopped processes: {' '.join(str(p.pid) for p in started)}", flush=True)
-        if left := _stop_leftovers(marker):
+        if left := _stop_leftovers(marker, grace=0.0 if stopped_by else 15.0):
             print(f"stopped leftover processes: {' '.join(map(str, left))}", flush=True)
+        shutil.rmtree(home / "apps", ignore_errors=True)  # the installed app; the logs stay
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def federation_config(nodes: int, cpus_per_client: int, gpus_per_site: float = 0.0) -> str:
@@ -363,10 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
     parser.add_argument("--tls", action="store_true",
                         help="TLS on every connection, with a throw-away CA and server certificate for 127.0.0.1 "
-                             "written to $FLWR_HOME/certificates (loopback testing only)")
+                             "written to the launch's Flower home (loopback testing only)")
     args = parser.parse_args(argv)
-    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, args.deploy, args.data_dir,
-               args.tls, args.gpus_per_site)
+    return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, deploy=args.deploy,
+               data_dir=args.data_dir, tls=args.tls, gpus_per_site=args.gpus_per_site)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import QUANT_INSTALL, check_quantization_available  # noqa: F401 (model.check_quantization_available)
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +114,6 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
-
-
-def check_quantization_available(cfg_or_quantization) -> None:
-    """Raise ModelError, naming the install command, when `model.quantization` asks for
-    bitsandbytes and it is not installed. Takes a RunConfig, a dict or the value itself;
-    cheap (no import), so a launcher can call it before any SuperLink starts."""
-    quantization = cfg_or_quantization
-    if not isinstance(cfg_or_quantization, str):
-        quantization = cfg_or_quantization["model.quantization"]
-    if quantization in ("", "none"):
-        return
-    if quantization not in ("4bit", "8bit"):
-        raise ModelError(f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(f"model.quantization='{quantization}' needs bitsandbytes, which is not installed "
-                         f"in {sys.prefix}: {QUANT_INSTALL}")
 
 
 def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", device: str = "cpu",

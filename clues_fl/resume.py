@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 VERSION = 1
 INDEX = "run.json"
 # Keys that do not change what a run computes: a resumed run may differ in them.
-IGNORED_KEYS = ("run-name", "output-dir", "resume", "fed.timeout")
+IGNORED_KEYS = ("run-name", "output-dir", "resume", "fed.timeout", "fed.wait-for-nodes")
 # The protocol state that is saved as JSON (tensors go to their own files).
 CLUES_FIELDS = ("missing", "timings", "round_losses", "anchor", "threshold")
 SITE_TENSORS = ("checkpoints", "trace_state", "final_state", "anchor_grads")  # anchor_grads: only used while scoring

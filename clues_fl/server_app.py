@@ -14,11 +14,12 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .config import RunConfig, parse_config
+from .config import RunConfig
+from .preflight import PreflightError, preflight
 from .report import evaluate_and_report
 from .resume import RunState
 from .scenario import server_sets
-from .strategies.clues import Clues, wait_for_nodes
+from .strategies.clues import Clues, SitesFailed, wait_for_nodes
 from .workbench import workbench
 
 app = ServerApp()
@@ -27,7 +28,14 @@ log = logging.getLogger(__name__)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_protocol(grid, parse_config(context.run_config))
+    try:
+        # The launcher checked all of it before starting Flower; `flwr run .` alone gets
+        # the same checks here, for what the server reads, before any site is asked.
+        cfg = preflight(dict(context.run_config))
+        run_protocol(grid, cfg)
+    except (PreflightError, SitesFailed, TimeoutError) as err:
+        log.error("run stopped: %s", err)  # one line, before Flower's traceback
+        raise
 
 
 def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
@@ -53,7 +61,7 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     run.restore(clues, (["trace"] if traced else []) + ["score", "threshold", "select", "retrain"])
     nodes: list[int] = []
     if not run.done("retrain"):  # every step before the report talks to the sites
-        nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"]))
+        nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"], cfg["fed.wait-for-nodes"]))
 
     def step(name: str, fn: Callable[[], object]) -> None:
         if run.done(name):

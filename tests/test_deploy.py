@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flwr_cli import stopped_pids_are_gone
+from test_flwr_cli import launch_home, stopped_pids_are_gone
 
 from clues_fl.data import load_samples
 from clues_fl.launch import make_tls_certificates
@@ -93,6 +93,7 @@ def test_three_supernodes_with_their_own_files_over_tls(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "run status: finished:completed" in proc.stdout
+    home = launch_home(proc.stdout)  # the launch's own Flower home
     # TLS everywhere: the CLI trusts our CA instead of `insecure`, the SuperLink serves HTTPS.
     config = (home / "config.toml").read_text()
     assert "root-certificates" in config and "insecure" not in config
@@ -190,4 +191,4 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
         assert counts["tp"] + counts["fp"] + counts["fn"] + counts["tn"] == 8
     assert (out / "kill" / "adapter" / "adapter_model.safetensors").exists()
     assert stopped_pids_are_gone(stdout)
-    assert not processes_with_home(home)
+    assert not processes_with_home(launch_home(stdout))

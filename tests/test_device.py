@@ -14,7 +14,7 @@ from clues_fl import device as dev
 from clues_fl.config import ConfigError, parse_config
 from clues_fl.engine import ScoreSettings, anchor_scores, mean_gradient, score_samples
 from clues_fl.forward import collate, final_hidden, sample_losses
-from clues_fl.model import LoraSettings, ModelError, add_lora, check_quantization_available, first_lora_layer
+from clues_fl.model import LoraSettings, add_lora, check_quantization_available, first_lora_layer
 from clues_fl.prefix_cache import PrefixCache
 
 
@@ -43,8 +43,12 @@ def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
     check_quantization_available("none")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ModelError, match=r"pip install 'clues-fl\[quant\]'.*bitsandbytes==0.50.2"):
+    with pytest.raises(ValueError, match=r"pip install 'clues-fl\[quant\]'.*bitsandbytes==0.50.2"):
         check_quantization_available(parse_config({"model.quantization": "4bit"}))
+    from clues_fl.preflight import PreflightError, preflight
+
+    with pytest.raises(PreflightError, match=r"^model.quantization: '4bit' needs bitsandbytes.*clues-fl\[quant\]"):
+        preflight({"model.quantization": "4bit"})
     check_quantization_available(parse_config({}))  # none: no bitsandbytes needed
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,11 +207,12 @@ def test_select_takes_back_the_sites_own_scores_only(tiny_model_dir, tmp_path): 
         (reply,) = grid.send_and_receive([Message(content=content, message_type="query.select", dst_node_id=node)])
         return reply
 
-    # (in-process the handler's error propagates; Flower's runtime makes it the error reply)
-    with pytest.raises(ValueError, match="not this site's: 8 ids, 8 of them .* sample ids [(]in another order[)]"):
-        select(ids[::-1])
-    with pytest.raises(ValueError, match="not this site's: 3 ids"):
-        select(ids[:3])
+    # (the site's error comes back as an error reply naming the site: site_errors.report_site_errors)
+    refused = select(ids[::-1])
+    assert refused.has_error()
+    assert re.search(r"^\[client-0\] ValueError: .*not this site's: 8 ids, 8 of them .* sample ids [(]in another order[)]",
+                     refused.error.reason), refused.error.reason
+    assert "not this site's: 3 ids" in select(ids[:3]).error.reason
     reply = select(ids)
     assert not reply.has_error(), reply.error
     assert reply.content["metrics"]["kept"] == len(ids) // 2

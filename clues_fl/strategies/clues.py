@@ -34,9 +34,14 @@ from ..messages import (
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
 from ..selection import global_threshold, standardise
+from ..site_errors import summarise
 from ..workbench import score_settings
 
 log = logging.getLogger(__name__)
+
+
+class SitesFailed(RuntimeError):
+    """Fewer sites than fed.min-nodes answered: the run stops, with the sites' errors."""
 
 
 @dataclass
@@ -73,13 +78,20 @@ class SiteFedAvg(FedAvg):
 
     `offset`: rounds done before this start (a resumed run continues from the saved
     global arrays). Flower numbers the rounds of each start() from 1; the sites are
-    sent the true round as "server-round" (their Adam step count and seed use it)."""
+    sent the true round as "server-round" (their Adam step count and seed use it).
 
-    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, **kwargs):
+    A round in which fewer than `min_train_nodes` sites replied stops the run
+    (SitesFailed, naming the phase, the round and each site's error), instead of
+    aggregating fewer sites than fed.min-nodes or going on to fail the same way in
+    every later round."""
+
+    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, *, phase: str = "FedAvg",
+                 **kwargs):
         super().__init__(**kwargs)
         self.only = only
         self.on_error = on_error
         self.offset = offset
+        self.phase = phase
         self.losses: dict[int, float] = {}  # true round -> mean client training loss
         self.aggregated: set[int] = set()  # true rounds that produced global arrays
         self._sent: list[Message] = []  # this round's messages
@@ -94,6 +106,11 @@ class SiteFedAvg(FedAvg):
             self._noted.add(server_round)
             for node, reason in failed:
                 self.on_error(node, server_round, reason)
+        if len(ok) < self.min_train_nodes:
+            raise SitesFailed(
+                f"{self.phase} round {server_round}: {len(ok)} of {len(self._sent)} sites replied, fewer than "
+                f"fed.min-nodes={self.min_train_nodes}; stopping the run. {summarise(failed)}"
+            )
         return list(ok.values())
 
     def aggregate_train(self, server_round, replies):
@@ -157,15 +174,29 @@ class SiteDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
         return super().aggregate_train(server_round, inner.note_failures(server_round + inner.offset, replies))
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: float = 30.0,
+                   poll: float = 1.0) -> list[int]:
+    """The connected nodes once at least `minimum` are; logs every `every` seconds how
+    many are still missing and which have connected; gives up after `timeout` seconds
+    (fed.wait-for-nodes) with TimeoutError."""
     start = time.time()
+    said = start
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= minimum:
             return nodes
-        if time.time() - start > timeout:
-            raise TimeoutError(f"only {len(nodes)} of the {minimum} required sites connected")
-        time.sleep(1.0)
+        waited = time.time() - start
+        if waited > timeout:
+            raise TimeoutError(
+                f"fed.min-nodes={minimum}: only {len(nodes)} site(s) connected in fed.wait-for-nodes={timeout:g} s "
+                f"(node ids {nodes or 'none'}); start the missing SuperNodes, or lower fed.min-nodes"
+            )
+        if time.time() - said >= every:
+            said = time.time()
+            log.warning("waiting for sites: %d of fed.min-nodes=%d connected (node ids %s), %d missing; "
+                        "giving up in %.0f s (fed.wait-for-nodes)", len(nodes), minimum, nodes or "none",
+                        minimum - len(nodes), timeout - waited)
+        time.sleep(poll)
 
 
 class Clues:
@@ -205,7 +236,8 @@ class Clues:
         def failed(node: int, server_round: int, reason: str) -> None:
             self._missing(node, f"{phase} round {server_round}", reason)
 
-        return SiteFedAvg(only, failed, offset, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        return SiteFedAvg(only, failed, offset, phase=phase, fraction_evaluate=0.0, min_train_nodes=n,
+                          min_available_nodes=n)
 
     def _initial_record(self, phase: str) -> ArrayRecord:
         """The initial adapter; for tracing with zero Adam moments (= a fresh optimiser),
@@ -262,8 +294,9 @@ class Clues:
         for node, reason in failed:
             self._missing(node, phase, reason)
         if len(ok) < min(self.cfg["fed.min-nodes"], len(contents)):
-            raise RuntimeError(
-                f"phase '{phase}': only {len(ok)} sites answered, fed.min-nodes={self.cfg['fed.min-nodes']}"
+            raise SitesFailed(
+                f"phase '{phase}': only {len(ok)} of {len(contents)} sites answered, fewer than "
+                f"fed.min-nodes={self.cfg['fed.min-nodes']}; stopping the run. {summarise(failed)}"
             )
         return ok
 
@@ -500,7 +533,7 @@ class Clues:
         Returns the connected nodes."""
         if set(self.sites) <= set(nodes):
             return nodes
-        nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)))
+        nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)), self.cfg["fed.wait-for-nodes"])
         replies = self._exchange(grid, "identify", {n: RecordDict() for n in nodes}, "query.identify")
         found: dict[str, list[int]] = {}
         for node, reply in replies.items():
