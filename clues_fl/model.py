@@ -130,7 +130,10 @@ def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", devic
     """
     from .device import resolve
 
-    check_quantization_available(quantization)
+    try:
+        check_quantization_available(quantization)
+    except ValueError as err:
+        raise ModelError(str(err)) from err
     dev, dt = resolve(device, dtype)
     quantized = quantization in ("4bit", "8bit")
     if quantized and dtype in ("", "auto"):
