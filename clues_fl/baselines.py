@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .data import Encoded, Sample, encode_sample, encode_samples
 from .device import device_of, to_host

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -30,6 +31,7 @@ from .scenario import site_samples
 from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
 from .selection import keep_mask
 from .site_errors import report_site_errors
+from .site_ids import site_name, wire_ids
 from .workbench import score_settings, workbench
 
 app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
@@ -59,6 +61,47 @@ def _load(context: Context):
     return _site(_frozen(context.run_config), _frozen(context.node_config))
 
 
+@functools.lru_cache(maxsize=4)
+def _wire_ids_cached(run_config: str, node_config: str) -> tuple[str, ...]:
+    cfg, _, _, encoded, _, _ = _site(run_config, node_config)
+    return tuple(wire_ids(cfg, json.loads(node_config), [e.id for e in encoded]))
+
+
+def _wire_ids(context: Context) -> list[str]:
+    """This site's sample ids as they travel: keyed hashes (site_ids.py); the map back to
+    the ids stays in the site's own folder."""
+    return list(_wire_ids_cached(_frozen(context.run_config), _frozen(context.node_config)))
+
+
+def _ids_hidden(handler):
+    """A handler whose errors name this site's samples by their hashed ids: an error's
+    message travels to the server (Flower's error reply), and a sample id can be a
+    patient or account number (e.g. the engine's `non-finite loss for samples [...]`)."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as err:
+            text = str(err)
+            try:
+                _, _, _, encoded, _, _ = _load(context)
+                pairs = [(e.id, h) for e, h in zip(encoded, _wire_ids(context)) if e.id in text]
+            except Exception:  # the site's data did not load: its errors name files and lines
+                raise err from None
+            if not pairs:
+                raise
+            for real, hashed in sorted(pairs, key=lambda p: -len(p[0])):  # longest first: 'x-12' before 'x-1'
+                text = text.replace(real, f"<id {hashed}>")
+            try:
+                hidden = type(err)(text)
+            except Exception:
+                hidden = RuntimeError(f"{type(err).__name__}: {text}")
+            raise hidden from None
+
+    return wrapper
+
+
 def _kept_rows(context: Context) -> list[int]:
     if KEPT_KEY not in context.state:
         raise RuntimeError("retraining asked for before selection: no kept samples on this site")
@@ -70,6 +113,7 @@ def _reply(message: Message, content: RecordDict) -> Message:
 
 
 @app.train()
+@_ids_hidden
 def train(message: Message, context: Context) -> Message:
     """One FedAvg round: 'trace' on all raw data, 'retrain' on the kept samples."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
@@ -116,6 +160,7 @@ def _subset_cache(cache, rows):
 
 
 @app.train("local")
+@_ids_hidden
 def train_local(message: Message, context: Context) -> Message:
     """Merging mode: a whole local run, with K checkpoints when tracing."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
@@ -131,7 +176,7 @@ def train_local(message: Message, context: Context) -> Message:
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
         "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss, **_gpu_peak()}),
-        "site": ConfigRecord({"ids-digest": ids_digest(e.id for e in encoded)}),  # resume: who this is
+        "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),  # resume: who this is
     })
     for k, ckpt in enumerate(result.checkpoints):
         content[f"ckpt-{k}"] = state_record(ckpt.state, ckpt.adam)
@@ -139,6 +184,7 @@ def train_local(message: Message, context: Context) -> Message:
 
 
 @app.query("score")
+@_ids_hidden
 def score(message: Message, context: Context) -> Message:
     """Per-sample scores of the configured selection method (CLUES by default)."""
     cfg, bench, samples, encoded, cache, skipped = _load(context)
@@ -158,7 +204,7 @@ def score(message: Message, context: Context) -> Message:
                          f"{bool(np.isfinite(values).all())}) for {len(encoded)} samples")
     context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in values]})  # exact, stays here
     reply = RecordDict({
-        **_reported(values, [e.id for e in encoded], config),
+        **_reported(values, _wire_ids(context), config),
         "metrics": MetricRecord({
             "num-examples": len(encoded),
             "partition-id": int(context.node_config.get("partition-id", -1)),
@@ -190,6 +236,7 @@ def _reported(values: np.ndarray, ids: list[str], config) -> dict:
 
 
 @app.query("select")
+@_ids_hidden
 def select(message: Message, context: Context) -> Message:
     """Apply the global threshold (or ratio) locally; report counts only."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
@@ -222,7 +269,7 @@ def _own_scores(message: Message, context: Context, encoded) -> np.ndarray:
         if "scores" not in message.content:
             raise RuntimeError("selection asked for before scoring: no scores on this site")
         sent = message.content["scores"]
-        ids, own = [str(i) for i in sent["ids"]], [e.id for e in encoded]
+        ids, own = [str(i) for i in sent["ids"]], _wire_ids(context)
         if ids != own:
             same = len(set(ids) & set(own))
             order = " (in another order)" if same == len(ids) == len(own) else ""
@@ -241,9 +288,23 @@ def identify(message: Message, context: Context) -> Message:
     its sample ids (the server holds the ids from scoring, or the digest from tracing)."""
     _, _, _, encoded, _, _ = _load(context)
     return _reply(message, RecordDict({
-        "site": ConfigRecord({"ids-digest": ids_digest(e.id for e in encoded)}),
+        "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),
         "metrics": MetricRecord({"num-examples": len(encoded),
                                  "partition-id": int(context.node_config.get("partition-id", -1))}),
+    }))
+
+
+@app.query("site")
+def describe(message: Message, context: Context) -> Message:
+    """Which site this is, from its node config alone (no data is read, so a site whose
+    data is broken still answers): the server names the site in `missing-sites`."""
+    node_config = context.node_config
+    info = {"name": site_name(node_config)}
+    if node_config.get("data-file"):
+        info["data-file"] = Path(str(node_config["data-file"])).name  # the file's name, not where it lies
+    return _reply(message, RecordDict({
+        "site": ConfigRecord(info),
+        "metrics": MetricRecord({"partition-id": int(node_config.get("partition-id", -1))}),
     }))
 
 

@@ -100,6 +100,9 @@ def _id_label(source: str, resolved: str, split: str) -> str:
     path = Path(resolved)
     if path.is_file():
         return path.stem
+    kind = disk_dataset_kind(path)
+    if kind is not None:
+        return path.name if kind == "dataset" else f"{path.name}/{split}"
     return f"{source.rstrip('/')}/{split}"
 
 
@@ -168,6 +171,41 @@ def _parquet_rows(path: Path, display: str) -> Iterator[_Row]:
         raise DataError(f"{display}: cannot read parquet ({err})") from None
     for i, row in enumerate(rows, start=1):
         yield f"{display} row {i}", str(i), row
+
+
+def disk_dataset_kind(path) -> str | None:
+    """"dataset" or "dict" for a folder written by `datasets`' save_to_disk (a Dataset or a
+    DatasetDict), else None."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    if (folder / "dataset_dict.json").is_file():
+        return "dict"
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        return "dataset"
+    return None
+
+
+def disk_splits(path) -> list[str]:
+    """The split names of a save_to_disk DatasetDict folder, as saved."""
+    return [str(s) for s in json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]]
+
+
+def _disk_rows(path: Path, split: str, display: str) -> Iterator[_Row]:
+    """Rows of a save_to_disk folder: a Dataset, or the `split` split of a DatasetDict."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged or foreign folder: pyarrow and datasets raise several types
+        raise DataError(f"{display}: cannot read the saved dataset ({type(err).__name__}: {err})") from None
+    where = display
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{display}: the saved DatasetDict has no '{split}' split (splits: {', '.join(ds)})")
+        ds, where = ds[split], f"{display} [{split}]"
+    for i, row in enumerate(ds, start=1):
+        yield f"{where} row {i}", str(i), row
 
 
 def _hub_rows(name: str, split: str, display: str) -> Iterator[_Row]:
@@ -323,6 +361,8 @@ def load_samples(
         rows = _parquet_rows(path, display)
     elif path.is_file():
         raise DataError(f"{display}: unsupported file type '{path.suffix}' (use {', '.join(FILE_FORMATS)})")
+    elif disk_dataset_kind(path):
+        rows = _disk_rows(path, split, display)
     else:
         rows = _hub_rows(resolved, split, display)
 
@@ -453,7 +493,7 @@ def encode_sample(tokenizer, sample: Sample, max_length: int, system_prompt: str
 def encode_samples(
     tokenizer, samples: Sequence[Sample], max_length: int, system_prompt: str | None = None
 ) -> list[Encoded]:
-    from tqdm.auto import tqdm
+    from .console import progress as tqdm
 
     return [
         encode_sample(tokenizer, s, max_length, system_prompt)

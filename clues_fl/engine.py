@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .device import device_of, free_memory, to_device, to_host
 from .forward import Batch, collate, length_buckets, sample_losses

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .baselines import answer_losses_of
 from .data import DataError, Encoded, Sample, encode_sample, resolve_source

@@ -420,10 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deploy", type=int, default=0, metavar="N",
                         help="run on Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1")
     parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep Flower's per-phase strategy banner and the libraries' deprecation warnings "
+                             "(sets CLUES_FL_VERBOSE=1 for every process of the run)")
     parser.add_argument("--tls", action="store_true",
                         help="TLS on every connection, with a throw-away CA and server certificate for 127.0.0.1 "
                              "written to the launch's Flower home (loopback testing only)")
     args = parser.parse_args(argv)
+    if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/console.py)
+        os.environ["CLUES_FL_VERBOSE"] = "1"
     return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, deploy=args.deploy,
                data_dir=args.data_dir, tls=args.tls, gpus_per_site=args.gpus_per_site)
 

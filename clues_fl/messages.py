@@ -1,7 +1,8 @@
 """What travels between server and sites, as Flower records.
 
 Only adapter tensors (and their Adam moments while tracing), anchor gradients,
-per-sample scores with their ids, and aggregate counts ever leave a site.
+per-sample scores with keyed hashes of their ids (site_ids.py), and aggregate counts
+ever leave a site.
 Adam moments ride in the same ArrayRecord as the adapter under `adam.m/` and
 `adam.v/` prefixes, so the built-in FedAvg averages them with the adapter.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .device import compute_dtype, device_of
 from .forward import Batch, collate, length_buckets, prefix_hidden

@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .engine import (
     TokenCapture,

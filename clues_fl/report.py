@@ -4,8 +4,10 @@ outputs/<run-name>/
   metrics.json      selection P/R/F1/accuracy (overall and per client), thresholds,
                     validation losses (base, all raw data, selection), timings
   thresholds.json   the rule, the threshold and the anchor scores it came from
-  manifest/<client>.csv   id, score, kept (ids are the rows' own ids, never text)
-  adapter/          the final adapter (peft save_pretrained)
+  manifest/<client>.csv   id-hash, score, kept (the keyed hashes the sites sent, site_ids.py;
+                    each site keeps the map back to its ids in its own ids.csv)
+  report.md         the run in words and plots (run_report.py)
+  adapter/          the final adapter (peft save_pretrained; base model = model.name as given)
   state/            the server's state after each step and round, for resuming (resume.py)
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import console
 from .config import RunConfig, parse_config
 from .evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
 from .merging import merge_adapters, merge_weights
@@ -81,6 +84,9 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     bench = clues.bench
     out = output_dir(cfg)
     t = time.time()
+    console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
+                   len(clues.val) if cfg["eval.validation"] else 0, min(cfg["eval.max-samples"], len(clues.test)),
+                   cfg["eval.mc-items"])
     losses: dict[str, float] = {}
     if cfg["eval.validation"] and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
@@ -109,6 +115,8 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
     clues.record_time("evaluate", t)
+    console.status("evaluate: done in %s (%s)", console.seconds(time.time() - t),
+                   ", ".join(f"validation loss {k} {v:.4f}" for k, v in losses.items()) or "no validation set")
 
     manifest_dir = out / "manifest"
     manifest_dir.mkdir(exist_ok=True)
@@ -124,7 +132,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
             kept = keep_mask(scores, ratio=clues.threshold["ratio"])
         with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["id", "score", "kept"])
+            writer.writerow(["id-hash", "score", "kept"])
             for i, s, k in zip(site.ids, site.scores, kept):
                 writer.writerow([i, f"{s:.8g}", int(k)])
 
@@ -148,6 +156,13 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "thresholds.json").write_text(json.dumps(clues.threshold, indent=2, default=float))
+    from .run_report import describe_adapter, write_run_report
+
+    describe_adapter(adapter_dir, cfg, metrics)
+    try:
+        write_run_report(out, metrics, clues)
+    except Exception as err:  # the run's results are written: a plot must not fail it
+        log.warning("report.md could not be written: %s: %s", type(err).__name__, err)
     print(summary_text(metrics, out))
     return metrics
 
@@ -171,22 +186,33 @@ def summary_text(metrics: dict, out: Path) -> str:
         lines.append(f"  validation loss ({key}): {value:.4f}")
     for key, value in metrics.get("model-quality", {}).items():
         lines.append(f"  final model {key}: {value:.4f}" if isinstance(value, float) else f"  final model {key}: {value}")
-    if metrics["missing-sites"]:
-        lines.append(f"  missing: {metrics['missing-sites']}")
+    for m in metrics["missing-sites"]:
+        where = m["phase"] if m.get("round") is None or "round" in str(m["phase"]) else f"{m['phase']} round {m['round']}"
+        lines.append(f"  missing: {m.get('site', 'node-' + str(m['node']))} in {where}: {m['reason'][:200]}")
     lines.append(f"  time: {metrics['timings-seconds']}")
-    lines.append(f"  outputs: {out}")
+    lines.append(f"  outputs: {out} (report: {out / 'report.md'})")
     return "\n".join(lines)
 
 
 def read_manifests(out: Path, cfg: RunConfig) -> list[tuple[list, np.ndarray, np.ndarray]]:
     """Per site, (its samples, their scores, their kept flags) from a finished run's
     manifests, in the scenario's sample order; the samples, with their pollution
-    flags, are rebuilt from the run-config and seed. OSError if a manifest is missing."""
+    flags, are rebuilt from the run-config and seed. The manifests hold the hashed ids
+    the sites sent: each is joined to its sample through the site's own id map
+    (outputs/<run>/sites/client-<i>/ids.csv, where a simulated site keeps it).
+    OSError if a manifest or a site's id map is missing."""
+    from .site_ids import read_id_map
+
     data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
     sites = []
     for i, samples in enumerate(data.clients):
         with open(out / "manifest" / f"client-{i}.csv", newline="") as fh:
-            rows = {row["id"]: row for row in csv.DictReader(fh)}
+            rows = list(csv.DictReader(fh))
+        if rows and "id-hash" in rows[0]:
+            ids = read_id_map(out / "sites" / f"client-{i}")
+            rows = {ids.get(row["id-hash"], row["id-hash"]): row for row in rows}
+        else:  # written before ids were hashed
+            rows = {row["id"]: row for row in rows}
         sites.append((samples, np.array([float(rows[s.id]["score"]) for s in samples]),
                       np.array([rows[s.id]["kept"] == "1" for s in samples], dtype=bool)))
     return sites

@@ -40,7 +40,7 @@ from .strategies.clues import SiteReport
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: sample ids are keyed hashes (site_ids.py); a version-1 state holds raw ids
 INDEX = "run.json"
 # Keys that do not change what a run computes: a resumed run may differ in them.
 IGNORED_KEYS = ("run-name", "output-dir", "resume", "fed.timeout", "fed.wait-for-nodes")

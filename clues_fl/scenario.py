@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, RunConfig
-from .data import LoadResult, Sample, load_samples
+from .data import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples
 from .pollution import parse_ratios, pollute
 from .splits import parse_sizes, partition, split_pool
 
@@ -28,25 +28,31 @@ class ScenarioData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _load(cfg: RunConfig, source: str, domain: str = "") -> LoadResult:
+def _load(cfg: RunConfig, source: str, domain: str = "", split: str = "train") -> LoadResult:
     return load_samples(
         source,
         question_field=cfg["data.question-field"] or None,
         answer_field=cfg["data.answer-field"] or None,
         on_error=cfg["data.on-error"],
         domain=domain,
+        split=split,
     )
 
 
 def _domain_of(source: str) -> str:
     name = source.split(":", 1)[-1]
+    if disk_dataset_kind(Path(name).expanduser()):  # a save_to_disk folder: its own name
+        return Path(name).name
     return Path(name).parent.name or Path(name).stem
 
 
 def _client_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.suffix in _FILE_SUFFIXES)
+    """One data file, or one save_to_disk folder, per site, sorted by name."""
+    files = sorted(p for p in folder.iterdir()
+                   if (p.suffix in _FILE_SUFFIXES and not p.is_dir()) or disk_dataset_kind(p))
     if not files:
-        raise ConfigError(f"data.pool: folder '{folder}' holds no .json/.jsonl/.csv/.parquet files")
+        raise ConfigError(f"data.pool: folder '{folder}' holds no .json/.jsonl/.csv/.parquet files "
+                          "(or `datasets` save_to_disk folders)")
     return files
 
 
@@ -86,7 +92,13 @@ def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample
     """(shared pool, None), or ([], per-client pools) when data.pool is a folder."""
     pool_source = cfg["data.pool"] or cfg["data.source"]
     pool_path = Path(pool_source).expanduser()
-    if pool_path.is_dir():
+    kind = disk_dataset_kind(pool_path)
+    if kind == "dict":  # a saved DatasetDict: one split per site, sorted by name
+        loaded = [_load(cfg, str(pool_path), domain=split, split=split) for split in sorted(disk_splits(pool_path))]
+        for res in loaded:
+            skipped += res.skipped
+        return [], [res.samples for res in loaded]
+    if pool_path.is_dir() and kind is None:
         loaded = [_load(cfg, str(f), domain=f.stem) for f in _client_files(pool_path)]
         for res in loaded:
             skipped += res.skipped
@@ -115,7 +127,7 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
     pool, client_files = _pool(cfg, skipped)
     if client_files is not None and len(client_files) != num_clients:
         raise ConfigError(
-            f"data.pool: folder '{cfg['data.pool']}' has {len(client_files)} client files but the "
+            f"data.pool: '{cfg['data.pool']}' has {len(client_files)} client files (or splits) but the "
             f"federation has {num_clients} clients"
         )
     anchor, val, test, rest = _anchor_eval(cfg, pool, skipped)

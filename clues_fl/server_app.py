@@ -14,6 +14,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from . import console
 from .config import RunConfig
 from .preflight import PreflightError, preflight
 from .report import evaluate_and_report
@@ -43,6 +44,7 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     has. Returns the protocol's state (None if the run had finished before) and the
     metrics."""
     started = time.time()
+    console.setup()
     run = RunState(cfg)
     if run.finished:
         log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
@@ -62,14 +64,17 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     nodes: list[int] = []
     if not run.done("retrain"):  # every step before the report talks to the sites
         nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"], cfg["fed.wait-for-nodes"]))
+        clues.name_sites(grid, nodes)
 
     def step(name: str, fn: Callable[[], object]) -> None:
         if run.done(name):
             return
         start = run.begin(name)
+        console.status("%s: started (%s)", name, phase_plan(cfg, clues, name, nodes))
         fn()
         clues.record_time(name, start)
         run.complete(name)
+        console.status("%s: done in %s (%s)", name, console.seconds(time.time() - start), phase_result(clues, name))
 
     if traced:
         step("trace", lambda: clues.trace_federated(grid) if federated else clues.trace_local(grid, nodes))
@@ -85,3 +90,47 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
     metrics = evaluate_and_report(cfg, clues, clues.final_adapters(), skipped=skipped, started=started)
     run.complete("report")
     return clues, metrics
+
+
+def _n(count: int, what: str) -> str:
+    return f"{count} {what}{'' if count == 1 else 's'}"
+
+
+def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str:
+    """What a step is about to do, for its status line."""
+    sites = _n(len(nodes), "site")
+    if name == "trace":
+        return f"{sites}, {_n(cfg['trace.rounds'], 'FedAvg round' if cfg['mode'] == 'federated' else 'local checkpoint')}"
+    if name == "score":
+        return f"{sites}, method {cfg['selection.method']}, {len(clues.anchors)} anchors"
+    if name == "threshold":
+        return f"rule {cfg['selection.threshold'] if clues.scorer.selection == 'anchor' else clues.scorer.selection}"
+    if name == "select":
+        return _n(sum(1 for s in clues.sites.values() if s.reported), "site")
+    if name == "retrain":
+        rounds = cfg["retrain.rounds"]
+        plan = (_n(rounds, "FedAvg round") if cfg["aggregation"] == "fedavg"
+                else f"{_n(rounds, 'local epoch')}, {cfg['aggregation']} merge")
+        return f"{_n(sum(1 for s in clues.sites.values() if s.kept > 0), 'site')} with kept samples, {plan}"
+    return sites
+
+
+def phase_result(clues: Clues, name: str) -> str:
+    """What a step did, for its status line."""
+    sites = list(clues.sites.values())
+    missing = sorted({m["site"] for m in clues.missing if m["phase"].split()[0] == name})
+    failed = f"; failed: {', '.join(missing)}" if missing else ""
+    if name in ("trace", "retrain"):
+        losses = clues.round_losses.get(name, [])
+        loss = f"mean training loss {losses[-1]:.4f} in the last round" if losses else "local training"
+        return f"{loss}{failed}"
+    if name == "score":
+        scored = sum(s.scored for s in sites if s.reported)
+        return f"{_n(scored, 'sample')} scored on {_n(sum(1 for s in sites if s.reported), 'site')}{failed}"
+    if name == "threshold":
+        value = clues.threshold.get("threshold", clues.threshold.get("ratio"))
+        return f"{clues.threshold.get('rule')} = {value:.4g}" if isinstance(value, float) else f"{clues.threshold.get('rule')}"
+    if name == "select":
+        kept = ", ".join(f"{s.name} {s.kept}/{s.num_examples}" for s in sorted(sites, key=lambda s: s.name) if s.counts)
+        return f"kept {kept}{failed}"
+    return failed.lstrip("; ")

@@ -163,17 +163,25 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .run_report import anchor_scale, round_loss_axis, score_axis
+
     files = []
     threshold = clues_run.metrics["threshold"].get("threshold")
-    fig, axes = plt.subplots(1, len(clues_run.per_site), figsize=(4 * len(clues_run.per_site), 3), squeeze=False)
+    try:  # scores ~1e-4 are unreadable as ticks: the axis is in units of the anchors' spread
+        anchors = json.loads((out / "runs" / clues_run.name / "thresholds.json").read_text()).get("anchor-scores")
+    except (OSError, ValueError):
+        anchors = None
+    scale = anchor_scale(anchors)
+    x = (lambda v: (np.asarray(v) - scale[0]) / scale[1]) if scale else np.asarray
+    lo = min(float(x(clues_run.scores).min()), float(x(anchors).min()) if scale else np.inf)
+    hi = max(float(x(clues_run.scores).max()), float(x(anchors).max()) if scale else -np.inf)
+    bins = np.linspace(lo, hi, 25)
+    fig, axes = plt.subplots(1, len(clues_run.per_site), figsize=(3.6 * len(clues_run.per_site) + 0.6, 3.2),
+                             squeeze=False)
     for i, (ax, (scores, polluted)) in enumerate(zip(axes[0], clues_run.per_site)):
-        bins = np.linspace(clues_run.scores.min(), clues_run.scores.max(), 25)
-        ax.hist(scores[~polluted], bins=bins, alpha=0.6, label="clean")
-        ax.hist(scores[polluted], bins=bins, alpha=0.6, label="polluted")
-        if threshold is not None:
-            ax.axvline(threshold, color="k", linestyle="--", label="global threshold")
-        ax.set_title(f"client-{i}: kept {int((scores >= threshold).sum()) if threshold is not None else '?'}/{len(scores)}")
-        ax.set_xlabel("CLUES score")
+        kept = f"{int((scores >= threshold).sum())}/{len(scores)}" if threshold is not None else "?"
+        score_axis(ax, [("clean", scores[~polluted]), ("polluted", scores[polluted])], anchors=anchors,
+                   threshold=threshold, bins=bins, method="CLUES score", title=f"client-{i}: kept {kept}")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "score_histograms.png", dpi=110)
@@ -195,11 +203,9 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5, 3))
     for m in methods:
-        for phase, losses in m.metrics.get("round-losses", {}).items():
-            if losses and (phase == "retrain" or m is clues_run):
-                ax.plot(range(1, len(losses) + 1), losses, marker="o", label=f"{m.name} {phase}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean client training loss")
+        losses = {phase: v for phase, v in m.metrics.get("round-losses", {}).items()
+                  if v and (phase == "retrain" or m is clues_run)}
+        round_loss_axis(ax, losses, label_prefix=f"{m.name} ")  # integer round ticks
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "loss_per_round.png", dpi=110)

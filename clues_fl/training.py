@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .console import progress as tqdm
 
 from .device import device_of, free_memory
 from .engine import AdamMoments, Checkpoint, lora_parameters

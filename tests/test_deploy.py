@@ -22,6 +22,7 @@ from test_flwr_cli import launch_home, stopped_pids_are_gone
 
 from clues_fl.data import load_samples
 from clues_fl.launch import make_tls_certificates
+from clues_fl.site_ids import read_id_map
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,8 +105,10 @@ def test_three_supernodes_with_their_own_files_over_tls(tmp_path):
     assert set(metrics["selection"]["per-client"]) == {"client-0", "client-1", "client-2"}
     for i in range(3):  # each site scored exactly the rows of its own file
         with open(out / "deploy" / "manifest" / f"client-{i}.csv") as fh:
-            ids = [row["id"] for row in csv.DictReader(fh)]
-        assert sorted(ids) == sorted(f"site{i}-row{j}" for j in range(8))
+            hashes = [row["id-hash"] for row in csv.DictReader(fh)]
+        assert not any("row" in h for h in hashes)  # the server holds keyed hashes only
+        ids = read_id_map(out / "deploy" / "sites" / f"client-{i}")  # the site's own map
+        assert sorted(ids[h] for h in hashes) == sorted(f"site{i}-row{j}" for j in range(8))
     assert stopped_pids_are_gone(proc.stdout)  # the SuperLink and all three SuperNodes
     assert not processes_with_home(home)
 
@@ -184,6 +187,9 @@ def test_run_completes_when_a_supernode_dies_mid_run(tmp_path):
     assert metrics["missing-sites"], metrics
     assert all(int(m["node"]) == node_id for m in metrics["missing-sites"]), metrics["missing-sites"]
     assert metrics["missing-sites"][0]["phase"].startswith("trace round"), metrics["missing-sites"]
+    # ... by its partition (the server asked each site at the start) and with the round
+    assert all((m["site"], m["partition-id"]) == ("client-2", 2) for m in metrics["missing-sites"]), metrics
+    assert metrics["missing-sites"][0]["round"] == 2, metrics["missing-sites"]
     per_client = metrics["selection"]["per-client"]
     assert set(per_client) == {"client-0", "client-1"}
     for counts in per_client.values():

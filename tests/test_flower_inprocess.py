@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
@@ -16,6 +16,7 @@ from clues_fl.inprocess import InMemoryGrid
 from clues_fl.scenario import build_scenario
 from clues_fl.scorers import Scorer
 from clues_fl.server_app import run_protocol
+from clues_fl.site_ids import read_id_map
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -64,6 +65,17 @@ def _strings_in(record) -> list[str]:
     return out
 
 
+def assert_no_real_ids(grid, real_ids: set[str]) -> None:
+    """No sample id of any site appears in any message, either way (hashes only)."""
+    for ex in grid.log:
+        for message in (ex.sent, ex.reply):
+            if message.has_error():
+                continue
+            for name, record in message.content.items():
+                for s in _strings_in(record) + list(record.keys()) + [name]:
+                    assert not any(i in s for i in real_ids), (ex.message_type, name, s)
+
+
 @pytest.mark.parametrize("mode,aggregation", [("federated", "fedavg"), ("merging", "weighted")])
 def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggregation):
     raw = run_config(tiny_model_dir, tmp_path, mode=mode, aggregation=aggregation)
@@ -76,6 +88,8 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     # The private texts of each site: none of them may appear in any reply.
     data = build_scenario(cfg, 2)
     texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
+    real_ids = {s.id for c in data.clients for s in c}
+    assert_no_real_ids(grid, real_ids)
     n_params = sum(v.numel() for v in clues.bench.initial_state.values())
     for ex in grid.log:
         assert not ex.reply.has_error(), ex.reply.error
@@ -93,6 +107,11 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
             scores = content["scores"]
             assert set(scores.keys()) == {"ids", "scores"}
             assert np.isfinite(np.asarray(scores["scores"])).all()
+            # keyed hashes (32 hex digits), which the site maps back in its own folder only
+            assert all(len(i) == 32 and int(i, 16) >= 0 for i in scores["ids"])
+            site = tmp_path / "inprocess" / "sites" / f"client-{NODES[ex.node]['partition-id']}"
+            mapped = read_id_map(site)
+            assert [mapped[i] for i in scores["ids"]] == [s.id for s in data.clients[NODES[ex.node]["partition-id"]]]
         if ex.message_type == "query.select":
             assert set(content["metrics"].keys()) >= {"kept", "tp", "fp", "fn", "tn"}
 
@@ -107,10 +126,19 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
     assert (out / "adapter" / "adapter_config.json").exists() or any((out / "adapter").rglob("adapter_config.json"))
+    for config in (out / "adapter").rglob("adapter_config.json"):  # the name given, and a filled model card
+        assert json.loads(config.read_text())["base_model_name_or_path"] == tiny_model_dir
+        card = (config.parent / "README.md").read_text()
+        assert "run `inprocess`" in card and "kept" in card and "[More Information Needed]" not in card
+    report = (out / "report.md").read_text()
+    assert "| client-0 | 8 |" in report and "![score histograms](score_histograms.png)" in report
+    assert "Validation loss" in report and (out / "score_histograms.png").stat().st_size > 1000
+    assert ((out / "round_losses.png").exists()) == (mode == "federated")
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]
     lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
-    assert lines[0] == "id,score,kept" and len(lines) == 9
+    assert lines[0] == "id-hash,score,kept" and len(lines) == 9
+    assert not any(i in "\n".join(lines) for i in real_ids)
     # counts reported by the sites agree with the kept flags of the manifest
     kept = sum(int(l.rsplit(",", 1)[1]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
@@ -122,6 +150,9 @@ def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_mod
     phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
     assert phases == ["trace round 1", "trace round 2", "retrain round 1"]
     assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
+    # the site by its partition (known before it ever replied: query.site), and the round
+    assert [(m["site"], m["partition-id"], m["round"]) for m in metrics["missing-sites"]] == [
+        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1)]
     assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
 
 
@@ -129,6 +160,7 @@ def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
     assert metrics["missing-sites"] and metrics["missing-sites"][0]["phase"] == "score"
+    assert metrics["missing-sites"][0]["site"] == "client-1" and metrics["missing-sites"][0]["round"] is None
     assert list(metrics["selection"]["per-client"]) == ["client-0"]
 
 
@@ -197,3 +229,64 @@ def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tm
     assert len(calls) == 1 and changed.metrics["threshold"]["rule"] == "anchor-mean"
     suite.Lab({**base, "selection.threshold": "anchor-mean"}, tmp_path, fresh=True).run("clues")
     assert len(calls) == 2
+
+
+def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    """One line per phase (start and end, evaluation included) and per FedAvg round;
+    Flower's per-start strategy banner is dropped unless CLUES_FL_VERBOSE=1."""
+    import logging
+
+    from flwr.serverapp.strategy import FedAvg
+
+    monkeypatch.delenv("CLUES_FL_VERBOSE", raising=False)
+    caplog.set_level(logging.INFO)
+    drive(run_config(tiny_model_dir, tmp_path, **{"eval.mc-items": 0, "eval.max-samples": 0}))
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("clues_fl")]
+    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+        assert any(m.startswith(f"{phase}: started") for m in ours), phase
+        assert any(m.startswith(f"{phase}: done in") for m in ours), phase
+    assert any(m.startswith("trace round 2/2: 2 sites, mean training loss") for m in ours)
+    assert any("kept client-0 " in m for m in ours if m.startswith("select: done"))
+    flower = [r.getMessage() for r in caplog.records if r.name == "flwr"]
+    assert flower == [], flower[:5]
+
+    caplog.clear()
+    FedAvg(fraction_evaluate=0.0)
+    assert caplog.records == []
+    monkeypatch.setenv("CLUES_FL_VERBOSE", "1")
+    FedAvg(fraction_evaluate=0.0)
+    assert any("fraction_evaluate is set to 0.0" in r.getMessage() for r in caplog.records)
+
+
+def test_progress_lines_off_a_terminal(capsys, monkeypatch):
+    from clues_fl import console
+
+    monkeypatch.setenv("CLUES_FL_PROGRESS_SECONDS", "0")
+    assert list(console.progress(range(3), desc="scoring")) == [0, 1, 2]  # stderr is captured: no TTY
+    err = capsys.readouterr().err
+    assert "scoring: 1/3" in err and "scoring: 3/3" in err and "\r" not in err
+    with console.progress(total=2, desc="train", disable=True) as bar:
+        bar.update(2)
+    assert capsys.readouterr().err == ""
+
+
+class FailingScorer(Scorer):  # an error that names a sample, as the engine's non-finite-loss error does
+    name = "failing"
+
+    def score(self, site, payload):
+        raise FloatingPointError(f"non-finite loss for samples {[s.id for s in site.samples[:2]]}")
+
+
+def test_a_sites_error_names_its_samples_by_hashed_ids_only(tiny_model_dir, tmp_path):
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "test_flower_inprocess:FailingScorer"})
+    grid = InMemoryGrid(client_module.app, NODES, raw)
+    context = grid._contexts[101]
+    real = [s.id for s in client_module._load(context)[2][:2]]
+    # the site's error comes back as an error reply (site_errors.report_site_errors): its text travels
+    reply = client_module.app(Message(RecordDict({"config": ConfigRecord({"method": "test_flower_inprocess:FailingScorer"})}),
+                                      dst_node_id=101, message_type="query.score"), context)
+    assert reply.has_error()
+    text = reply.error.reason
+    assert "FloatingPointError" in text, text
+    assert not any(i in text for i in real), text
+    assert all(f"<id {h}>" in text for h in client_module._wire_ids(context)[:2]), text

@@ -89,6 +89,13 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     assert 0.0 <= metrics["selection"]["f1"] <= 1.0
     assert metrics["validation-loss"]["selected"] > 0
     assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "cli-smoke" / "report.md").exists() and (out / "cli-smoke" / "score_histograms.png").exists()
+    # the console: a line when each phase starts and ends, no per-phase Flower banner, no library warnings
+    console = stdout["cli-smoke"]  # stderr merged
+    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+        assert f"{phase}: started" in console and f"{phase}: done in" in console, phase
+    for noise in ("fraction_evaluate is set to 0.0", "(empty!)", "FutureWarning", "DeprecationWarning"):
+        assert noise not in console, noise
 
 
 def test_a_site_error_stops_the_run_once_with_the_sites_message(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from clues_fl.config import parse_config
 from clues_fl.inprocess import InMemoryGrid
 from clues_fl.resume import ResumeError, RunState
 from clues_fl.server_app import run_protocol
+from clues_fl.site_ids import read_id_map
 
 # The same two sites under other node ids, in the other order (a restarted simulation).
 NEW_NODES = {404: NODES[101], 303: NODES[202]}
@@ -116,7 +118,9 @@ def assert_same_results(resumed: Path, reference: Path) -> None:
     for name in manifests:
         rows_a, rows_b = (list(csv.DictReader((p / "manifest" / name).read_text().splitlines()))
                           for p in (resumed, reference))
-        assert [(r["id"], r["kept"]) for r in rows_a] == [(r["id"], r["kept"]) for r in rows_b]
+        # the two runs' sites drew their own id keys: compare the ids their own maps give back
+        ids_a, ids_b = (read_id_map(p / "sites" / Path(name).stem) for p in (resumed, reference))
+        assert [(ids_a[r["id-hash"]], r["kept"]) for r in rows_a] == [(ids_b[r["id-hash"]], r["kept"]) for r in rows_b]
         np.testing.assert_allclose([float(r["score"]) for r in rows_a], [float(r["score"]) for r in rows_b], atol=1e-6)
     (fa,), (fb,) = (list((p / "adapter").rglob("adapter_model.safetensors")) for p in (resumed, reference))
     wa, wb = load_file(str(fa)), load_file(str(fb))
@@ -142,7 +146,7 @@ def assert_same_results(resumed: Path, reference: Path) -> None:
          "histogram-retrain-round-2"],
 )
 def test_an_interrupted_run_resumes_where_it_stopped(
-    tiny_model_dir, tmp_path, reference, mode, crash, nodes, redone, resumed_from  # noqa: F811
+    tiny_model_dir, tmp_path, reference, mode, crash, nodes, redone, resumed_from, caplog  # noqa: F811
 ):
     ref_out, ref_sent = reference(mode)
     raw = run_config(tiny_model_dir, tmp_path, **MODES[mode])
@@ -150,10 +154,13 @@ def test_an_interrupted_run_resumes_where_it_stopped(
     out = tmp_path / "inprocess"
     assert not (out / "metrics.json").exists()
 
+    caplog.set_level(logging.INFO, logger="clues_fl")
     grid, clues, metrics = run(raw, nodes=nodes)
+    assert f"resuming run 'inprocess' from step {resumed_from} (done: " in caplog.text  # the log says so
 
     # Only what was not completed is sent again (select: the new run's sites lost their kept rows).
-    assert grid.sent == Counter({k: ref_sent.get(k, len(NODES)) for k in redone})
+    # (every start asks the sites who they are: query.site)
+    assert grid.sent == Counter({k: ref_sent.get(k, len(NODES)) for k in redone | {"site"}})
     assert metrics["resumed-from"] == resumed_from
     if nodes is not None:
         assert set(clues.sites) == set(nodes)
@@ -199,7 +206,7 @@ def test_select_takes_back_the_sites_own_scores_only(tiny_model_dir, tmp_path): 
     raw = run_config(tiny_model_dir, tmp_path)
     grid = InMemoryGrid(client_module.app, NODES, raw)
     _, _, _, encoded, _, _ = client_module._load(grid._contexts[101])
-    ids = [e.id for e in encoded]
+    ids = client_module._wire_ids(grid._contexts[101])  # the keyed hashes it sent when scoring
 
     def select(ids, node=101):
         content = RecordDict({"config": ConfigRecord({"ratio": 0.5}),
@@ -213,6 +220,7 @@ def test_select_takes_back_the_sites_own_scores_only(tiny_model_dir, tmp_path): 
     assert re.search(r"^\[client-0\] ValueError: .*not this site's: 8 ids, 8 of them .* sample ids [(]in another order[)]",
                      refused.error.reason), refused.error.reason
     assert "not this site's: 3 ids" in select(ids[:3]).error.reason
+    assert "not this site's: 8 ids, 0 of them" in select([e.id for e in encoded]).error.reason  # the raw ids are not what it sent
     reply = select(ids)
     assert not reply.has_error(), reply.error
     assert reply.content["metrics"]["kept"] == len(ids) // 2

@@ -2,7 +2,7 @@
 
 The server holds the public anchor set and a clean validation set. It never sees a
 site's samples: it sends adapters and anchor gradients, receives per-sample scores
-(with opaque ids) and confusion counts, and aggregates adapters with Flower's FedAvg
+(with keyed hashes of the sample ids, site_ids.py) and confusion counts, and aggregates adapters with Flower's FedAvg
 or merges them once (linear / weighted / TIES on dW = B A).
 """
 
@@ -97,11 +97,13 @@ class SiteFedAvg(FedAvg):
         self._sent: list[Message] = []  # this round's messages
         self._noted: set[int] = set()
         self.gpu_peak: float | None = None  # the largest site GPU peak (MiB) over the rounds
+        self.answered: dict[int, int] = {}  # true round -> sites whose reply was good
 
     def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Report the sites that answered with an error or not at all (once per round);
         return the good replies."""
         ok, failed = sort_replies(self._sent, replies)
+        self.answered[server_round] = len(ok)
         if self.on_error is not None and server_round not in self._noted:
             self._noted.add(server_round)
             for node, reason in failed:
@@ -212,6 +214,7 @@ class Clues:
         self.val_cache = bench.cache(val_encoded, cfg, desc="validation prefix cache")
         self.sites: dict[int, SiteReport] = {}
         self.missing: list[dict] = []
+        self.site_info: dict[int, dict] = {}  # node -> its name, partition id, data file (query.site)
         self.timings: dict[str, float] = {}
         self.gpu_peaks: dict[str, dict[str, float]] = {}  # phase -> {"server": MiB, "sites": MiB} (CUDA only)
         self.round_losses: dict[str, list[float]] = {}
@@ -234,7 +237,7 @@ class Clues:
             n = min(n, len(only))
 
         def failed(node: int, server_round: int, reason: str) -> None:
-            self._missing(node, f"{phase} round {server_round}", reason)
+            self._missing(node, f"{phase} round {server_round}", reason, server_round)
 
         return SiteFedAvg(only, failed, offset, phase=phase, fraction_evaluate=0.0, min_train_nodes=n,
                           min_available_nodes=n)
@@ -258,12 +261,18 @@ class Clues:
         losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
         strategy = self._fedavg(phase, only, offset=done)
 
+        started = [time.time()]
+
         def after_round(server_round: int, current: ArrayRecord) -> None:
             if server_round == 0:  # Flower's call before the first round
                 return
             true_round = done + server_round
             if true_round in strategy.losses:
                 losses.append(strategy.losses[true_round])
+            loss = f", mean training loss {strategy.losses[true_round]:.4f}" if true_round in strategy.losses else ""
+            log.info("%s round %d/%d: %d sites%s (%.1f s)", phase, true_round, rounds,
+                     strategy.answered.get(true_round, 0), loss, time.time() - started[0])
+            started[0] = time.time()
             if keep is not None:
                 keep(true_round, current)
             if self.on_round is not None:
@@ -300,9 +309,35 @@ class Clues:
             )
         return ok
 
-    def _missing(self, node: int, phase: str, reason: str) -> None:
-        log.warning("site %s failed in phase '%s': %s", node, phase, reason)
-        self.missing.append({"node": node, "phase": phase, "reason": str(reason)[:500]})
+    def _missing(self, node: int, phase: str, reason: str, server_round: int | None = None) -> None:
+        """Record a site that failed: which site (name, partition id, data file when it
+        has one), where (phase and FedAvg round) and why."""
+        who = self.describe_site(node)
+        log.warning("site %s (node %s) failed in phase '%s': %s", who["site"], node, phase, reason)
+        self.missing.append({"node": node, **who, "phase": phase, "round": server_round, "reason": str(reason)[:500]})
+
+    def describe_site(self, node: int) -> dict:
+        """{"site", "partition-id"[, "data-file"]} of a node, as far as the server knows it."""
+        info = dict(self.site_info.get(node, {}))
+        if node in self.sites and not self.sites[node].name.startswith("node-"):
+            info.setdefault("site", self.sites[node].name)
+        info.setdefault("site", f"node-{node}")
+        info.setdefault("partition-id", int(info["site"].removeprefix("client-")) if info["site"].startswith("client-") else -1)
+        return info
+
+    def name_sites(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask each site who it is (query.site: from its node config, no data read), so that
+        a site failing before it ever replied is still named in `missing-sites`. A site
+        that does not answer stays known by its node id."""
+        messages = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in nodes]
+        ok, _ = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
+        for node, reply in ok.items():
+            site = reply.content["site"]
+            pid = int(reply.content["metrics"]["partition-id"])
+            info = {"site": str(site["name"]) if pid >= 0 else f"node-{node}", "partition-id": pid}
+            if "data-file" in site:
+                info["data-file"] = str(site["data-file"])
+            self.site_info[node] = info
 
     def record_time(self, name: str, start: float) -> None:
         self.timings[name] = round(time.time() - start, 2)
@@ -331,7 +366,7 @@ class Clues:
         replies = self._exchange(grid, "trace", contents, "train.local")
         lr = self.cfg["train.lr"]
         for node, reply in replies.items():
-            site = self.sites.setdefault(node, SiteReport(node, f"node-{node}"))
+            site = self.sites.setdefault(node, SiteReport(node, self.describe_site(node)["site"]))
             k = 0
             while f"ckpt-{k}" in reply.content:
                 site.checkpoints.append(record_checkpoint(reply.content[f"ckpt-{k}"], lr))

@@ -1,0 +1,141 @@
+"""The console: one status line per phase (and FedAvg round) with counts and time;
+Flower's per-phase strategy banner and the libraries' deprecation warnings quietened;
+progress bars only where they render.
+
+`CLUES_FL_VERBOSE=1` (the launcher's `--verbose`) keeps Flower's banner and the warnings.
+Progress: a tqdm bar when stderr is a terminal, else one line every
+`CLUES_FL_PROGRESS_SECONDS` (default 30) for loops that run that long.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+VERBOSE_ENV = "CLUES_FL_VERBOSE"
+PROGRESS_ENV = "CLUES_FL_PROGRESS_SECONDS"
+
+log = logging.getLogger("clues_fl")
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def quiet_warnings() -> None:
+    """FutureWarnings and DeprecationWarnings of the libraries (transformers, torch, Ray,
+    peft), one per process per location, repeated by every Ray worker: off unless verbose."""
+    if verbose():
+        return
+    if not _is_tty():  # Hugging Face's own bars ("Loading weights") arrive as fragments in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class FlowerBanner(logging.Filter):
+    """Drops what Flower's strategies log at every start() and round (the FedAvg
+    summary, `fraction_evaluate is set to 0.0`, `ConfigRecord (evaluate): (empty!)`,
+    `[ROUND i/n]`, the final results): CLUES runs FedAvg once per phase, and logs its own
+    line per round. Keeps the strategies' warnings and the DP accounting."""
+
+    KEEP = ("Privacy spent", "Waiting for nodes")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        if "/flwr/serverapp/strategy/" not in path or verbose():
+            return True
+        message = record.getMessage()
+        if "is set to 0.0" in message:
+            return False
+        return record.levelno > logging.INFO or any(k in message for k in self.KEEP)
+
+
+def setup() -> None:
+    """Quieten Flower and the libraries (unless verbose) and show this package's INFO
+    lines through Flower's console handler (where the run's log goes). Idempotent."""
+    quiet_warnings()
+    flwr = logging.getLogger("flwr")
+    if not any(isinstance(f, FlowerBanner) for f in flwr.filters):
+        flwr.addFilter(FlowerBanner())
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        handlers = [h for h in flwr.handlers if isinstance(h, logging.StreamHandler)]
+        log.addHandler(handlers[0] if handlers else logging.StreamHandler())
+
+
+def status(message: str, *args) -> None:
+    log.info(message, *args)
+
+
+def seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+class _Lines:
+    """tqdm's interface (iterate, update, close, with) printing a line every `interval`
+    seconds instead of a bar: for logs and pipes, where bars arrive as fragments."""
+
+    def __init__(self, iterable=None, total=None, desc="", interval=30.0):
+        self.iterable = iterable
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.desc = desc or "progress"
+        self.n = 0
+        self.start = self.last = time.time()
+        self.interval = interval
+        self.printed = False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.time()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{of} ({seconds(now - self.start)})", file=sys.stderr, flush=True)
+        self.printed = True
+
+    def close(self) -> None:
+        if self.printed and self.total and self.n >= self.total:
+            self.printed = False
+            self._line(time.time())
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+
+def progress(iterable=None, *, total=None, desc="", leave=False, disable=False, **kwargs):
+    """tqdm on a terminal; elsewhere a line every CLUES_FL_PROGRESS_SECONDS."""
+    if disable:
+        return iterable if iterable is not None else _Lines(None, total, desc, interval=float("inf"))
+    if _is_tty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=leave, **kwargs)
+    return _Lines(iterable, total, desc, interval=float(os.environ.get(PROGRESS_ENV, "30")))
+
+
+def _is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
