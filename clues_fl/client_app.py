@@ -24,6 +24,7 @@ from .messages import (
     split_record,
     state_record,
 )
+from .device import peak_memory_mib
 from .metrics import confusion_counts
 from .model import lora_state
 from .scenario import site_samples
@@ -135,6 +136,7 @@ def train(message: Message, context: Context) -> Message:
         "train-loss": result.mean_loss,
         "train-steps": len(result.step_losses),
         "train-seconds": time.time() - t0,
+        **_gpu_peak(),
     })
     return _reply(message, RecordDict({"arrays": arrays, "metrics": metrics}))
 
@@ -146,6 +148,12 @@ def _equal_budget_epochs(phase: str, cfg, context: Context, n: int) -> float | N
         return None
     per_round = math.ceil(len(_kept_rows(context)) / cfg["train.batch-size"])
     return cfg["train.local-epochs"] * per_round / max(1, math.ceil(n / cfg["train.batch-size"]))
+
+
+def _gpu_peak() -> dict:
+    """{"gpu-peak-mib": peak since the last reply} on a GPU, {} on the CPU."""
+    peak = peak_memory_mib()
+    return {} if peak is None else {"gpu-peak-mib": peak}
 
 
 def _steps_before(server_round: int, n: int, cfg) -> int:
@@ -176,7 +184,7 @@ def train_local(message: Message, context: Context) -> Message:
     )
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
-        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),
+        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss, **_gpu_peak()}),
         "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),  # resume: who this is
     })
     for k, ckpt in enumerate(result.checkpoints):
@@ -215,6 +223,7 @@ def score(message: Message, context: Context) -> Message:
             "truncated": sum(int(e.truncated) for e in encoded),
             "scored": len(encoded),  # a scorer that scores fewer (Quad) overrides it
             **scorer.extras(),
+            **_gpu_peak(),
         }),
     })
     return _reply(message, reply)

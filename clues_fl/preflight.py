@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import ConfigError, RunConfig, parse_config
+from .config import ConfigError, RunConfig, check_quantization_available, parse_config
 from .data import FILE_FORMATS, DataError, load_samples, resolve_source
 
 T = TypeVar("T")
@@ -272,6 +272,7 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     if sites is not None:
         check_sites(cfg, sites, site_files)
     check_method(cfg["selection.method"])
+    _keyed("model.quantization", lambda: check_quantization_available(cfg))
     check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
         check_model(cfg["quad.embedding-model"], "quad.embedding-model")

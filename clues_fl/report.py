@@ -155,6 +155,8 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "missing-sites": clues.missing,
         "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
+        "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
         **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
         "config": cfg.values,
     }

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from .. import privacy
 from ..config import RunConfig
+from ..device import peak_memory_mib
 from ..engine import AdamMoments, Checkpoint
 from ..messages import (
     checkpoint_record,
@@ -97,6 +98,7 @@ class SiteFedAvg(FedAvg):
         self.aggregated: set[int] = set()  # true rounds that produced global arrays
         self._sent: list[Message] = []  # this round's messages
         self._noted: set[int] = set()
+        self.gpu_peak: float | None = None  # the largest site GPU peak (MiB) over the rounds
         self.answered: dict[int, int] = {}  # true round -> sites whose reply was good
 
     def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
@@ -118,6 +120,7 @@ class SiteFedAvg(FedAvg):
     def aggregate_train(self, server_round, replies):
         server_round += self.offset
         replies = self.note_failures(server_round, replies)
+        self.gpu_peak = site_gpu_peak(replies, self.gpu_peak)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated.add(server_round)
@@ -131,6 +134,18 @@ class SiteFedAvg(FedAvg):
             messages = [m for m in messages if m.metadata.dst_node_id in self.only]
         self._sent = messages  # Flower sets their ids when it pushes these very objects
         return messages
+
+
+GPU_PEAK_KEY = "gpu-peak-mib"  # a site's peak GPU memory in the phase it answers (CUDA only)
+
+
+def site_gpu_peak(replies, current: float | None = None) -> float | None:
+    """The largest GPU peak the replies report (sites on the CPU report none)."""
+    for reply in replies:
+        metrics = reply.content.get("metrics") if not reply.has_error() else None
+        if metrics is not None and GPU_PEAK_KEY in metrics:
+            current = max(current or 0.0, float(metrics[GPU_PEAK_KEY]))
+    return current
 
 
 def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list[tuple[int, str]]]:
@@ -203,6 +218,7 @@ class Clues:
         self.missing: list[dict] = []
         self.site_info: dict[int, dict] = {}  # node -> its name, partition id, data file (query.site)
         self.timings: dict[str, float] = {}
+        self.gpu_peaks: dict[str, dict[str, float]] = {}  # phase -> {"server": MiB, "sites": MiB} (CUDA only)
         self.round_losses: dict[str, list[float]] = {}
         self.checkpoints: list[Checkpoint] = []  # federated mode: shared
         self.anchor: dict = {}
@@ -277,6 +293,7 @@ class Clues:
             train_config=ConfigRecord({"phase": phase}),
             evaluate_fn=after_round,
         )
+        self._site_peak(phase, strategy.gpu_peak)
         if result.arrays is not None:
             return result.arrays
         return arrays if aggregated else None
@@ -285,6 +302,7 @@ class Clues:
         """Send one message per node; keep the replies that carry no error."""
         messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
         ok, failed = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
+        self._site_peak(phase, site_gpu_peak(ok.values()))
         for node, reason in failed:
             self._missing(node, phase, reason)
         if len(ok) < min(self.cfg["fed.min-nodes"], len(contents)):
@@ -326,6 +344,14 @@ class Clues:
 
     def record_time(self, name: str, start: float) -> None:
         self.timings[name] = round(time.time() - start, 2)
+        peak = peak_memory_mib()  # this process's, since the last phase
+        if peak is not None:
+            self.gpu_peaks.setdefault(name, {})["server"] = peak
+
+    def _site_peak(self, phase: str, peak: float | None) -> None:
+        if peak is not None:
+            entry = self.gpu_peaks.setdefault(phase, {})
+            entry["sites"] = max(entry.get("sites", 0.0), peak)
 
     # -- phase 1: trace -------------------------------------------------------------
     def trace_federated(self, grid: Grid) -> None:
