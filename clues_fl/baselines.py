@@ -20,6 +20,7 @@ import torch
 from .console import progress as tqdm
 
 from .data import Encoded, Sample, encode_sample, encode_samples
+from .device import device_of, to_host
 from .engine import (
     Checkpoint,
     ScoreSettings,
@@ -45,9 +46,9 @@ def answer_losses_of(model, encoded: Sequence, first_layer: int, *, pad_id: int,
     """(N,) mean answer-token loss of each sample, in input order (batching-invariant)."""
     out = np.zeros(len(encoded))
     batches = (len(encoded) + batch_size - 1) // batch_size
-    for batch in tqdm(iterate_batches(encoded, batch_size, pad_id, cache), total=batches, desc=desc,
-                      leave=False, disable=batches < 4):
-        out[batch.rows] = sample_losses(model, batch, first_layer).double().numpy()
+    for batch in tqdm(iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)), total=batches,
+                      desc=desc, leave=False, disable=batches < 4):
+        out[batch.rows] = to_host(sample_losses(model, batch, first_layer))
     return out
 
 
@@ -178,9 +179,10 @@ def datainf_scores(model, encoded: Sequence, anchor_gradient: dict[str, torch.Te
         raise ValueError(f"anchor_gradient lacks LoRA weights {missing[:3]}")
     batches = (n + batch_size - 1) // batch_size
     bar = tqdm(total=3 * batches, desc=desc, leave=False, disable=batches < 2)
+    device = device_of(model)
 
-    sq_sum = {nm: torch.zeros((), dtype=torch.float64) for nm in names}
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    sq_sum = {nm: torch.zeros((), dtype=torch.float64, device=device) for nm in names}
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device):
         grads = per_sample_gradients(model, batch, first_layer)
         for nm in names:
             sq_sum[nm] += grads[nm].double().pow(2).sum()
@@ -189,9 +191,9 @@ def datainf_scores(model, encoded: Sequence, anchor_gradient: dict[str, torch.Te
            for nm in names}
     active = [nm for nm in names if lam[nm] > 0]
 
-    v = {nm: anchor_gradient[nm].double().reshape(-1) for nm in active}
+    v = {nm: anchor_gradient[nm].to(device, torch.float64).reshape(-1) for nm in active}
     weighted = {nm: torch.zeros_like(v[nm]) for nm in active}
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device):
         grads = per_sample_gradients(model, batch, first_layer)
         for nm in active:
             g = grads[nm].double().reshape(batch.size, -1)
@@ -204,11 +206,11 @@ def datainf_scores(model, encoded: Sequence, anchor_gradient: dict[str, torch.Te
         if nm in active:
             hvp[nm] = ((v[nm] - weighted[nm] / n) / lam[nm]).reshape(shape)
         else:
-            hvp[nm] = torch.zeros(shape, dtype=torch.float64)
+            hvp[nm] = torch.zeros(shape, dtype=torch.float64, device=device)
 
     scores = np.zeros(n)
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
-        scores[batch.rows] = score_batch(model, batch, hvp, first_layer).dot.double().numpy()
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device):
+        scores[batch.rows] = to_host(score_batch(model, batch, hvp, first_layer).dot)
         bar.update(1)
     bar.close()
     return _finite(scores, "datainf_scores")

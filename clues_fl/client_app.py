@@ -27,6 +27,7 @@ from .messages import (
     split_record,
     state_record,
 )
+from .device import peak_memory_mib
 from .metrics import confusion_counts
 from .model import lora_state
 from .scenario import site_samples
@@ -126,11 +127,11 @@ def train(message: Message, context: Context) -> Message:
     state, moments = split_record(message.content["arrays"])
     if MOMENTS_KEY in message.content:
         moments = record_moments(message.content[MOMENTS_KEY])
-    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
+    rows = list(range(len(encoded))) if phase in ("trace", "retrain-all") else _kept_rows(context)
     server_round = int(config.get("server-round", 1))
     t0 = time.time()
     result = bench.train(
-        [encoded[i] for i in rows], cfg, state, moments=moments,
+        [encoded[i] for i in rows], cfg, state, moments=moments, epochs=_equal_budget_epochs(phase, cfg, context, len(rows)),
         start_step=_steps_before(server_round, len(rows), cfg) if moments is not None else 0,
         cache=_subset_cache(cache, rows),
         seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
@@ -144,8 +145,24 @@ def train(message: Message, context: Context) -> Message:
         "train-loss": result.mean_loss,
         "train-steps": len(result.step_losses),
         "train-seconds": time.time() - t0,
+        **_gpu_peak(),
     })
     return _reply(message, content)
+
+
+def _equal_budget_epochs(phase: str, cfg, context: Context, n: int) -> float | None:
+    """'retrain-all' (the all-data reference) trains on every sample for as many steps per
+    round as the selection's retraining takes on this site (its kept samples): equal budgets."""
+    if phase != "retrain-all":
+        return None
+    per_round = math.ceil(len(_kept_rows(context)) / cfg["train.batch-size"])
+    return cfg["train.local-epochs"] * per_round / max(1, math.ceil(n / cfg["train.batch-size"]))
+
+
+def _gpu_peak() -> dict:
+    """{"gpu-peak-mib": peak since the last reply} on a GPU, {} on the CPU."""
+    peak = peak_memory_mib()
+    return {} if peak is None else {"gpu-peak-mib": peak}
 
 
 def _steps_before(server_round: int, n: int, cfg) -> int:
@@ -176,7 +193,7 @@ def train_local(message: Message, context: Context) -> Message:
     )
     content = RecordDict({
         "arrays": state_record(lora_state(bench.model)),
-        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss}),
+        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss, **_gpu_peak()}),
         "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),  # resume: who this is
     })
     for k, ckpt in enumerate(result.checkpoints):
@@ -204,6 +221,7 @@ def score(message: Message, context: Context) -> Message:
         raise ValueError(f"scorer '{scorer.name}' returned {values.shape} scores (finite: "
                          f"{bool(np.isfinite(values).all())}) for {len(encoded)} samples")
     context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in values]})  # exact, stays here
+    _keep_signals(context, scorer)
     reply = RecordDict({
         **_reported(values, _wire_ids(context), config),
         "metrics": MetricRecord({
@@ -214,6 +232,7 @@ def score(message: Message, context: Context) -> Message:
             "truncated": sum(int(e.truncated) for e in encoded),
             "scored": len(encoded),  # a scorer that scores fewer (Quad) overrides it
             **scorer.extras(),
+            **_gpu_peak(),
         }),
     })
     return _reply(message, reply)
@@ -247,16 +266,87 @@ def select(message: Message, context: Context) -> Message:
     kept = keep(scores, config)  # the server's threshold, or its ratio of this site's scores
     rows = [int(i) for i in np.flatnonzero(kept)]
     context.state[KEPT_KEY] = ConfigRecord({"rows": rows})
-    polluted = np.array([s.polluted for s in samples])
-    counts = confusion_counts(kept, polluted)  # computed here: flags never leave the site
+    labelled = has_quality_labels(cfg, context.node_config)
+    # Confusion counts only where the data carries quality labels (an experiment's
+    # pollution flags); computed here: flags never leave the site.
+    counts = confusion_counts(kept, np.array([s.polluted for s in samples])) if labelled else {}
+    write_site_report(cfg, context, samples, scores, kept, float(config.get("threshold", np.nan)))
     metrics = {
         "num-examples": len(samples),
         **(_coverage(cfg, bench, samples, encoded, cache, context, kept) if cfg["eval.coverage"] else {}),
         "kept": int(kept.sum()),
         "mean-kept-score": float(scores[kept].mean()) if kept.any() else 0.0,
+        "labelled": int(labelled),
         **{k: int(v) for k, v in counts.items()},
     }
     return _reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+
+
+SIGNALS_KEY = "clues.signals"
+
+
+def has_quality_labels(cfg, node_config) -> bool:
+    """Whether this site's samples carry quality labels: only an experiment that
+    polluted them on purpose (`pollution.ratios`) knows which are bad; a user's own
+    data (`data.pool`, a node's `data-file`) does not."""
+    return bool(str(cfg["pollution.ratios"]).strip()) and not cfg["data.pool"] and not node_config.get("data-file")
+
+
+def _keep_signals(context: Context, scorer) -> None:
+    """A multi-signal scorer's per-signal standardised values, kept in the site's own
+    state for its local report of dropped samples (never sent)."""
+    details = getattr(scorer, "details", None)
+    if not details:
+        if SIGNALS_KEY in context.state:
+            del context.state[SIGNALS_KEY]
+        return
+    z = np.asarray(details["z"], dtype=float)
+    context.state[SIGNALS_KEY] = ConfigRecord({"names": [str(n) for n in details["names"]],
+                                               "z": [float(x) for x in z.ravel()]})
+
+
+def site_report_dir(cfg, node_config):
+    """Where a site writes its local report: its node config's `report-dir`, else (in
+    simulation) <output-dir>/<run-name>/site-reports/client-<partition-id>."""
+    from pathlib import Path
+
+    from .report import output_dir
+
+    if node_config.get("report-dir"):
+        return Path(str(node_config["report-dir"])).expanduser()
+    return output_dir(cfg) / "site-reports" / f"client-{int(node_config.get('partition-id', 0))}"
+
+
+def write_site_report(cfg, context: Context, samples, scores, kept, threshold: float) -> None:
+    """The data owner's audit of the drop, on this site's disk only: every dropped sample
+    with its text, its score and which signal put it below the threshold."""
+    from .signals import SIGNALS
+
+    names, z = [], None
+    if SIGNALS_KEY in context.state:
+        rec = context.state[SIGNALS_KEY]
+        names = [str(n) for n in rec["names"]]
+        z = np.asarray(rec["z"], dtype=float).reshape(len(names), len(samples))
+    folder = site_report_dir(cfg, context.node_config)
+    folder.mkdir(parents=True, exist_ok=True)
+    reasons: dict[str, int] = {}
+    with open(folder / "dropped.jsonl", "w") as fh:
+        for i in np.flatnonzero(~np.asarray(kept, dtype=bool)):
+            row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
+                   "score": float(scores[i]), "threshold": threshold}
+            if z is not None:
+                worst = int(np.argmin(z[:, i]))
+                row["reason"] = SIGNALS[names[worst]][1]
+                row["worst-signal"] = names[worst]
+                row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
+            else:
+                row["reason"] = f"{cfg['selection.method']} score below the threshold"
+            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+            fh.write(json.dumps(row) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "samples": len(samples), "kept": int(np.sum(kept)), "dropped": int(len(samples) - np.sum(kept)),
+        "threshold": threshold, "dropped-by-reason": reasons,
+        "note": "written by this site for its own audit; nothing of it is sent to the server"}, indent=2))
 
 
 def _own_scores(message: Message, context: Context, encoded) -> np.ndarray:

@@ -20,7 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "resume": True,  # re-running a run-name resumes from its saved state (false: start over)
     # model
     "model.name": "smollm2-135m",
-    "model.quantization": "none",
+    "model.quantization": "none",  # none | 4bit (QLoRA nf4) | 8bit; needs bitsandbytes
+    "model.device": "auto",  # auto | cpu | cuda | cuda:N (auto: CUDA where available)
+    "model.dtype": "auto",  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, else float32)
     # LoRA
     "lora.r": 16,
     "lora.alpha": 16,
@@ -52,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "train.lr": 3e-4,
     "train.batch-size": 8,
     "train.local-epochs": 1.0,
+    "train.gradient-checkpointing": False,  # recompute activations in training (less GPU memory)
     "trace.rounds": 3,  # federated: FedAvg rounds = checkpoints; merging: local checkpoints
     "retrain.rounds": 2,
     # scoring
@@ -103,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
 CHOICES = {
     "mode": ("federated", "merging"),
     "model.quantization": ("none", "4bit", "8bit"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.on-error": ("raise", "skip"),
     "partition.method": ("iid", "sizes", "domain"),
     "scoring.similarity": ("dot", "cosine"),
@@ -127,6 +131,29 @@ class ConfigError(ValueError):
 def _module_attr(value: str) -> bool:
     module, sep, attr = str(value).partition(":")
     return bool(sep and module and attr)
+
+
+QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
+
+
+def check_quantization_available(cfg_or_quantization) -> None:
+    """Raise ConfigError, naming the install command, when `model.quantization` asks for
+    bitsandbytes and it is not installed. Takes a RunConfig, a dict or the value itself;
+    plain Python and no import of bitsandbytes, so preflight calls it before anything
+    starts (model.py re-exports it; the workbench calls it before loading)."""
+    import importlib.util
+    import sys
+
+    quantization = cfg_or_quantization
+    if not isinstance(cfg_or_quantization, str):
+        quantization = cfg_or_quantization["model.quantization"]
+    if quantization in ("", "none"):
+        return
+    if quantization not in ("4bit", "8bit"):
+        raise ConfigError(f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: '{quantization}' needs bitsandbytes, which is not installed "
+                          f"in {sys.prefix}: {QUANT_INSTALL}")
 
 
 @dataclass
@@ -189,6 +216,9 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
         if values[key] not in allowed:
             extra = " or module:function (your merge rule)" if key == "aggregation" else ""
             raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}{extra}")
+    device = values["model.device"]
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"model.device: '{device}' is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
     for key in POSITIVE_INTS:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be >= 1, got {values[key]}")

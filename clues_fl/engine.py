@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from .console import progress as tqdm
 
+from .device import device_of, free_memory, to_device, to_host
 from .forward import Batch, collate, length_buckets, sample_losses
 from .model import load_lora_state
 
@@ -135,14 +136,14 @@ def score_batch(
         loss = _backward(model, batch, first_layer)
     mask = batch.attention_mask.unsqueeze(-1)
     size = batch.size
-    dtype = loss.dtype
-    dot = torch.zeros(size, dtype=dtype)
-    sq = torch.zeros(size, dtype=dtype) if norms else None
-    adot = torch.zeros(size, dtype=dtype) if adam else None
-    asq = torch.zeros(size, dtype=dtype) if adam else None
+    dtype = loss.dtype  # float32 or float64: the losses of a bf16 model are float32
+    dot = torch.zeros(size, dtype=dtype, device=loss.device)
+    sq = torch.zeros(size, dtype=dtype, device=loss.device) if norms else None
+    adot = torch.zeros(size, dtype=dtype, device=loss.device) if adam else None
+    asq = torch.zeros(size, dtype=dtype, device=loss.device) if adam else None
     for name, _ in cap.linears:
         x, g = cap.inputs[name], cap.grads[name] * mask
-        ref = reference[name].to(x.dtype)
+        ref = reference[name].to(device=x.device, dtype=x.dtype)
         dot += torch.einsum("bto,bto->b", g, x @ ref.T).to(dtype)
         if norms or adam:
             per_sample = torch.einsum("bto,bti->boi", g, x)
@@ -166,9 +167,11 @@ def per_sample_gradients(model, batch: Batch, first_layer: int) -> dict[str, tor
     }
 
 
-def iterate_batches(encoded, batch_size: int, pad_id: int, cache=None):
+def iterate_batches(encoded, batch_size: int, pad_id: int, cache=None, device=None):
+    """Length-bucketed batches on `device` (the model's: `device_of(model)`), with the
+    cached prefix hidden states attached when `cache` is given."""
     for rows in length_buckets(encoded, batch_size):
-        batch = collate(encoded, rows, pad_id)
+        batch = collate(encoded, rows, pad_id, device)
         yield cache.attach(batch) if cache is not None else batch
 
 
@@ -176,7 +179,7 @@ def mean_gradient(model, encoded, first_layer, *, pad_id, batch_size=8, cache=No
     """Gradient of the mean per-sample loss (each sample normalised by its answer length)."""
     params = lora_parameters(model)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)):
         losses = sample_losses(model, batch, first_layer)
         grads = torch.autograd.grad(losses.sum(), list(params.values()))
         for name, grad in zip(params, grads):
@@ -211,6 +214,10 @@ class ScoreResult:
     losses: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (K, N)
 
 
+def _adam_on(adam: AdamMoments, device) -> AdamMoments:
+    return AdamMoments(to_device(adam.m, device), to_device(adam.v, device), adam.beta1, adam.beta2, adam.eps)
+
+
 def _flat_norm(grads: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
 
@@ -236,24 +243,25 @@ def score_samples(
     use_adam = settings.preconditioner == "adam"
     cosine = settings.similarity == "cosine"
     steps = k_total * ((n + settings.batch_size - 1) // settings.batch_size)
+    device = device_of(model)
     with tqdm(total=steps, desc=desc, leave=False, disable=steps < 4) as bar:
         for k, (ckpt, ref) in enumerate(zip(checkpoints, anchor_gradients)):
             load_lora_state(model, ckpt.state)
             if use_adam and ckpt.adam is None:
                 raise ValueError("scoring.preconditioner='adam' needs Adam moments in the checkpoints")
             ref_norm = _flat_norm(ref)
-            for batch in iterate_batches(encoded, settings.batch_size, pad_id, cache):
-                out = score_batch(
-                    model, batch, ref, first_layer, norms=cosine and not use_adam,
-                    adam=ckpt.adam if use_adam else None,
-                )
+            ref = to_device(ref, device)
+            adam = _adam_on(ckpt.adam, device) if use_adam else None
+            for batch in iterate_batches(encoded, settings.batch_size, pad_id, cache, device):
+                out = score_batch(model, batch, ref, first_layer, norms=cosine and not use_adam, adam=adam)
                 dot = out.adam_dot if use_adam else out.dot
                 if cosine:
                     sq = out.adam_sq_norm if use_adam else out.sq_norm
                     dot = dot / (torch.sqrt(sq) * ref_norm).clamp(min=1e-30)
-                per_ckpt[k, batch.rows] = dot.double().numpy()
-                losses[k, batch.rows] = out.loss.double().numpy()
+                per_ckpt[k, batch.rows] = to_host(dot)
+                losses[k, batch.rows] = to_host(out.loss)
                 bar.update(1)
+    free_memory()
     lrs = np.array([c.lr for c in checkpoints])[:, None]
     return ScoreResult([e.id for e in encoded], (lrs * per_ckpt).sum(0), per_ckpt, losses)
 
@@ -289,11 +297,12 @@ def anchor_scores(
         raise ValueError(f"the anchor set needs at least 2 samples, got {n}")
     total = np.zeros(n)
     gradients = []
+    device = device_of(model)
     for ckpt in checkpoints:
         load_lora_state(model, ckpt.state)
         names = [name for name, _ in lora_linears(model)]
         rows_grads: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-        for batch in iterate_batches(anchors, settings.batch_size, pad_id, cache):
+        for batch in iterate_batches(anchors, settings.batch_size, pad_id, cache, device):
             grads = per_sample_gradients(model, batch, first_layer)
             flat = _flatten(grads, names, batch.size)
             for b, r in enumerate(batch.rows):
@@ -304,20 +313,21 @@ def anchor_scores(
         if settings.preconditioner == "adam":
             if ckpt.adam is None:
                 raise ValueError("scoring.preconditioner='adam' needs Adam moments in the checkpoints")
-            m = torch.cat([ckpt.adam.m[nm].reshape(-1) for nm in names]).double()
-            v = torch.cat([ckpt.adam.v[nm].reshape(-1) for nm in names]).double()
+            m = torch.cat([ckpt.adam.m[nm].reshape(-1) for nm in names]).to(device, torch.float64)
+            v = torch.cat([ckpt.adam.v[nm].reshape(-1) for nm in names]).to(device, torch.float64)
             direction = precondition(per_sample, m[None], v[None], ckpt.adam)
         else:
             direction = per_sample
         dots = (direction * loo).sum(1)
         if settings.similarity == "cosine":
             dots = dots / (direction.norm(dim=1) * loo.norm(dim=1)).clamp(min=1e-30)
-        total += ckpt.lr * dots.numpy()
+        total += ckpt.lr * to_host(dots)
         shapes = {nm: ckpt.state[nm].shape for nm in names}
         offset, mean_grad = 0, {}
-        for nm in names:
+        for nm in names:  # on the host, in the adapter's dtype: it travels to the sites
             size = int(np.prod(shapes[nm]))
-            mean_grad[nm] = mean[offset : offset + size].reshape(shapes[nm]).to(ckpt.state[nm].dtype)
+            mean_grad[nm] = mean[offset : offset + size].reshape(shapes[nm]).to("cpu", ckpt.state[nm].dtype)
             offset += size
         gradients.append(mean_grad)
+    free_memory()
     return AnchorScores(total, gradients)

@@ -23,6 +23,7 @@ from .console import progress as tqdm
 
 from .baselines import answer_losses_of
 from .data import DataError, Encoded, Sample, encode_sample, resolve_source
+from .device import device_of
 
 # --------------------------------------------------------------------------- text metrics
 
@@ -140,7 +141,8 @@ def generate_answers(model, tokenizer, samples: Sequence, *, max_new_tokens: int
                 n = len(prompts[r])
                 ids[b, width - n :] = torch.tensor(prompts[r], dtype=torch.long)
                 mask[b, width - n :] = 1
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            device = device_of(model)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             for b, r in enumerate(rows):
                 answers[r] = _decode_new(tokenizer, out[b, width:].tolist(), stops)
     finally:

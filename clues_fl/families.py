@@ -111,7 +111,7 @@ def _gemma_embed(stack, input_ids):
     or, in older versions, in the model's forward by a normaliser cast to the dtype."""
     hidden = stack.embed_tokens(input_ids)
     if not hasattr(stack.embed_tokens, "embed_scale"):
-        hidden = hidden * torch.tensor(stack.config.hidden_size**0.5, dtype=hidden.dtype)
+        hidden = hidden * torch.tensor(stack.config.hidden_size**0.5, dtype=hidden.dtype, device=hidden.device)
     return hidden
 
 

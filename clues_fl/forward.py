@@ -47,20 +47,33 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def collate(encoded: list, rows: list[int], pad_id: int) -> Batch:
-    """Pad the samples `encoded[r] for r in rows` into one Batch."""
+def collate(encoded: list, rows: list[int], pad_id: int, device=None) -> Batch:
+    """Pad the samples `encoded[r] for r in rows` into one Batch (on `device`, e.g. the
+    model's `device.device_of(model)`; default the CPU)."""
     items = [encoded[r] for r in rows]
     width = max(len(e.input_ids) for e in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), width), dtype=torch.long)
-    target = torch.zeros((len(items), width), dtype=torch.bool)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long, device="cpu")
+    attention = torch.zeros((len(items), width), dtype=torch.long, device="cpu")
+    target = torch.zeros((len(items), width), dtype=torch.bool, device="cpu")
     for b, e in enumerate(items):
         n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long, device="cpu")
         attention[b, :n] = 1
         # position t predicts token t+1; answer tokens are prompt_len .. n-1
         target[b, max(e.prompt_len - 1, 0) : n - 1] = True
-    return Batch([e.id for e in items], input_ids, attention, target, list(rows))
+    return to_device(Batch([e.id for e in items], input_ids, attention, target, list(rows)), device)
+
+
+def to_device(batch: Batch, device) -> Batch:
+    """The one place a batch moves to the model's device (in place; returns it)."""
+    if device is None or batch.input_ids.device == torch.device(device):
+        return batch
+    blocking = torch.device(device).type == "cpu"
+    for name in ("input_ids", "attention_mask", "target_mask", "hidden"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.to(device, non_blocking=not blocking))
+    return batch
 
 
 def length_buckets(encoded: list, batch_size: int) -> list[list[int]]:

@@ -281,7 +281,7 @@ def _site_files(data_dir: Path | None, sites: int) -> list[Path] | None:
 
 
 def run(scenario: str | None, run_config: str | None, num_supernodes: int | None, cpus_per_client: int,
-        deploy: int = 0, data_dir: Path | None = None, tls: bool = False) -> int:
+        deploy: int = 0, data_dir: Path | None = None, tls: bool = False, gpus_per_site: float = 0.0) -> int:
     """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
     and N SuperNodes on 127.0.0.1, each site with its own node config (and data file).
     `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA.
@@ -358,7 +358,7 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
                 print(f"supernode {i} pid {sites[-1].pid} log {log}", flush=True)
             _wait_supernodes(env, sites)
         else:
-            cmd += ["--federation-config", f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"]
+            cmd += ["--federation-config", federation_config(nodes, cpus_per_client, gpus_per_site)]
         if values:
             path = home / "run-config.toml"
             path.write_text(_render_run_config(values))
@@ -390,6 +390,23 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
             signal.signal(sig, handler)
 
 
+def federation_config(nodes: int, cpus_per_client: int, gpus_per_site: float = 0.0) -> str:
+    """The simulation's `--federation-config`: sites and the resources each one reserves.
+    A fractional GPU share (0.5: two sites per GPU) is a reservation, not a limit: the
+    sites sharing a GPU must fit its memory together."""
+    config = f"num-supernodes={nodes} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_site:
+        config += f" client-resources-num-gpus={gpus_per_site:g}"
+    return config
+
+
+def _gpu_share(text: str) -> float:
+    value = float(text)
+    if value < 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text}: a share of one GPU in (0, 1] or a whole number of GPUs")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", nargs="?", help="a TOML run-config from scenarios/")
@@ -397,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, help="default: one per pollution ratio")
     parser.add_argument("--cpus-per-client", type=int, default=os.cpu_count() or 1,
                         help="CPUs reserved per simulated site (default: all, so sites run one at a time)")
+    parser.add_argument("--gpus-per-site", type=_gpu_share, default=0.0, metavar="F",
+                        help="GPUs reserved per simulated site, fractional allowed (0.5: two sites share a GPU); "
+                             "default 0 (CPU). Use with model.device auto or cuda")
     parser.add_argument("--deploy", type=int, default=0, metavar="N",
                         help="run on Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1")
     parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
@@ -410,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/console.py)
         os.environ["CLUES_FL_VERBOSE"] = "1"
     return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, deploy=args.deploy,
-               data_dir=args.data_dir, tls=args.tls)
+               data_dir=args.data_dir, tls=args.tls, gpus_per_site=args.gpus_per_site)
 
 
 if __name__ == "__main__":

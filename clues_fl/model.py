@@ -15,9 +15,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import QUANT_INSTALL, check_quantization_available  # noqa: F401 (model.check_quantization_available)
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +116,63 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none") -> torch.nn.Module:
-    """Frozen base causal LM in float32 on CPU (or 4/8-bit through bitsandbytes)."""
-    kwargs: dict = {"dtype": torch.float32}
-    if quantization in ("4bit", "8bit"):
+def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", device: str = "cpu",
+                    dtype: str = "float32", gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The frozen base causal LM: the one place it is loaded, placed and quantised.
+
+    `device` / `dtype` are `model.device` / `model.dtype` (device.resolve: auto = CUDA
+    with bf16 where available, else CPU float32). `quantization` 4bit is QLoRA's nf4
+    with double quantisation; 8bit is LLM.int8. A quantised model computes in bf16
+    when `dtype` is auto (also on the CPU, where bitsandbytes runs it too) and goes
+    through peft's prepare_model_for_kbit_training. `gradient_checkpointing`
+    recomputes activations in training (non-reentrant, so it also works from the
+    prefix cache, whose hidden states do not require grad).
+    """
+    from .device import resolve
+
+    try:
+        check_quantization_available(quantization)
+    except ValueError as err:
+        raise ModelError(str(err)) from err
+    dev, dt = resolve(device, dtype)
+    quantized = quantization in ("4bit", "8bit")
+    if quantized and dtype in ("", "auto"):
+        dt = torch.bfloat16
+    kwargs: dict = {"dtype": dt}
+    if quantized:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit",
             load_in_8bit=quantization == "8bit",
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dt,
         )
-    elif quantization not in ("", "none"):
-        raise ModelError(
-            f"model.quantization: '{quantization}' is not one of none, 4bit, 8bit"
-        )
+    if quantized or dev.type == "cuda":
+        kwargs["device_map"] = {"": str(dev)}  # straight onto the device, no host copy
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **kwargs)
     except OSError as err:
         raise ModelError(f"model.name: cannot load '{name}': {err}") from err
     model.config.use_cache = False
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        for module in model.modules():
+            # bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel on the first
+            # no-grad eval forward; after that no gradient flows through the layer (measured:
+            # LoRA gradients None, training stalls). Training and scoring follow evaluation
+            # here, so the repacking is switched off.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for param in model.parameters():
         param.requires_grad_(False)
     return model
@@ -225,7 +265,8 @@ def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
         raise ModelError(f"adapter tensors do not match the model: {missing[:3]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(torch.as_tensor(value, dtype=params[name].dtype))
+            value = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            params[name].copy_(value.to(dtype=params[name].dtype, device=params[name].device))
 
 
 def first_lora_layer(model: PeftModel) -> int:

@@ -5,6 +5,12 @@ every checkpoint, epoch and round, for tracing, scoring, anchor scoring and
 retraining. Stored as one memory-mapped float32 array per (model, split layer,
 tokens) key: a stale cache is never used because the key hashes the token ids, and
 peak memory stays flat because batches are read from the memory map.
+
+numpy has no bfloat16: a bf16 model's states are stored as float32 (exact, bf16 is
+a truncated float32) and cast back per batch. On a GPU the whole cache is copied to
+device memory once when it fits a budget (`gpu_budget_bytes`, default a quarter of
+the free memory); otherwise each batch is gathered on the host into pinned memory
+and copied asynchronously.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ import numpy as np
 import torch
 from .console import progress as tqdm
 
+from .device import compute_dtype, device_of
 from .forward import Batch, collate, length_buckets, prefix_hidden
 from .model import backbone, cache_root
+
+GPU_BUDGET_SHARE = 0.25  # of the free GPU memory, for a resident cache
 
 
 def model_fingerprint(model) -> str:
@@ -46,10 +55,14 @@ def cache_key(model, first_lora_layer: int, encoded: list) -> str:
 class PrefixCache:
     """Hidden states (sum of lengths, H) in a memory map, one row block per sample."""
 
-    def __init__(self, array: np.ndarray, offsets: np.ndarray, lengths: np.ndarray):
+    def __init__(self, array: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, *,
+                 device=None, dtype: torch.dtype | None = None, resident: torch.Tensor | None = None):
         self.array = array
         self.offsets = offsets
         self.lengths = lengths
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype or torch.from_numpy(np.zeros(0, dtype=array.dtype)).dtype  # what batches get
+        self.resident = resident  # the whole array on self.device, or None (read from the memory map)
 
     @classmethod
     def build(
@@ -62,6 +75,7 @@ class PrefixCache:
         batch_size: int = 8,
         cache_dir: Path | None = None,
         desc: str = "prefix cache",
+        gpu_budget_bytes: int | None = None,
     ) -> "PrefixCache":
         folder = Path(cache_dir) if cache_dir else cache_root() / "prefix"
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,15 +85,16 @@ class PrefixCache:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         if not (data_path.exists() and meta_path.exists()):
             hidden_size = backbone(model).config.hidden_size
-            dtype = np.float64 if backbone(model).get_input_embeddings().weight.dtype == torch.float64 else np.float32
+            dtype = np.float64 if compute_dtype(model) == torch.float64 else np.float32
             tmp = data_path.with_suffix(f".tmp{os.getpid()}.npy")
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=dtype, shape=(int(lengths.sum()), hidden_size)
             )
             buckets = length_buckets(encoded, batch_size)
             for rows in tqdm(buckets, desc=desc, leave=False, disable=len(buckets) < 4):
-                batch = collate(encoded, rows, pad_id)
-                hidden = prefix_hidden(model, batch, first_lora_layer).numpy()
+                batch = collate(encoded, rows, pad_id, device_of(model))
+                hidden = prefix_hidden(model, batch, first_lora_layer).to("cpu", torch.from_numpy(
+                    np.zeros(0, dtype=dtype)).dtype).numpy()
                 for b, r in enumerate(rows):
                     out[offsets[r] : offsets[r] + lengths[r]] = hidden[b, : lengths[r]]
             out.flush()
@@ -87,21 +102,57 @@ class PrefixCache:
             os.replace(tmp, data_path)
             meta_path.write_text(json.dumps({"samples": len(encoded), "layer": first_lora_layer}))
         array = np.load(data_path, mmap_mode="r")
-        return cls(array, offsets, lengths)
+        cache = cls(array, offsets, lengths, device=device_of(model), dtype=compute_dtype(model))
+        if cache.device.type == "cuda":
+            if gpu_budget_bytes is None:
+                gpu_budget_bytes = int(GPU_BUDGET_SHARE * torch.cuda.mem_get_info(cache.device)[0])
+            cache.make_resident(gpu_budget_bytes)
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole cache on the device, in the model's dtype."""
+        return int(self.array.shape[0]) * int(self.array.shape[1]) * torch.finfo(self.dtype).bits // 8
+
+    def make_resident(self, budget_bytes: int, chunk_rows: int = 65536) -> bool:
+        """Copy the whole cache to `self.device` (in the model's dtype) if it fits the
+        budget; returns whether it did. Copied in chunks: the host never holds it whole."""
+        if self.resident is not None:
+            return True
+        if self.nbytes > budget_bytes:
+            return False
+        out = torch.empty(tuple(self.array.shape), dtype=self.dtype, device=self.device)
+        for start in range(0, self.array.shape[0], chunk_rows):
+            block = torch.from_numpy(np.array(self.array[start : start + chunk_rows]))
+            out[start : start + len(block)] = block.to(self.device, self.dtype)
+        self.resident = out
+        return True
 
     def subset(self, rows) -> "PrefixCache":
-        """The cache of `rows` of the pool, in that order (same memory map)."""
+        """The cache of `rows` of the pool, in that order (same memory map / device copy)."""
         idx = np.asarray(list(rows), dtype=np.int64)
-        return PrefixCache(self.array, self.offsets[idx], self.lengths[idx])
+        return PrefixCache(self.array, self.offsets[idx], self.lengths[idx], device=self.device,
+                           dtype=self.dtype, resident=self.resident)
 
     def attach(self, batch: Batch) -> Batch:
-        """Fill `batch.hidden` from the cache (zeros at padded positions)."""
-        dtype = torch.from_numpy(np.zeros(0, dtype=self.array.dtype)).dtype
+        """Fill `batch.hidden` (on the batch's device, in the model's dtype) from the
+        cache, zeros at padded positions."""
         width = batch.input_ids.shape[1]
-        hidden = torch.zeros((batch.size, width, self.array.shape[1]), dtype=dtype)
+        device = batch.input_ids.device
+        shape = (batch.size, width, self.array.shape[1])
+        if self.resident is not None:
+            hidden = torch.zeros(shape, dtype=self.dtype, device=device)
+            for b, r in enumerate(batch.rows):
+                start, n = int(self.offsets[r]), int(self.lengths[r])
+                hidden[b, :n] = self.resident[start : start + n].to(device)
+            batch.hidden = hidden
+            return batch
+        host_dtype = torch.from_numpy(np.zeros(0, dtype=self.array.dtype)).dtype
+        pinned = device.type == "cuda"
+        hidden = torch.zeros(shape, dtype=host_dtype, device="cpu", pin_memory=pinned)
         for b, r in enumerate(batch.rows):
             n = int(self.lengths[r])
             block = np.array(self.array[self.offsets[r] : self.offsets[r] + n])
-            hidden[b, :n] = torch.from_numpy(block).to(dtype)
-        batch.hidden = hidden
+            hidden[b, :n] = torch.from_numpy(block)
+        batch.hidden = hidden.to(device, self.dtype, non_blocking=pinned)
         return batch

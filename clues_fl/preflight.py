@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import ConfigError, RunConfig, parse_config
+from .config import ConfigError, RunConfig, check_quantization_available, parse_config
 from .data import FILE_FORMATS, DataError, load_samples, resolve_source
 
 T = TypeVar("T")
@@ -303,6 +303,7 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     check_method(cfg["selection.method"])
     check_strategy(cfg.values)
     check_merge_rule(cfg["aggregation"])
+    _keyed("model.quantization", lambda: check_quantization_available(cfg))
     check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
         check_model(cfg["quad.embedding-model"], "quad.embedding-model")

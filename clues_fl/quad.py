@@ -76,6 +76,7 @@ from .engine import (
     lora_linears,
     per_sample_gradients,
 )
+from .device import device_of, to_host
 from .forward import Batch, final_hidden
 from .model import backbone, load_lora_state
 
@@ -96,14 +97,14 @@ def embed_samples(model, encoded: Sequence, first_layer: int, *, pad_id: int, ba
     hidden_size = backbone(model).config.hidden_size
     out = np.zeros((len(encoded), hidden_size), dtype=np.float64)
     batches = (len(encoded) + batch_size - 1) // batch_size
-    for batch in tqdm(iterate_batches(encoded, batch_size, pad_id, cache), total=batches, desc="embed",
-                      leave=False, disable=batches < 4):
+    for batch in tqdm(iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)), total=batches,
+                      desc="embed", leave=False, disable=batches < 4):
         hidden = final_hidden(model, batch, first_layer).double()
         # answer tokens: position t + 1 for every t that predicts an answer token
         answer = torch.zeros_like(batch.target_mask)
         answer[:, 1:] = batch.target_mask[:, :-1]
         mask = answer.unsqueeze(-1).double()
-        out[batch.rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy()
+        out[batch.rows] = to_host((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
     if len(out) > 1:
         out -= out.mean(0, keepdims=True)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
@@ -233,7 +234,8 @@ def kfac_factors(model, encoded: Sequence, first_layer: int, *, pad_id: int, bat
     a_sum: dict[str, torch.Tensor] = {}
     s_sum: dict[str, torch.Tensor] = {}
     tokens = 0
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    device = device_of(model)
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device):
         cap = _captured(model, batch, first_layer)
         mask = counted_tokens(batch)
         tokens += int(mask.sum())
@@ -249,7 +251,7 @@ def kfac_factors(model, encoded: Sequence, first_layer: int, *, pad_id: int, bat
 
     if eigen_correction:
         diag = {name: torch.zeros_like(f.eigen) for name, f in factors.items()}
-        for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+        for batch in iterate_batches(encoded, batch_size, pad_id, cache, device):
             cap = _captured(model, batch, first_layer)
             mask = counted_tokens(batch).unsqueeze(-1)
             for name, _ in cap.linears:
@@ -483,9 +485,11 @@ def anchor_influence(bench, anchors, checkpoints, cfg, settings, *, cache=None) 
                                batch_size=settings.batch_size, cache=cache, eigen_correction=cfg["quad.ekfac"])
         names = [name for name, _ in lora_linears(model)]
         grads: dict[str, torch.Tensor] = {}
-        for batch in iterate_batches(anchors, settings.batch_size, bench.pad_id, cache):
+        device = device_of(model)
+        for batch in iterate_batches(anchors, settings.batch_size, bench.pad_id, cache, device):
             for name, g in per_sample_gradients(model, batch, bench.first_layer).items():
-                grads.setdefault(name, torch.zeros((n, *g.shape[1:]), dtype=torch.float64))[batch.rows] = g.double()
+                grads.setdefault(name, torch.zeros((n, *g.shape[1:]), dtype=torch.float64, device=device))[
+                    batch.rows] = g.double()
         reference = inverse_hvp(factors, {nm: grads[nm].mean(0) for nm in names}, damping)
         dots = np.zeros(n)
         for a in range(n):
@@ -498,7 +502,7 @@ def anchor_influence(bench, anchors, checkpoints, cfg, settings, *, cache=None) 
                 dot /= max(norm_g * norm_r, 1e-30)
             dots[a] = dot
         total += ckpt.lr * dots
-        references.append({nm: reference[nm].to(ckpt.state[nm].dtype) for nm in names})
+        references.append({nm: reference[nm].to("cpu", ckpt.state[nm].dtype) for nm in names})  # travels
     return AnchorInfluence(total, references)
 
 

@@ -90,7 +90,12 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     losses: dict[str, float] = {}
     if cfg["eval.validation"] and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
-        if clues.checkpoints:  # federated trace: the last global adapter saw all raw data
+        if getattr(clues, "all_data_state", None) is not None:  # retrained on all data at the selection's budget
+            losses["all-data"] = bench.loss(clues.val, clues.all_data_state, cache=clues.val_cache)
+            if clues.checkpoints:
+                losses["last-trace-checkpoint"] = bench.loss(clues.val, clues.checkpoints[-1].state,
+                                                             cache=clues.val_cache)
+        elif clues.checkpoints:  # federated trace: the last global adapter saw all raw data
             losses["all-data"] = bench.loss(clues.val, clues.checkpoints[-1].state, cache=clues.val_cache)
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
@@ -127,11 +132,12 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         if clues.threshold.get("standardised"):
             scores = standardise(scores, site.anchor_scores)
         kept = keep(scores, clues.threshold)
+        readable = anchor_units(clues, site)
         with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["id-hash", "score", "kept"])
-            for i, s, k in zip(site.ids, site.scores, kept):
-                writer.writerow([i, f"{s:.8g}", int(k)])
+            writer.writerow(["id-hash", "score", "kept", *(["score-z"] if readable is not None else [])])
+            for row, (i, s, k) in enumerate(zip(site.ids, site.scores, kept)):
+                writer.writerow([i, f"{s:.8g}", int(k), *([f"{readable[row]:.3f}"] if readable is not None else [])])
 
     selection = clues.selection_summary()
     metrics = {
@@ -146,6 +152,8 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "missing-sites": clues.missing,
         "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
+        "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
         **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
         "config": cfg.values,
     }
@@ -170,7 +178,9 @@ def summary_text(metrics: dict, out: Path) -> str:
         f"  threshold: {metrics['threshold'].get('rule')} = "
         f"{metrics['threshold'].get('threshold', metrics['threshold'].get('ratio'))}",
     ]
-    if sel:
+    if sel and sel.get("labelled") is False:
+        lines += unlabelled_lines(sel)
+    elif sel:
         lines.append(
             f"  selection: precision {sel.get('precision', float('nan')):.3f}  recall {sel.get('recall', float('nan')):.3f}  "
             f"F1 {sel.get('f1', float('nan')):.3f}  accuracy {sel.get('accuracy', float('nan')):.3f}"
@@ -187,6 +197,34 @@ def summary_text(metrics: dict, out: Path) -> str:
     lines.append(f"  time: {metrics['timings-seconds']}")
     lines.append(f"  outputs: {out} (report: {out / 'report.md'})")
     return "\n".join(lines)
+
+
+def anchor_units(clues, site):
+    """A site's scores in anchor units, (s - mean) / sd of the anchors' leave-one-out
+    scores (0 = a typical anchor, -3 = far below), or None for methods without anchors."""
+    anchors = site.anchor_scores if site.anchor_scores is not None else clues.anchor.get("scores")
+    if anchors is None or len(anchors) < 2 or clues.scorer.selection != "anchor":
+        return None
+    return standardise(site.scores, np.asarray(anchors, dtype=float))
+
+
+def unlabelled_lines(sel: dict) -> list[str]:
+    """The summary of a selection on data without quality labels: no P/R/F1."""
+    lines = [f"  selection (no quality labels, so no precision or recall): kept {sel['kept']}/{sel['n']} "
+             f"({sel['kept-share']:.0%})"]
+    share = sel.get("estimated-clean-share")
+    if share:
+        lines.append(f"  estimated clean share {share['estimate']:.2f} "
+                     f"({share['level']:.0%} interval {share['low']:.2f}-{share['high']:.2f})")
+    dist = sel.get("score-distribution", {})
+    for who in ("sites", "anchors"):
+        if dist.get(who):
+            q = dist[who]
+            lines.append(f"  scores ({who}): min {q['q00']:.4g}  q10 {q['q10']:.4g}  median {q['q50']:.4g}  "
+                         f"q90 {q['q90']:.4g}  max {q['q100']:.4g}")
+    for name, m in sorted(sel.get("per-client", {}).items()):
+        lines.append(f"    {name}: kept {m['kept']}/{m['n']}")
+    return lines
 
 
 def read_manifests(out: Path, cfg: RunConfig) -> list[tuple[list, np.ndarray, np.ndarray]]:

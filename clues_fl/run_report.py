@@ -151,13 +151,13 @@ def write_run_report(out: Path, metrics: dict, clues) -> Path:
         lines += [f"Resumed from {metrics['resumed-from']}.", ""]
 
     per = sel.get("per-client", {})
-    labelled = bool(cfg.get("pollution.ratios"))
+    labelled = bool(cfg.get("pollution.ratios")) and sel.get("labelled", True) is not False
     if per:
         lines += ["## Selection per site", ""]
         header = ["site", "samples", "kept", "dropped"] + (["precision", "recall", "F1"] if labelled else [])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, m in sorted(per.items()):
-            n = m["tp"] + m["fp"] + m["fn"] + m["tn"]
+            n = m["n"] if "n" in m else m["tp"] + m["fp"] + m["fn"] + m["tn"]
             row = [name, str(n), str(m["kept"]), str(n - m["kept"])]
             if labelled:
                 row += [f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}"]
@@ -259,7 +259,7 @@ def model_card(cfg, metrics: dict) -> str:
     per = sel.get("per-client", {})
     threshold = metrics.get("threshold", {})
     kept = sum(m.get("kept", 0) for m in per.values())
-    total = sum(m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in per.values())
+    total = sum(m["n"] if "n" in m else m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in per.values())
     data = cfg["data.pool"] or cfg["data.source"]
     val = metrics.get("validation-loss", {})
     lines = [

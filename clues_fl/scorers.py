@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import quad
+from . import quad, signals
 from .baselines import (
     datainf_scores,
     encode_answer_only,
@@ -30,6 +30,7 @@ from .baselines import (
     ppl_scores,
     random_scores,
 )
+from .data import Encoded, Sample, encode_sample
 from .engine import Checkpoint, ScoreSettings
 from .model import load_lora_state
 from .selection import global_threshold
@@ -104,6 +105,58 @@ class CluesScorer(Scorer):
             site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
             cache=site.cache, settings=self.settings,
         ).scores
+
+
+class CluesPlusScorer(CluesScorer):
+    """CLUES+ : CLUES alignment plus loss, question-information, end-of-answer and
+    near-duplicate signals (clues_fl/signals.py), each in units of the anchors' robust
+    spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere worse
+    than a typical anchor, -3 = three spreads on the bad side in all). The server calibrates on the anchors
+    (leave-one-out) and the sites report only that one number per sample."""
+
+    name = "clues+"
+    signal_names = signals.DEFAULT_SIGNALS
+
+    def __init__(self, settings: ScoreSettings):
+        super().__init__(settings)
+        self.details: dict = {}  # the last score() call's per-signal values: stay on the site
+
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+        side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
+        values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, cache)
+        cal = signals.calibrate(values)
+        return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())
+
+    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, cache=None) -> dict:
+        """Every signal of the public anchors (the server holds their text)."""
+        texts = [_answer_text(bench.tokenizer, e) for e in anchors]
+        samples = [Sample(e.id, "", t) for e, t in zip(anchors, texts)]
+        losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
+                                           cache=cache)
+        return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
+                                       cache=cache, names=self.signal_names,
+                                       answers_only=_answer_only_encoding(bench.tokenizer, anchors, cfg))
+
+    def score(self, site, payload):
+        result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
+                                  cache=site.cache, settings=self.settings)
+        cal = signals.Calibration.from_config(payload.config)
+        raw = signals.compute_signals(site.bench, site.samples, site.encoded, site.cfg, clues_scores=result.scores,
+                                      losses=result.losses, cache=site.cache, names=cal.names)
+        combined, z = signals.calibrated_scores(raw, cal)
+        self.details = {"names": list(cal.names), "z": z, "raw": raw}
+        return combined
+
+
+def _answer_text(tokenizer, encoded) -> str:
+    return tokenizer.decode(encoded.input_ids[encoded.prompt_len:], skip_special_tokens=True)
+
+
+def _answer_only_encoding(tokenizer, encoded: list, cfg) -> list:
+    """The answers alone (after an empty user turn), from their full encodings."""
+    probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, cfg["data.system-prompt"] or None)
+    header = list(probe.input_ids[: probe.prompt_len])
+    return [Encoded(e.id, header + list(e.input_ids[e.prompt_len:]), len(header), e.truncated) for e in encoded]
 
 
 class LessScorer(CluesScorer):
@@ -261,7 +314,7 @@ class Oracle(Scorer):
         return np.array([0.0 if s.polluted else 1.0 for s in site.samples])
 
 
-BUILTIN = {c.name: c for c in (CluesScorer, QuadScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
+BUILTIN = {c.name: c for c in (CluesScorer, CluesPlusScorer, QuadScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
 
 
 def make_scorer(method: str, settings: ScoreSettings) -> Scorer:

@@ -330,3 +330,33 @@ def standardise(scores, anchor_scores) -> np.ndarray:
     arr = np.asarray(scores, dtype=float)
     out = arr - anchors.mean()
     return out / std if std > 0 else out
+
+
+def clean_share(anchor_scores, all_scores, *, reps: int = 100, level: float = 0.9, seed: int = 0) -> dict:
+    """The mixture model's estimate of the clean share of the pooled scores, with a
+    bootstrap interval (anchors and pooled scores resampled together, `reps` times):
+    ``{"estimate", "low", "high", "level"}``. Needs no quality labels."""
+    anchors = _anchors(anchor_scores)
+    scores = _finite(all_scores, "all_scores", 1)
+    _, alpha = mixture_threshold(anchors, scores)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(reps):
+        a = rng.choice(anchors, anchors.size)
+        if np.ptp(a) == 0:
+            continue
+        draws.append(mixture_threshold(a, rng.choice(scores, scores.size))[1])
+    tail = (1 - level) / 2
+    low, high = (np.quantile(draws, [tail, 1 - tail]) if draws else (alpha, alpha))
+    return {"estimate": float(alpha), "low": float(min(low, alpha)), "high": float(max(high, alpha)),
+            "level": level}
+
+
+def score_distribution(scores) -> dict:
+    """Quantiles of a set of scores (for reports without labels)."""
+    arr = np.asarray(scores, dtype=float)
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return {}
+    qs = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+    return {f"q{int(q * 100):02d}": float(v) for q, v in zip(qs, np.quantile(arr, qs))}

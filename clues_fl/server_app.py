@@ -87,9 +87,27 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
         step("retrain", lambda: clues.retrain_federated(grid))
     else:
         step("retrain", lambda: clues.retrain_local(grid))
+    if nodes and federated and cfg["aggregation"] == "fedavg" and cfg["eval.validation"] and clues.val:
+        equal_budget_reference(clues, grid)
     metrics = evaluate_and_report(cfg, clues, clues.final_adapters(), skipped=skipped, started=started)
     run.complete("report")
     return clues, metrics
+
+
+def equal_budget_reference(clues: Clues, grid: Grid) -> None:
+    """Retrain on all data from the base model with the selection's rounds and steps, so
+    that the report's "all-data" validation loss is comparable with "selected". Not saved
+    for resuming (a resumed run redoes it); a failure leaves the last trace checkpoint as
+    the reference (as before)."""
+    hook, clues.on_round = clues.on_round, None
+    start = time.time()
+    try:
+        clues.retrain_all_federated(grid)
+    except RuntimeError as err:
+        log.warning("no equal-budget all-data reference: %s", err)
+    finally:
+        clues.on_round = hook
+    clues.record_time("retrain-all", start)
 
 
 def _n(count: int, what: str) -> str:
@@ -138,6 +156,6 @@ def phase_result(clues: Clues, name: str) -> str:
         value = clues.threshold.get("threshold", clues.threshold.get("ratio"))
         return f"{clues.threshold.get('rule')} = {value:.4g}" if isinstance(value, float) else f"{clues.threshold.get('rule')}"
     if name == "select":
-        kept = ", ".join(f"{s.name} {s.kept}/{s.num_examples}" for s in sorted(sites, key=lambda s: s.name) if s.counts)
+        kept = ", ".join(f"{s.name} {s.kept}/{s.num_examples}" for s in sorted(sites, key=lambda s: s.name) if s.selected)
         return f"kept {kept}{failed}"
     return failed.lstrip("; ")

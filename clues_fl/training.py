@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from .console import progress as tqdm
 
+from .device import device_of, free_memory
 from .engine import AdamMoments, Checkpoint, lora_parameters
 from .forward import collate, length_buckets, sample_losses
 from .model import lora_state
@@ -67,9 +68,9 @@ def _optimizer(params, settings: TrainSettings, moments: AdamMoments | None, ste
         # Continue from the (federated average of the) moments of the previous round.
         for name, p in params.items():
             opt.state[p] = {
-                "step": torch.tensor(float(step)),
-                "exp_avg": moments.m[name].clone().to(p.dtype),
-                "exp_avg_sq": moments.v[name].clone().to(p.dtype),
+                "step": torch.tensor(float(step)),  # on the host, as torch.optim.Adam keeps it
+                "exp_avg": moments.m[name].to(device=p.device, dtype=p.dtype, copy=True),
+                "exp_avg_sq": moments.v[name].to(device=p.device, dtype=p.dtype, copy=True),
             }
     return opt
 
@@ -120,8 +121,9 @@ def train_lora(
         else set()
     )
     result = TrainResult([], num_examples=len(encoded))
+    device = device_of(model)
     for step, rows in enumerate(tqdm(schedule, desc=desc, leave=False, disable=len(schedule) < 4), 1):
-        batch = collate(encoded, rows, pad_id)
+        batch = collate(encoded, rows, pad_id, device)
         if cache is not None:
             cache.attach(batch)
         losses = sample_losses(model, batch, first_layer)
@@ -144,6 +146,8 @@ def train_lora(
             )
     model.eval()
     result.moments = _moments(opt, params, settings)
+    del opt
+    free_memory()
     return result
 
 
@@ -154,6 +158,6 @@ def mean_loss(model, encoded: list, first_layer: int, *, pad_id: int, batch_size
 
     model.eval()
     total = 0.0
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)):
         total += float(sample_losses(model, batch, first_layer).sum())
     return total / max(len(encoded), 1)

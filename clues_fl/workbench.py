@@ -17,7 +17,9 @@ from .config import RunConfig
 from .data import Encoded, Sample, encode_samples
 from .forward import splittable
 from .engine import AnchorScores, Checkpoint, ScoreResult, ScoreSettings, anchor_scores, score_samples
+from .device import free_memory, resolve
 from .model import (
+    check_quantization_available,
     LoraSettings,
     add_lora,
     first_lora_layer,
@@ -61,9 +63,11 @@ def score_settings(cfg: RunConfig) -> ScoreSettings:
 
 
 class Workbench:
-    def __init__(self, model_name: str, quantization: str, lora_key: tuple, seed: int):
+    def __init__(self, model_name: str, quantization: str, lora_key: tuple, seed: int,
+                 placement: tuple = ("cpu", "float32", False)):
+        device, dtype, checkpointing = placement
         self.tokenizer = load_tokenizer(model_name)
-        base = load_base_model(model_name, quantization)
+        base = load_base_model(model_name, quantization, device, dtype, checkpointing)
         r, alpha, dropout, targets, layer_spec = lora_key
         self.lora = LoraSettings(r, alpha, dropout, targets, parse_layers(layer_spec, base.config.num_hidden_layers))
         torch.manual_seed(seed)  # the same initial adapter on every party
@@ -118,13 +122,25 @@ class Workbench:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(model_name: str, quantization: str, lora_key: tuple, seed: int) -> Workbench:
-    return Workbench(model_name, quantization, lora_key, seed)
+def _cached(model_name: str, quantization: str, lora_key: tuple, seed: int, placement: tuple) -> Workbench:
+    return Workbench(model_name, quantization, lora_key, seed, placement)
 
 
 def workbench(cfg: RunConfig) -> Workbench:
+    check_quantization_available(cfg)  # the install command, before anything loads
     key = (
         cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"],
         tuple(cfg.list("lora.target-modules")), cfg["lora.layers"],
     )
-    return _cached(cfg["model.name"], cfg["model.quantization"], key, cfg["seed"])
+    placement = (cfg["model.device"], cfg["model.dtype"], cfg["train.gradient-checkpointing"])
+    args = (cfg["model.name"], cfg["model.quantization"], key, cfg["seed"], placement)
+    global _on_gpu
+    if resolve(cfg["model.device"], cfg["model.dtype"])[0].type == "cuda":
+        if _on_gpu is not None and _on_gpu != args:  # one model per process on a GPU
+            _cached.cache_clear()
+            free_memory()
+        _on_gpu = args
+    return _cached(*args)
+
+
+_on_gpu: tuple | None = None  # the configuration of the workbench held on the GPU

@@ -98,7 +98,8 @@ def test_flower_dp_wrapper_on_adapter_updates(tiny_model_dir, tmp_path):
                                                         "fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("site lost")})
     # the site that failed is named; the DP rounds went on with the other one
-    assert [m["phase"] for m in metrics["missing-sites"]] == ["trace round 1", "trace round 2", "retrain round 1"]
+    assert [m["phase"] for m in metrics["missing-sites"]] == ["trace round 1", "trace round 2", "retrain round 1",
+                                                                "retrain-all round 1"]
     noisy, clean = clues.checkpoints[-1].state, plain.checkpoints[-1].state
     assert all(torch.isfinite(noisy[k]).all() for k in noisy)
     # noise std = noise multiplier * clip / sites = 0.05 per element: far from the noiseless adapter

@@ -121,7 +121,10 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert written["selection"]["per-client"]["client-0"]["skipped-rows"] == 0
     for key in ("precision", "recall", "f1", "accuracy"):
         assert 0.0 <= written["selection"][key] <= 1.0
-    assert set(written["validation-loss"]) == {"base", "all-data", "selected"}
+    assert set(written["validation-loss"]) >= {"base", "all-data", "selected"}
+    if mode == "federated":  # the all-data reference is retrained at the selection's budget
+        assert "last-trace-checkpoint" in written["validation-loss"]
+        assert len(written["round-losses"]["retrain-all"]) == cfg["retrain.rounds"]
     quality = written["model-quality"]
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
@@ -137,10 +140,10 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     manifests = sorted(p.name for p in (out / "manifest").glob("*.csv"))
     assert manifests == ["client-0.csv", "client-1.csv"]
     lines = (out / "manifest" / "client-0.csv").read_text().splitlines()
-    assert lines[0] == "id-hash,score,kept" and len(lines) == 9
+    assert lines[0] == "id-hash,score,kept,score-z" and len(lines) == 9
     assert not any(i in "\n".join(lines) for i in real_ids)
     # counts reported by the sites agree with the kept flags of the manifest
-    kept = sum(int(l.rsplit(",", 1)[1]) for l in lines[1:])
+    kept = sum(int(l.split(",")[2]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
 
 
@@ -148,11 +151,11 @@ def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_mod
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
     cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("out of memory")})
     phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
-    assert phases == ["trace round 1", "trace round 2", "retrain round 1"]
+    assert phases == ["trace round 1", "trace round 2", "retrain round 1", "retrain-all round 1"]
     assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
     # the site by its partition (known before it ever replied: query.site), and the round
     assert [(m["site"], m["partition-id"], m["round"]) for m in metrics["missing-sites"]] == [
-        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1)]
+        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1), ("client-1", 1, 1)]  # last: retrain-all
     assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
 
 
@@ -179,7 +182,8 @@ def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, t
     sel = metrics["selection"]
     n = sum(m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in sel["per-client"].values())
     kept = sum(m["kept"] for m in sel["per-client"].values())
-    traced = any(e.message_type == "train" and not e.sent.content["config"].get("phase") == "retrain" for e in grid.log)
+    traced = any(e.message_type == "train" and e.sent.content["config"].get("phase") not in ("retrain", "retrain-all")
+                 for e in grid.log)
     assert traced == (method in ("less", "datainf"))
     if method == "oracle":
         assert sel["precision"] == 1.0 and sel["recall"] == 1.0

@@ -132,14 +132,14 @@ def assert_same_results(resumed: Path, reference: Path) -> None:
 @pytest.mark.parametrize(
     "mode,crash,nodes,redone,resumed_from",
     [
-        ("federated", "trace r2", None, {"trace r2", "score", "select", "retrain r1", "retrain r2"}, "trace round 2 of 2"),
-        ("federated", "select", None, {"select", "retrain r1", "retrain r2"}, "select"),
-        ("federated", "retrain r2", None, {"select", "retrain r2"}, "retrain round 2 of 2"),
+        ("federated", "trace r2", None, {"trace r2", "score", "select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "trace round 2 of 2"),
+        ("federated", "select", None, {"select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "select"),
+        ("federated", "retrain r2", None, {"select", "retrain r2", "retrain-all r1", "retrain-all r2"}, "retrain round 2 of 2"),
         ("merging", "score", NEW_NODES, {"identify", "score", "select", "retrain"}, "score"),
         ("merging", "select", NEW_NODES, {"identify", "select", "retrain"}, "select"),
         ("merging", "retrain", None, {"select", "retrain"}, "retrain"),
         # The server holds binned counts only, not the sites' scores to hand back: they score again.
-        ("histogram", "retrain r2", None, {"score", "select", "retrain r1", "retrain r2"}, "score"),
+        ("histogram", "retrain r2", None, {"score", "select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "score"),
     ],
     ids=["federated-trace-round-2", "federated-select", "federated-retrain-round-2",
          "merging-score-new-node-ids", "merging-select-new-node-ids", "merging-retrain",
@@ -158,7 +158,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(
     grid, clues, metrics = run(raw, nodes=nodes)
     assert f"resuming run 'inprocess' from step {resumed_from} (done: " in caplog.text  # the log says so
 
-    # Only what was not completed is sent again (select: the new run's sites lost their kept rows).
+    # Only what was not completed is sent again (select: the new run's sites lost their kept rows;
+    # the equal-budget all-data reference, retrain-all, is not saved and is redone).
     # (every start asks the sites who they are: query.site)
     assert grid.sent == Counter({k: ref_sent.get(k, len(NODES)) for k in redone | {"site"}})
     assert metrics["resumed-from"] == resumed_from

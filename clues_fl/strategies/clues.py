@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from .. import aggregation, privacy
 from ..config import RunConfig
+from ..device import peak_memory_mib
 from ..engine import AdamMoments, Checkpoint
 from ..messages import (
     checkpoint_record,
@@ -33,15 +34,17 @@ from ..messages import (
 )
 from ..metrics import add_counts, selection_metrics
 from ..scorers import make_scorer
-from ..selection import ThresholdSettings, standardise, threshold_rule
+from ..selection import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
 from ..site_errors import summarise
 from ..workbench import score_settings
-from .rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies: re-exported)
+from .rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
+    GPU_PEAK_KEY,
     SiteDP,
     SiteDPFedAvg,
     SiteFedAvg,
     SiteRounds,
     SitesFailed,
+    site_gpu_peak,
     site_strategy,
     sort_replies,
 )
@@ -71,6 +74,8 @@ class SiteReport:
     clusters: tuple[int, int] | None = None  # eval.coverage: (covered by the kept set, total)
     histogram: np.ndarray | None = None  # privacy.report = histogram: binned counts instead of scores
     digest: str = ""  # merging mode: digest of the site's sample ids, from its trace reply (resume)
+    labelled: bool = True  # the site's data carries quality labels (experiments): it sent confusion counts
+    selected: bool = False  # the site answered the selection
 
     @property
     def reported(self) -> bool:
@@ -117,12 +122,14 @@ class Clues:
         self.missing: list[dict] = []
         self.site_info: dict[int, dict] = {}  # node -> its name, partition id, data file (query.site)
         self.timings: dict[str, float] = {}
+        self.gpu_peaks: dict[str, dict[str, float]] = {}  # phase -> {"server": MiB, "sites": MiB} (CUDA only)
         self.round_losses: dict[str, list[float]] = {}
         self.checkpoints: list[Checkpoint] = []  # federated mode: shared
         self.anchor: dict = {}
         self.threshold: dict = {}
         self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
         self.global_state: dict | None = None  # federated retraining: the final global adapter
+        self.all_data_state: dict | None = None  # the all-data reference at the selection's budget
         # Resumption (resume.py): the FedAvg rounds a phase already did, as (rounds, the
         # global arrays after them, whether any round aggregated), and a hook called with
         # (phase, round, global arrays, aggregated) after every round (it saves them).
@@ -196,6 +203,7 @@ class Clues:
             train_config=ConfigRecord({"phase": phase}),
             evaluate_fn=after_round,
         )
+        self._site_peak(phase, strategy.gpu_peak)
         if result.arrays is not None:
             return strategy.with_moments(max(strategy.aggregated, default=done), result.arrays)
         return arrays if aggregated else None
@@ -204,6 +212,7 @@ class Clues:
         """Send one message per node; keep the replies that carry no error."""
         messages = [Message(content=c, message_type=message_type, dst_node_id=node) for node, c in contents.items()]
         ok, failed = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
+        self._site_peak(phase, site_gpu_peak(ok.values()))
         for node, reason in failed:
             self._missing(node, phase, reason)
         if len(ok) < min(self.cfg["fed.min-nodes"], len(contents)):
@@ -245,6 +254,14 @@ class Clues:
 
     def record_time(self, name: str, start: float) -> None:
         self.timings[name] = round(time.time() - start, 2)
+        peak = peak_memory_mib()  # this process's, since the last phase
+        if peak is not None:
+            self.gpu_peaks.setdefault(name, {})["server"] = peak
+
+    def _site_peak(self, phase: str, peak: float | None) -> None:
+        if peak is not None:
+            entry = self.gpu_peaks.setdefault(phase, {})
+            entry["sites"] = max(entry.get("sites", 0.0), peak)
 
     # -- phase 1: trace -------------------------------------------------------------
     def trace_federated(self, grid: Grid) -> None:
@@ -410,7 +427,9 @@ class Clues:
             site = self.sites[node]
             site.kept = int(metrics["kept"])
             site.mean_kept_score = float(metrics["mean-kept-score"])
-            site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn")}
+            site.labelled = bool(int(metrics.get("labelled", 1)))
+            site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn") if k in metrics}
+            site.selected = True
             if "clusters-total" in metrics:
                 site.clusters = (int(metrics["clusters-covered"]), int(metrics["clusters-total"]))
 
@@ -423,6 +442,17 @@ class Clues:
             raise RuntimeError("retraining produced no model: no site finished a round")
         self.global_state, _ = split_record(arrays)
         return self.global_state
+
+    def retrain_all_federated(self, grid: Grid) -> dict:
+        """The all-data reference at an equal budget: retrained from the base model on every
+        sample of the same sites, for the same rounds and, per site, the same number of
+        steps as the selection's retraining (client_app._equal_budget_epochs)."""
+        kept = {n for n, s in self.sites.items() if s.kept > 0}
+        arrays = self._fedavg_rounds(grid, "retrain-all", self.cfg["retrain.rounds"], only=kept)
+        if arrays is None:
+            raise RuntimeError("all-data retraining produced no model: no site finished a round")
+        self.all_data_state, _ = split_record(arrays)
+        return self.all_data_state
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
         contents = {
@@ -478,6 +508,9 @@ class Clues:
 
     # -- report -----------------------------------------------------------------------
     def selection_summary(self) -> dict:
+        answered = [s for s in self.sites.values() if s.selected]
+        if answered and not all(s.labelled and s.counts for s in answered):
+            return self.unlabelled_summary(answered)
         sites = [s for s in self.sites.values() if s.counts]
         per_site = {}
         for s in sites:
@@ -491,4 +524,36 @@ class Clues:
             overall["scored-fraction"] = sum(s.scored for s in sites) / max(1, sum(s.num_examples for s in sites))
         if sites and all(s.clusters for s in sites):
             overall["cluster-coverage"] = sum(s.clusters[0] for s in sites) / sum(s.clusters[1] for s in sites)
-        return {**overall, "per-client": per_site}
+        return {**overall, **self._share_and_distribution(), "per-client": per_site}
+
+    def unlabelled_summary(self, sites: list[SiteReport]) -> dict:
+        """Selection report for data without quality labels: kept counts per site, the
+        estimated clean share and the score distribution; no precision/recall/F1 (every
+        sample would count as clean and the figures would be meaningless)."""
+        per_site = {s.name: {"kept": s.kept, "n": s.num_examples, "kept-share": s.kept / max(1, s.num_examples),
+                             "skipped-rows": s.skipped_rows, "truncated": s.truncated, "scored": s.scored,
+                             **s.method_metrics} for s in sites}
+        n = sum(s.num_examples for s in sites)
+        kept = sum(s.kept for s in sites)
+        return {"labelled": False, "n": n, "kept": kept, "kept-share": kept / max(1, n),
+                **self._share_and_distribution(), "per-client": per_site}
+
+    def _share_and_distribution(self) -> dict:
+        """Estimated clean share (mixture model on the anchor-based scores, bootstrap
+        interval) and the score distribution of the sites and of the anchors."""
+        out: dict = {}
+        reported = [s for s in self.sites.values() if s.reported]
+        if not reported or self.scorer.selection != "anchor":
+            return out
+        try:
+            if self.threshold.get("standardised"):
+                anchors = np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in reported])
+                pooled = np.concatenate([standardise(s.scores, s.anchor_scores) for s in reported])
+            else:
+                anchors = np.asarray(self.anchor["scores"])
+                pooled = np.concatenate([self._reported_scores(s) for s in reported])
+            out["estimated-clean-share"] = clean_share(anchors, pooled, seed=self.cfg["seed"])
+            out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
+        except ValueError as err:  # too few finite scores
+            log.warning("no clean-share estimate: %s", err)
+        return out

@@ -52,6 +52,18 @@ def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list
     return ok, failed
 
 
+GPU_PEAK_KEY = "gpu-peak-mib"  # a site's peak GPU memory in the phase it answers (CUDA only)
+
+
+def site_gpu_peak(replies, current: float | None = None) -> float | None:
+    """The largest GPU peak the replies report (sites on the CPU report none)."""
+    for reply in replies:
+        metrics = reply.content.get("metrics") if not reply.has_error() else None
+        if metrics is not None and GPU_PEAK_KEY in metrics:
+            current = max(current or 0.0, float(metrics[GPU_PEAK_KEY]))
+    return current
+
+
 def _weight(reply: Message, key: str) -> float:
     metrics = next(iter(reply.content.metric_records.values()))
     return float(metrics[key])
@@ -83,6 +95,7 @@ class SiteRounds:
         self._sent: list[Message] = []  # this round's messages
         self._noted: set[int] = set()
         self.answered: dict[int, int] = {}  # true round -> sites whose reply was good
+        self.gpu_peak: float | None = None  # the largest site GPU peak (MiB) over the rounds
 
     def note_failures(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Report the sites that answered with an error or not at all (once per round);
@@ -143,6 +156,7 @@ class SiteRounds:
     def aggregate_train(self, server_round, replies):
         server_round += self.offset
         replies = self.note_failures(server_round, replies)
+        self.gpu_peak = site_gpu_peak(replies, self.gpu_peak)
         replies = self.take_moments(server_round, replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:

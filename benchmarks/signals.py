@@ -1,0 +1,149 @@
+"""Per-signal ROC-AUC by pollution type, and the calibrated score, on a quick in-process pool.
+
+Builds a pool (sites x samples, every pollution type mixed), traces centrally (one
+LoRA run over the union with `trace.rounds` checkpoints, which stands in for FedAvg
+with one local epoch), computes every signal of clues_fl/signals.py for the sites and
+the anchors, saves them (npz) and prints the AUC table.
+
+    python benchmarks/signals.py --out outputs/signals-quick.npz            # measure + table
+    python benchmarks/signals.py --out outputs/signals-quick.npz --table    # table from a saved file
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clues_fl import signals as sg
+from clues_fl.metrics import per_type_auc, roc_auc
+
+TYPES = "cross-domain,exchange,cut,delete,near-duplicate"
+
+
+def measure(args) -> dict:
+    from clues_fl.config import parse_config
+    from clues_fl.scenario import build_scenario
+    from clues_fl.workbench import workbench
+
+    cfg = parse_config({
+        "data.samples-per-client": args.per_site, "pollution.ratios": ",".join([str(args.ratio)] * args.sites),
+        "pollution.types": args.types, "trace.rounds": args.rounds, "seed": args.seed,
+        "data.max-length": args.max_length,
+    })
+    data = build_scenario(cfg, args.sites)
+    bench = workbench(cfg)
+    t0 = time.time()
+    enc_sites = [bench.encode(s, cfg) for s in data.clients]
+    enc_all = [e for enc in enc_sites for e in enc]
+    anchors = bench.encode(data.anchor, cfg)
+    cache_all = bench.cache(enc_all, cfg)
+    trace = bench.train(enc_all, cfg, None, epochs=args.rounds, num_checkpoints=args.rounds, cache=cache_all)
+    print(f"trace {time.time() - t0:.0f}s", flush=True)
+    a_cache = bench.cache(anchors, cfg)
+    side = bench.anchor_scores(anchors, trace.checkpoints, cfg, cache=a_cache)
+    a_losses = sg.checkpoint_losses(bench, anchors, trace.checkpoints, cache=a_cache)
+    a_sig = sg.compute_signals(bench, data.anchor, anchors, cfg, clues_scores=side.scores, losses=a_losses,
+                               cache=a_cache)
+    out = {f"anchor/{k}": v for k, v in a_sig.items()}
+    site_sig: dict[str, list] = {k: [] for k in sg.SIGNALS}
+    for samples, enc in zip(data.clients, enc_sites):
+        cache = bench.cache(enc, cfg)
+        res = bench.score(enc, trace.checkpoints, side.gradients, cfg, cache=cache)
+        sig = sg.compute_signals(bench, samples, enc, cfg, clues_scores=res.scores, losses=res.losses, cache=cache)
+        for k, v in sig.items():
+            site_sig[k].append(v)
+    print(f"signals {time.time() - t0:.0f}s", flush=True)
+    out.update({f"site/{k}": np.concatenate(v) for k, v in site_sig.items()})
+    samples = [s for site in data.clients for s in site]
+    out["kinds"] = np.array([s.pollution for s in samples])
+    out["site"] = np.concatenate([np.full(len(s), i) for i, s in enumerate(data.clients)])
+    return out
+
+
+def load(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def split(d: dict, names) -> tuple[dict, dict]:
+    return ({n: d[f"anchor/{n}"] for n in names}, {n: d[f"site/{n}"] for n in names})
+
+
+def combined(d: dict, names) -> tuple[np.ndarray, np.ndarray]:
+    """(site scores, anchors' leave-one-out scores) of the calibrated score on `names`."""
+    anchors, sites = split(d, names)
+    score, _ = sg.calibrated_scores(sites, sg.calibrate(anchors))
+    return score, sg.anchor_loo_scores(anchors)
+
+
+def table(d: dict) -> None:
+    kinds = [str(k) for k in d["kinds"]]
+    types = sorted({k for k in kinds if k})
+    clean = np.array([k == "" for k in kinds])
+    print(f"{len(kinds)} samples, {clean.mean():.0%} clean; n per type: "
+          + ", ".join(f"{t} {kinds.count(t)}" for t in types))
+    head = f"{'signal':<34}{'all':>7}" + "".join(f"{t[:12]:>14}" for t in types)
+    print(head)
+
+    def row(name, score):
+        per = per_type_auc(score, kinds)
+        print(f"{name:<34}{roc_auc(score, clean):>7.3f}" + "".join(f"{per[t]:>14.3f}" for t in types))
+
+    for n in sg.SIGNALS:
+        s = d[f"site/{n}"]
+        row(f"{n} (raw, oriented)", sg.SIGNALS[n][0] * np.nan_to_num(s, nan=np.nanmedian(s)))
+    combos = [sg.DEFAULT_SIGNALS, tuple(sg.SIGNALS), ("clues", "base-loss"), ("clues", "qinfo"),
+              ("clues", "base-loss", "qinfo"), ("clues", "base-loss", "qinfo", "eos"),
+              ("clues", "base-loss", "qinfo", "dup"), ("clues", "loss", "qinfo", "eos", "dup"),
+              ("clues", "base-loss", "loss", "qinfo", "eos", "dup"),
+              ("clues", "base-loss", "qinfo", "learn", "eos", "dup")]
+    for names in dict.fromkeys(combos):
+        row("calibrated: " + "+".join(names), combined(d, names)[0])
+
+
+def grid(d: dict, method: str, **kw) -> list[dict]:
+    """The threshold-rule grid (clues_fl.suite.threshold_grid) on this pool's scores."""
+    from clues_fl.suite import threshold_grid
+
+    if method == "clues+":
+        scores, anchors = combined(d, sg.DEFAULT_SIGNALS)
+    else:
+        scores, anchors = d["site/clues"], d["anchor/clues"]
+    return threshold_grid(scores, anchors, [str(k) for k in d["kinds"]], **kw)
+
+
+def print_grid(rows: list[dict], method: str) -> None:
+    from clues_fl.suite import grid_table
+
+    print(f"\n{method}: mean F1 over resampled pools")
+    print(grid_table(rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="outputs/signals-quick.npz")
+    ap.add_argument("--table", action="store_true", help="only print the table of a saved file")
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--per-site", type=int, default=40)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--types", default=TYPES)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--grid", action="store_true", help="also the threshold-rule grid (resampled pools)")
+    args = ap.parse_args()
+    if not args.table:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out, **measure(args))
+    table(load(args.out))
+    if args.grid:
+        for method in ("clues", "clues+"):
+            print_grid(grid(load(args.out), method), method)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,156 @@
+"""Selection signals, the anchor-calibrated score (clues+), reports without quality
+labels and the site-local report of dropped samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord
+
+from clues_fl import signals as sg
+from clues_fl.scenario import build_scenario
+from clues_fl.selection import clean_share
+from test_flower_inprocess import _strings_in, drive, run_config
+
+
+def test_near_duplicates_flag_later_copies_only():
+    texts = ["the cost of a mortgage depends on the rate and the term",
+             "an index fund tracks a market index at low cost for investors",
+             "the cost of a mortgage depends on the rate and term"]  # near-copy of the first
+    d = sg.near_duplicate_scores(texts)
+    assert d[0] == 0.0 and d[1] == 0.0 and d[2] > 0.5
+
+
+def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
+    rng = np.random.default_rng(0)
+    anchors = {"clues": rng.normal(1.0, 0.1, 40), "base-loss": rng.normal(3.0, 0.5, 40)}
+    cal = sg.calibrate(anchors)
+    assert abs(cal.centre[0] - 1.0) < 0.05 and abs(cal.spread[1] - 0.5) < 0.2
+    sites = {"clues": np.array([1.0, 0.5, 1.0, 2.0]), "base-loss": np.array([3.0, 3.0, 6.0, 0.0])}
+    score, z = sg.calibrated_scores(sites, cal)
+    assert abs(score[0]) < 0.6  # a typical anchor: about 0
+    assert score[1] < -3 and score[2] < -3  # far below on one signal is enough
+    assert score[3] > -0.5  # better than the anchors on both: not penalised (one-sided)
+    assert sg.reasons(z, cal.names)[1:3] == ["off-domain", "garbled"]
+    # round trip through the message config
+    again = sg.Calibration.from_config(cal.to_config())
+    assert again.names == cal.names and np.allclose(again.spread, cal.spread)
+    loo = sg.anchor_loo_scores(anchors)
+    assert loo.shape == (40,) and np.median(loo) < 0  # min of two deviations sits below 0
+
+
+def test_end_of_answer_token_is_the_last_target(tiny_model_dir):
+    from clues_fl.config import parse_config
+    from clues_fl.workbench import workbench
+
+    cfg = parse_config(run_config(tiny_model_dir, "/tmp"))
+    bench = workbench(cfg)
+    data = build_scenario(cfg, 2)
+    enc = bench.encode(data.anchor, cfg)
+    from clues_fl.data import _end_token_id
+
+    end = _end_token_id(bench.tokenizer)
+    assert end is not None
+    for e in enc:
+        if not e.truncated:
+            assert e.input_ids[-1] == end and e.prompt_len < len(e.input_ids)
+    mean, last = sg.token_loss_stats(bench.model, enc, bench.first_layer, pad_id=bench.pad_id)
+    assert np.isfinite(mean).all()
+    assert all(np.isfinite(v) != e.truncated for v, e in zip(last, enc))
+
+
+def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_model_dir, tmp_path):
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "clues+",
+                                                   "selection.threshold": "anchor-quantile"})
+    cfg, grid, clues, metrics = drive(raw)
+    data = build_scenario(cfg, 2)
+    texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
+    for ex in grid.log:
+        for name, record in ex.reply.content.items():
+            for s in _strings_in(record):
+                assert s not in texts and len(s) < 64
+            if isinstance(record, MetricRecord):
+                assert not any("signal" in k or "reason" in k for k in record), record
+        if ex.message_type == "query.score":
+            assert set(ex.reply.content["scores"].keys()) == {"ids", "scores"}
+            sent = ex.sent.content["config"]
+            assert list(sent["signals"]) == list(sg.DEFAULT_SIGNALS)
+            assert len(sent["signal-centre"]) == len(sent["signal-spread"]) == len(sg.DEFAULT_SIGNALS)
+    # the site-local report: texts, scores and reasons, on the site's disk only
+    folder = tmp_path / "inprocess" / "site-reports" / "client-0"
+    rows = [json.loads(line) for line in (folder / "dropped.jsonl").read_text().splitlines()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["dropped"] == len(rows) == 8 - metrics["selection"]["per-client"]["client-0"]["kept"]
+    reasons = {r for _, r in sg.SIGNALS.values()}
+    for row in rows:
+        assert row["answer"] in texts and row["reason"] in reasons and set(row["signals"]) == set(sg.DEFAULT_SIGNALS)
+        assert row["score"] < row["threshold"]
+        for ex in grid.log:  # nothing of the report travels
+            for record in ex.reply.content.values():
+                assert row["answer"] not in _strings_in(record)
+    header = (tmp_path / "inprocess" / "manifest" / "client-0.csv").read_text().splitlines()[0]
+    assert header == "id-hash,score,kept,score-z"
+    assert "estimated-clean-share" in metrics["selection"]
+
+
+def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path, capsys):
+    base = run_config(tiny_model_dir, tmp_path)
+    from clues_fl.config import parse_config
+
+    data = build_scenario(parse_config(base), 2)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, site in enumerate(data.clients):  # polluted texts, but the files carry no labels
+        (pool / f"site{i}.jsonl").write_text("".join(
+            json.dumps({"id": s.id, "question": s.question, "answer": s.answer}) + "\n" for s in site))
+    files = {}
+    for key, rows in (("data.anchor-file", data.anchor), ("data.eval-file", data.val)):
+        path = tmp_path / f"{key.split('.')[1]}.jsonl"
+        path.write_text("".join(json.dumps({"question": s.question, "answer": s.answer}) + "\n" for s in rows))
+        files[key] = str(path)
+    raw = {**base, **files, "data.pool": str(pool), "pollution.ratios": "", "run-name": "mine"}
+    cfg, grid, clues, metrics = drive(raw)
+    sel = metrics["selection"]
+    assert sel["labelled"] is False
+    for forbidden in ("precision", "recall", "f1", "accuracy", "tp", "fp"):
+        assert forbidden not in sel and all(forbidden not in m for m in sel["per-client"].values())
+    assert {m["kept"] for m in sel["per-client"].values()} and sel["n"] == 16
+    share = sel["estimated-clean-share"]
+    assert 0 <= share["low"] <= share["estimate"] <= share["high"] <= 1
+    assert "sites" in sel["score-distribution"]
+    for ex in grid.log:
+        if ex.message_type == "query.select":
+            assert not {"tp", "fp", "fn", "tn"} & set(ex.reply.content["metrics"].keys())
+    written = json.loads((tmp_path / "mine" / "metrics.json").read_text())
+    assert "f1" not in json.dumps(written["selection"])
+    printed = capsys.readouterr().out
+    assert "no quality labels" in printed and "F1" not in printed and "estimated clean share" in printed
+
+
+def test_clean_share_interval_covers_the_truth():
+    covered = 0
+    for seed in range(3):  # 16 anchors make a noisy estimate: the interval must say so
+        rng = np.random.default_rng(seed)
+        anchors = rng.normal(0, 1, 16)
+        pool = np.concatenate([rng.normal(0, 1, 140), rng.normal(-5, 1, 60)])  # 70% clean
+        out = clean_share(anchors, pool, reps=40)
+        assert out["low"] <= out["estimate"] <= out["high"] and out["high"] - out["low"] < 0.5
+        covered += out["low"] <= 0.7 <= out["high"]
+    assert covered >= 2
+
+
+def test_threshold_grid_has_every_cell_and_the_references():
+    from clues_fl.suite import grid_table, threshold_grid
+
+    rng = np.random.default_rng(0)
+    kinds = [""] * 60 + ["cut"] * 20 + ["exchange"] * 20
+    scores = np.concatenate([rng.normal(0, 1, 60), rng.normal(-4, 1, 20), rng.normal(-1, 1, 20)])
+    rows = threshold_grid(scores, rng.normal(0, 1, 16), kinds, draws=2, intervals=0)
+    assert len(rows) == 3 * 4 + 1  # (cut, exchange, mixed) x 4 shares + sites with different shares
+    for r in rows:
+        assert r["keep-all"] <= r["best threshold"] + 1e-12 and 0 <= r["mixture"] <= 1
+    cut = [r for r in rows if r["type"] == "cut"]
+    assert min(r["best threshold"] for r in cut) > 0.9  # well separated: the best threshold is near perfect
+    assert "worst cell" in grid_table(rows)
