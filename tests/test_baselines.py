@@ -244,5 +244,5 @@ def test_registry_names_every_selection_method():
     from clues_fl.preflight import SELECTION_METHODS
     from clues_fl.scorers import BUILTIN
 
-    assert set(BUILTIN) == set(SELECTION_METHODS) == {"clues", "quad", "all", "oracle", "random", "ppl", "ifd",
+    assert set(BUILTIN) == set(SELECTION_METHODS) >= {"clues", "quad", "all", "oracle", "random", "ppl", "ifd",
                                                        "datainf", "less"}

@@ -169,7 +169,7 @@ def test_a_users_strategy_from_the_run_config(tiny_model_dir, tmp_path):
     raw = fast(tiny_model_dir, tmp_path, **{"fed.strategy": "test_strategies:DampedFedAvg",
                                             "fed.strategy-args": "damping=0.5"})
     cfg, grid, clues, metrics = drive(raw)
-    assert DampedFedAvg.calls == 3  # 2 trace rounds + 1 retraining round
+    assert DampedFedAvg.calls == 4  # 2 trace rounds, 1 retraining round, 1 round of the all-data reference
     w, _, adapters = _sites_moments(grid, 1)
     initial, ckpt = clues.bench.initial_state, clues.checkpoints[0].state
     for n in ckpt:
