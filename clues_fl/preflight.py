@@ -119,6 +119,14 @@ def check_layers(spec: str, num_layers: int | None) -> None:
         raise PreflightError(f"lora.layers: {bad or spec} outside 0..{(num_layers or 1) - 1}")
 
 
+def _module_found(module: str) -> bool:
+    """Whether `module` (of a `module:name` setting) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_method(method: str) -> None:
     if method in SELECTION_METHODS:
         return
@@ -126,11 +134,7 @@ def check_method(method: str) -> None:
     if not sep or not module or not attr:
         raise PreflightError(f"selection.method: '{method}' is not one of {', '.join(SELECTION_METHODS)} "
                              "or 'module:Class'")
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
+    if not _module_found(module):
         raise PreflightError(f"selection.method: cannot find module '{module}' (is it on PYTHONPATH?)")
 
 
@@ -154,11 +158,7 @@ def check_merge_rule(value: str) -> None:
     module, sep, attr = str(value).partition(":")
     if not sep:
         return
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
+    if not _module_found(module):
         raise PreflightError(f"aggregation: cannot find module '{module}' of merge rule '{value}' (is it on PYTHONPATH?)")
 
 

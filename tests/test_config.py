@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from flwr.common.config import flatten_dict
 
 from clues_fl.config import DEFAULTS, ConfigError, parse_config
 from clues_fl.pollution import parse_ratios
@@ -13,24 +14,14 @@ from clues_fl.pollution import parse_ratios
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_pyproject_run_config_matches_defaults():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert _flatten(data["tool"]["flwr"]["app"]["config"]) == DEFAULTS
+    assert flatten_dict(data["tool"]["flwr"]["app"]["config"]) == DEFAULTS
 
 
 @pytest.mark.parametrize("scenario", sorted((REPO / "scenarios").glob("*.toml")), ids=lambda p: p.name)
 def test_every_scenario_is_a_valid_run_config(scenario):
-    values = _flatten(tomllib.loads(scenario.read_text()))
+    values = flatten_dict(tomllib.loads(scenario.read_text()))
     assert set(values) <= set(DEFAULTS), set(values) - set(DEFAULTS)
     parse_config(values)
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tomllib
+from flwr.common.config import flatten_dict
 
 from clues_fl.data import load_samples
 from clues_fl.preflight import SELECTION_METHODS, PreflightError, preflight
@@ -21,18 +22,8 @@ from clues_fl.preflight import SELECTION_METHODS, PreflightError, preflight
 REPO = Path(__file__).resolve().parent.parent
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def smoke(**overrides) -> dict:
-    values = flat(tomllib.loads((REPO / "scenarios/smoke.toml").read_text()))
+    values = flatten_dict(tomllib.loads((REPO / "scenarios/smoke.toml").read_text()))
     values.update(overrides)
     return values
 

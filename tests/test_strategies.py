@@ -232,13 +232,9 @@ def test_the_smoke_scenario_on_the_real_model_with_fedprox(tmp_path):
     import tomllib
     from pathlib import Path
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
+    from flwr.common.config import flatten_dict
 
-    raw = flat(tomllib.loads((Path(__file__).parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw = flatten_dict(tomllib.loads((Path(__file__).parent.parent / "scenarios" / "smoke.toml").read_text()))
     raw.update({"output-dir": str(tmp_path), "eval.max-samples": 0, "eval.mc-items": 0,
                 "fed.strategy": "FedProx", "fed.strategy-args": "proximal_mu=0.01"})
     cfg, grid, clues, metrics = drive(raw)

@@ -435,23 +435,23 @@ class Clues:
 
     # -- phase 5: retrain + aggregate --------------------------------------------------
     def retrain_federated(self, grid: Grid) -> dict:
-        # Sites that kept nothing have nothing to train on: leave them out of FedAvg.
-        kept = {n for n, s in self.sites.items() if s.kept > 0}
-        arrays = self._fedavg_rounds(grid, "retrain", self.cfg["retrain.rounds"], only=kept)
-        if arrays is None:
-            raise RuntimeError("retraining produced no model: no site finished a round")
-        self.global_state, _ = split_record(arrays)
+        self.global_state = self._retrain_kept_sites(grid, "retrain", "retraining")
         return self.global_state
+
+    def _retrain_kept_sites(self, grid: Grid, phase: str, what: str) -> dict:
+        """`retrain.rounds` rounds of `phase` over the sites that kept samples (sites that
+        kept nothing have nothing to train on); the final adapter state."""
+        kept = {n for n, s in self.sites.items() if s.kept > 0}
+        arrays = self._fedavg_rounds(grid, phase, self.cfg["retrain.rounds"], only=kept)
+        if arrays is None:
+            raise RuntimeError(f"{what} produced no model: no site finished a round")
+        return split_record(arrays)[0]
 
     def retrain_all_federated(self, grid: Grid) -> dict:
         """The all-data reference at an equal budget: retrained from the base model on every
         sample of the same sites, for the same rounds and, per site, the same number of
         steps as the selection's retraining (client_app._equal_budget_epochs)."""
-        kept = {n for n, s in self.sites.items() if s.kept > 0}
-        arrays = self._fedavg_rounds(grid, "retrain-all", self.cfg["retrain.rounds"], only=kept)
-        if arrays is None:
-            raise RuntimeError("all-data retraining produced no model: no site finished a round")
-        self.all_data_state, _ = split_record(arrays)
+        self.all_data_state = self._retrain_kept_sites(grid, "retrain-all", "all-data retraining")
         return self.all_data_state
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
