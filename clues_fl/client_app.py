@@ -15,9 +15,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import privacy
-from .config import parse_config
-from .messages import (
+from clues_fl.selection import privacy
+from clues_fl.config import parse_config
+from clues_fl.federation.messages import (
     ids_digest,
     record_checkpoint,
     record_gradient,
@@ -27,15 +27,15 @@ from .messages import (
     split_record,
     state_record,
 )
-from .device import peak_memory_mib
-from .metrics import confusion_counts
-from .model import lora_state
-from .scenario import site_samples
-from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
-from .selection import keep
-from .site_errors import report_site_errors
-from .site_ids import site_name, wire_ids
-from .workbench import score_settings, workbench
+from clues_fl.model.device import peak_memory_mib
+from clues_fl.selection.metrics import confusion_counts
+from clues_fl.model.loading import lora_state
+from clues_fl.data.scenario import site_samples
+from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer, site_clusters
+from clues_fl.selection.rules import keep
+from clues_fl.federation.site_errors import report_site_errors
+from clues_fl.federation.site_ids import site_name, wire_ids
+from clues_fl.model.runtime import score_settings, workbench
 
 app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
 
@@ -310,7 +310,7 @@ def site_report_dir(cfg, node_config):
     simulation) <output-dir>/<run-name>/site-reports/client-<partition-id>."""
     from pathlib import Path
 
-    from .report import output_dir
+    from clues_fl.reporting.results import output_dir
 
     if node_config.get("report-dir"):
         return Path(str(node_config["report-dir"])).expanduser()
@@ -320,7 +320,7 @@ def site_report_dir(cfg, node_config):
 def write_site_report(cfg, context: Context, samples, scores, kept, threshold: float) -> None:
     """The data owner's audit of the drop, on this site's disk only: every dropped sample
     with its text, its score and which signal put it below the threshold."""
-    from .signals import SIGNALS
+    from clues_fl.scoring.signals import SIGNALS
 
     names, z = [], None
     if SIGNALS_KEY in context.state:

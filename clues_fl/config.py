@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .aggregation import StrategyError, builtin_name, check_name, parse_args
+from clues_fl.aggregation.strategies import StrategyError, builtin_name, check_name, parse_args
 
 DEFAULTS: dict[str, Any] = {
     "run-name": "demo",

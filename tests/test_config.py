@@ -9,7 +9,7 @@ import tomllib
 from flwr.common.config import flatten_dict
 
 from clues_fl.config import DEFAULTS, ConfigError, parse_config
-from clues_fl.pollution import parse_ratios
+from clues_fl.data.pollution import parse_ratios
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
-from clues_fl.engine import (
+from clues_fl.scoring.alignment import (
     ScoreSettings,
     anchor_scores,
     lora_parameters,
     mean_gradient,
     score_samples,
 )
-from clues_fl.forward import collate, length_buckets, sample_losses
-from clues_fl.model import first_lora_layer, lora_state
-from clues_fl.prefix_cache import PrefixCache
+from clues_fl.model.forward import collate, length_buckets, sample_losses
+from clues_fl.model.loading import first_lora_layer, lora_state
+from clues_fl.model.prefix_cache import PrefixCache
 
 
 def naive_grad(model, sample: Enc) -> torch.Tensor:
@@ -51,7 +51,7 @@ def setup():
 
 def naive_similarity(g, ref, ckpt, names, similarity, preconditioner) -> float:
     """eta_k * sim(P_k g, ref) written out on flat vectors."""
-    from clues_fl.engine import precondition
+    from clues_fl.scoring.alignment import precondition
 
     if preconditioner == "adam":
         g = precondition(g, flat(ckpt.adam.m, names), flat(ckpt.adam.v, names), ckpt.adam)
@@ -62,7 +62,7 @@ def naive_similarity(g, ref, ckpt, names, similarity, preconditioner) -> float:
 
 
 def naive_scores(model, samples, names, ckpts, refs, similarity, preconditioner):
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     total = np.zeros(len(samples))
     for ckpt, ref in zip(ckpts, refs):
@@ -107,7 +107,7 @@ def test_anchor_loo_scores_match_naive(setup):
     model, samples, names, ckpts, _ = setup
     anchors = samples[:6]
     first = first_lora_layer(model)
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     for preconditioner in ("sgd", "adam"):
         for similarity in ("dot", "cosine"):
@@ -126,7 +126,7 @@ def test_anchor_loo_scores_match_naive(setup):
 
 def test_mean_gradient_equals_naive_mean(setup):
     model, samples, names, ckpts, _ = setup
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     load_lora_state(model, ckpts[0].state)
     first = first_lora_layer(model)
@@ -152,7 +152,7 @@ def test_prefix_cache_is_keyed_by_tokens(setup, tmp_path):
 
 
 def test_training_from_prefix_cache_gives_the_same_adapter(tmp_path):
-    from clues_fl.training import TrainSettings, train_lora
+    from clues_fl.model.training import TrainSettings, train_lora
 
     samples = make_samples(10, seed=4)
     settings = TrainSettings(lr=1e-2, epochs=2, batch_size=4, seed=0)

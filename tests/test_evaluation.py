@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from clues_fl import evaluation
-from clues_fl.data import DataError, Sample
-from clues_fl.evaluation import (
+from clues_fl.reporting import evaluation
+from clues_fl.data.sources import DataError, Sample
+from clues_fl.reporting.evaluation import (
     answer_index,
     answer_quality,
     generate_answers,
@@ -27,12 +27,12 @@ from clues_fl.evaluation import (
     stop_token_ids,
     token_f1,
 )
-from clues_fl.model import LoraSettings, add_lora
+from clues_fl.model.loading import LoraSettings, add_lora
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from clues_fl.model import load_tokenizer
+    from clues_fl.model.loading import load_tokenizer
 
     return load_tokenizer()
 

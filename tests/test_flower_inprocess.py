@@ -12,11 +12,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
-from clues_fl.inprocess import InMemoryGrid
-from clues_fl.scenario import build_scenario
-from clues_fl.scorers import Scorer
+from clues_fl.federation.inmemory_grid import InMemoryGrid
+from clues_fl.data.scenario import build_scenario
+from clues_fl.scoring.scorers import Scorer
 from clues_fl.server_app import run_protocol
-from clues_fl.site_ids import read_id_map
+from clues_fl.federation.site_ids import read_id_map
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -195,7 +195,7 @@ def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, t
 
 
 def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
-    from clues_fl.suite import Lab, _table
+    from clues_fl.experiments.suite import Lab, _table
 
     raw = run_config(tiny_model_dir, tmp_path)
     lab = Lab({k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}, tmp_path)
@@ -209,7 +209,7 @@ def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
 
 
 def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tmp_path, monkeypatch):
-    import clues_fl.suite as suite
+    import clues_fl.experiments.suite as suite
 
     raw = run_config(tiny_model_dir, tmp_path)
     base = {k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}
@@ -263,7 +263,7 @@ def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, cap
 
 
 def test_progress_lines_off_a_terminal(capsys, monkeypatch):
-    from clues_fl import console
+    from clues_fl.federation import console
 
     monkeypatch.setenv("CLUES_FL_PROGRESS_SECONDS", "0")
     assert list(console.progress(range(3), desc="scoring")) == [0, 1, 2]  # stderr is captured: no TTY

@@ -9,16 +9,16 @@ import torch
 from conftest import Enc, make_samples, tiny_lora_model
 from sklearn.metrics import adjusted_rand_score
 
-from clues_fl.engine import (
+from clues_fl.scoring.alignment import (
     iterate_batches,
     lora_linears,
     mean_gradient,
     per_sample_gradients,
     score_batch,
 )
-from clues_fl.model import backbone, first_lora_layer
-from clues_fl.prefix_cache import PrefixCache
-from clues_fl.quad import (
+from clues_fl.model.loading import backbone, first_lora_layer
+from clues_fl.model.prefix_cache import PrefixCache
+from clues_fl.scoring.quad import (
     ClusterBandit,
     KfacFactor,
     cluster_samples,
@@ -474,10 +474,10 @@ def test_anchor_influence_is_leave_one_out_against_the_kfac_reference(model):
     H^-1 G_-a exactly as a site's sample is scored against H^-1 G (cosine)."""
     from types import SimpleNamespace
 
-    from clues_fl.engine import Checkpoint, ScoreSettings, per_sample_gradients
-    from clues_fl.forward import collate
-    from clues_fl.model import lora_state
-    from clues_fl.quad import anchor_influence, kfac_factors
+    from clues_fl.scoring.alignment import Checkpoint, ScoreSettings, per_sample_gradients
+    from clues_fl.model.forward import collate
+    from clues_fl.model.loading import lora_state
+    from clues_fl.scoring.quad import anchor_influence, kfac_factors
 
     first = first_lora_layer(model)
     anchors = make_samples(5, seed=4)

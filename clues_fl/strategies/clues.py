@@ -19,11 +19,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .. import aggregation, privacy
-from ..config import RunConfig
-from ..device import peak_memory_mib
-from ..engine import AdamMoments, Checkpoint
-from ..messages import (
+from clues_fl.aggregation import strategies as aggregation
+from clues_fl.selection import privacy
+from clues_fl.config import RunConfig
+from clues_fl.model.device import peak_memory_mib
+from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.federation.messages import (
     checkpoint_record,
     gradient_record,
     ids_digest,
@@ -32,12 +33,12 @@ from ..messages import (
     split_record,
     state_record,
 )
-from ..metrics import add_counts, selection_metrics
-from ..scorers import make_scorer
-from ..selection import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
-from ..site_errors import summarise
-from ..workbench import score_settings
-from .rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
+from clues_fl.selection.metrics import add_counts, selection_metrics
+from clues_fl.scoring.scorers import make_scorer
+from clues_fl.selection.rules import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
+from clues_fl.federation.site_errors import summarise
+from clues_fl.model.runtime import score_settings
+from clues_fl.strategies.rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
     GPU_PEAK_KEY,
     SiteDP,
     SiteDPFedAvg,

@@ -25,8 +25,8 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.dp_fixed_clipping import add_gaussian_noise_inplace, compute_stdv
 
-from ..messages import M_PREFIX, MOMENTS_KEY, V_PREFIX, average_moments, join_records, split_moments
-from ..site_errors import summarise
+from clues_fl.federation.messages import M_PREFIX, MOMENTS_KEY, V_PREFIX, average_moments, join_records, split_moments
+from clues_fl.federation.site_errors import summarise
 
 
 class SitesFailed(RuntimeError):
