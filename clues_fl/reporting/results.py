@@ -26,7 +26,7 @@ import numpy as np
 from clues_fl.federation import console
 from clues_fl.config import RunConfig, parse_config
 from clues_fl.reporting.evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
-from clues_fl.aggregation.merging import merge_adapters, merge_weights
+from clues_fl.aggregation.merging import FinalAdapter, merge_adapters
 from clues_fl.model.loading import load_lora_state
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
@@ -47,15 +47,14 @@ def output_dir(cfg: RunConfig) -> Path:
 
 
 @contextlib.contextmanager
-def adapter_active(bench, clues, *, state=None, merge: tuple | None = None):
-    """The workbench model with a FedAvg state loaded, or with a one-shot merge of
-    site adapters (states, weights, method) as its active adapter, removed after."""
-    if merge is None:
-        load_lora_state(bench.model, state if state is not None else bench.initial_state)
+def adapter_active(bench, adapter: FinalAdapter, density: float):
+    """The workbench model with `adapter` active: its state loaded, or the one-shot merge
+    of its site states (merge_adapters, as adapter 'merged', removed after)."""
+    if not adapter.merged:
+        load_lora_state(bench.model, adapter.state if adapter.state is not None else bench.initial_state)
         yield bench.model
         return
-    states, weights, method = merge
-    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
+    model = merge_adapters(bench.model, adapter.site_states, adapter.weights, adapter.rule, density=density)
     try:
         yield model
     finally:
@@ -80,7 +79,10 @@ def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
     return out
 
 
-def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started: float) -> dict:
+def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, started: float,
+                        resumed_from: str | None = None) -> dict:
+    """Evaluate `final` (the aggregate phase's adapter) and the references on the server's
+    sets, and write the run's outputs (see the module's docstring)."""
     bench = clues.bench
     out = output_dir(cfg)
     t = time.time()
@@ -100,23 +102,14 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
             if traced:
-                with adapter_active(bench, clues, merge=(traced, [1 / len(traced)] * len(traced), "linear")) as model:
+                reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced)
+                with adapter_active(bench, reference, cfg["merge.density"]) as model:
                     losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
                                                    cache=clues.val_cache)
     adapter_dir = out / "adapter"
-    if "state" in final:
-        context = adapter_active(bench, clues, state=final["state"])
-    else:
-        # By site name, not node id: node ids are drawn anew when a run restarts, and the
-        # merge order must not change with them.
-        nodes = sorted(final["site-states"], key=lambda n: (clues.sites[n].name, n))
-        sites = [clues.sites[n] for n in nodes]
-        weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
-        clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
-        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg["aggregation"]))
-    with context as model:
+    with adapter_active(bench, final, cfg["merge.density"]) as model:
         quality = model_quality(cfg, bench, model, clues)
-        model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
+        model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
     clues.record_time("evaluate", t)
@@ -140,12 +133,13 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
                 writer.writerow([i, f"{s:.8g}", int(k), *([f"{readable[row]:.3f}"] if readable is not None else [])])
 
     selection = clues.selection_summary()
+    threshold = {**clues.threshold, **({"merge-weights": final.merge_weights} if final.merged else {})}
     metrics = {
         "run-name": cfg["run-name"],
         "mode": cfg["mode"],
         "aggregation": cfg["aggregation"],
         "selection": selection,
-        "threshold": {k: v for k, v in clues.threshold.items() if k != "anchor-scores"},
+        "threshold": {k: v for k, v in threshold.items() if k != "anchor-scores"},
         "validation-loss": losses,
         "model-quality": quality,
         "round-losses": clues.round_losses,
@@ -154,11 +148,11 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
         "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
-        **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
+        **({"resumed-from": resumed_from} if resumed_from else {}),
         "config": cfg.values,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    (out / "thresholds.json").write_text(json.dumps(clues.threshold, indent=2, default=float))
+    (out / "thresholds.json").write_text(json.dumps(threshold, indent=2, default=float))
     from clues_fl.reporting.run_report import describe_adapter, write_run_report
 
     describe_adapter(adapter_dir, cfg, metrics)
