@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save
 
 from clues_fl.config import DEFAULTS, RunConfig
@@ -210,7 +209,7 @@ class RunState:
             self.index["completed"].append(step)
         self._save()
 
-    def save_round(self, phase: str, server_round: int, arrays: ArrayRecord, aggregated: bool) -> None:
+    def save_round(self, phase: str, server_round: int) -> None:
         """After round `server_round` of `phase` (the protocol's state holds its arrays)."""
         begun = self._begun.get(phase, time.time())
         self.index["rounds"][phase] = {"done": server_round, "seconds": round(time.time() - begun, 2)}

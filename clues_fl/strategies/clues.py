@@ -170,11 +170,11 @@ class Clues:
         self.all_data_state: dict | None = None  # the all-data reference at the selection's budget
         # The rounds each phase has done, as (rounds, the global arrays after them, whether
         # any round aggregated): `rounds` as they go, `resumed_rounds` what a resumed run
-        # continues from (from_state); a hook called with (phase, round, global arrays,
-        # aggregated) after every round (resume.py: it saves the state).
+        # continues from (from_state); a hook called with (phase, round) after every round
+        # (resume.py: it saves the state).
         self.rounds: dict[str, tuple[int, ArrayRecord, bool]] = {}
         self.resumed_rounds: dict[str, tuple[int, ArrayRecord, bool]] = {}
-        self.on_round: Callable[[str, int, ArrayRecord, bool], None] | None = None
+        self.on_round: Callable[[str, int], None] | None = None
 
     # -- helpers ----------------------------------------------------------------
     def _strategy(self, phase: str, only: set[int] | None = None, offset: int = 0,
@@ -204,9 +204,10 @@ class Clues:
         """The rounds of `phase` (fed.strategy, FedAvg by default) for `rounds` rounds from
         the initial adapter or, in a resumed run, for the rounds left from the saved global
         arrays. Keeps the mean client training loss of each round; after each round calls
-        keep(round, arrays) and the on_round hook with the global adapter and, while
-        tracing, its averaged Adam moments in one record. Returns the last aggregated
-        record (None: none aggregated)."""
+        keep(round, arrays) with the global adapter and, while tracing, its averaged Adam
+        moments in one record, keeps them as the phase's rounds so far (`rounds`, part of
+        to_state), and calls the on_round hook. Returns the last aggregated record (None:
+        none aggregated)."""
         done, arrays, aggregated = self.resumed_rounds.pop(phase, (0, self._initial_record(phase), False))
         losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
         adapter, moments = split_moments(arrays)
@@ -229,7 +230,7 @@ class Clues:
                 keep(true_round, current)
             self.rounds[phase] = (true_round, current, aggregated or bool(strategy.aggregated))
             if self.on_round is not None:
-                self.on_round(phase, true_round, current, aggregated or bool(strategy.aggregated))
+                self.on_round(phase, true_round)
 
         runner = strategy
         if self.cfg["privacy.adapter-noise"] > 0:
