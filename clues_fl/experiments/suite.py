@@ -78,13 +78,14 @@ class Lab:
         # The same phases as server_app, without the equal-budget all-data reference; a
         # trace another method already ran with the same trace config is taken as done.
         key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
+        traced = clues.scorer.needs_trace
         journal = MemoryJournal()
-        if key in self.traces:
+        if traced and key in self.traces:
             clues.from_state(*self.traces[key])
             journal.complete("trace")
         run = ProtocolRun(cfg, clues, grid, journal, nodes=sorted(nodes), skipped=skipped, reference=False)
         run_phases(run, until="trace")
-        if clues.scorer.needs_trace and key not in self.traces:
+        if traced and key not in self.traces:
             values, arrays = clues.to_state()
             self.traces[key] = ({k: values[k] for k in TRACE_OUTPUTS},
                                 {k: v for k, v in arrays.items() if not k.startswith("rounds/")})
