@@ -220,9 +220,23 @@ def test_a_merge_rule_is_one_registration(monkeypatch):
     rule = merging.MergeRule("halves", halves, merging.score_weights)
     monkeypatch.setitem(merging.MERGE_RULES, "halves", rule)
     assert merging.merge_rule("halves") is rule
-    final = plan_merge("halves", [("client-1", 4, 0.0, tensors(1)), ("client-0", 4, 0.0, tensors(2))])
+    from conftest import tiny_lora_model
+
+    from clues_fl.model.loading import lora_state
+
+    states = [lora_state(tiny_lora_model(seed)) for seed in (1, 2)]
+    final = plan_merge("halves", [("client-1", 4, 0.0, states[0]), ("client-0", 4, 0.0, states[1])])
     assert final.merged and final.sites == ["client-0", "client-1"]  # merge order: by site name
     assert final.merge_weights == pytest.approx({"client-0": 0.5, "client-1": 0.5})  # the rule's own site weights
+    model = tiny_lora_model(0)
+    with final.active(model, lora_state(model)) as merged:  # what the report evaluates and saves
+        assert merged.active_adapter == "merged"
+        for module, delta in merging.lora_deltas(merged, "merged").items():
+            deltas = [2.0 * s[f"{module}.lora_B.default.weight"] @ s[f"{module}.lora_A.default.weight"]
+                      for s in (states[1], states[0])]
+            expected = halves(deltas, torch.tensor([0.5, 0.5], dtype=torch.float64))
+            torch.testing.assert_close(delta, expected.to(delta.dtype), rtol=0, atol=1e-6)
+    assert set(model.peft_config) == {"default"}  # removed after
 
 
 @pytest.mark.xfail(reason="config.py CHOICES['aggregation'] lists the built-in merge rules a second time "

@@ -32,6 +32,7 @@ rules compute the same result through peft's ``add_weighted_adapter`` in low ran
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -178,6 +179,7 @@ class FinalAdapter:
     sites: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     site_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    density: float = 0.5  # merge.density (ties, and your rules that take it)
 
     @property
     def merged(self) -> bool:
@@ -188,15 +190,34 @@ class FinalAdapter:
         """Site name -> its merge weight (empty for a single adapter state)."""
         return dict(zip(self.sites, self.weights))
 
+    @contextlib.contextmanager
+    def active(self, model: PeftModel, base_state: dict[str, torch.Tensor]):
+        """`model` with this adapter active: its state loaded into the 'default' adapter
+        (`base_state` when it has none), or the one-shot merge of the site states as
+        adapter 'merged' (merge_adapters), removed after."""
+        if not self.merged:
+            from clues_fl.model.loading import load_lora_state
 
-def plan_merge(rule: str, sites: list[tuple[str, int, float, dict[str, torch.Tensor]]]) -> FinalAdapter:
+            load_lora_state(model, self.state if self.state is not None else base_state)
+            yield model
+            return
+        merge_adapters(model, self.site_states, self.weights, self.rule, density=self.density)
+        try:
+            yield model
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("merged")
+
+
+def plan_merge(rule: str, sites: list[tuple[str, int, float, dict[str, torch.Tensor]]],
+               density: float = 0.5) -> FinalAdapter:
     """The one-shot merge of `sites` given as (name, kept samples, mean kept score,
     retrained state): ordered by name (node ids are drawn anew when a run restarts, and
     the merge order must not change with them), weighted as the rule says (merge_weights)."""
     ordered = sorted(sites, key=lambda s: s[0])
     weights = merge_weights(rule, [s[1] for s in ordered], [s[2] for s in ordered])
     return FinalAdapter(rule=rule, sites=[s[0] for s in ordered], weights=list(weights),
-                        site_states=[s[3] for s in ordered])
+                        site_states=[s[3] for s in ordered], density=density)
 
 
 def lora_deltas(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:

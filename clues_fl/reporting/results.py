@@ -13,7 +13,6 @@ outputs/<run-name>/
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -26,8 +25,7 @@ import numpy as np
 from clues_fl.federation import console
 from clues_fl.config import RunConfig, parse_config
 from clues_fl.reporting.evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
-from clues_fl.aggregation.merging import FinalAdapter, merge_adapters
-from clues_fl.model.loading import load_lora_state
+from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
 from clues_fl.model.training import mean_loss
@@ -44,22 +42,6 @@ def output_dir(cfg: RunConfig) -> Path:
     path = base / cfg["run-name"]
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-@contextlib.contextmanager
-def adapter_active(bench, adapter: FinalAdapter, density: float):
-    """The workbench model with `adapter` active: its state loaded, or the one-shot merge
-    of its site states (merge_adapters, as adapter 'merged', removed after)."""
-    if not adapter.merged:
-        load_lora_state(bench.model, adapter.state if adapter.state is not None else bench.initial_state)
-        yield bench.model
-        return
-    model = merge_adapters(bench.model, adapter.site_states, adapter.weights, adapter.rule, density=density)
-    try:
-        yield model
-    finally:
-        model.set_adapter("default")
-        model.delete_adapter("merged")
 
 
 def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
@@ -102,12 +84,13 @@ def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, 
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
             if traced:
-                reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced)
-                with adapter_active(bench, reference, cfg["merge.density"]) as model:
+                reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
+                                         density=cfg["merge.density"])
+                with reference.active(bench.model, bench.initial_state) as model:
                     losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
                                                    cache=clues.val_cache)
     adapter_dir = out / "adapter"
-    with adapter_active(bench, final, cfg["merge.density"]) as model:
+    with final.active(bench.model, bench.initial_state) as model:
         quality = model_quality(cfg, bench, model, clues)
         model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
     if "validation-loss" in quality:

@@ -539,7 +539,7 @@ class Clues:
                 arrays[f"rounds/{phase}"] = record.to_torch_state_dict()
         if self.final is not None:
             values["final"] = {"rule": self.final.rule, "sites": list(self.final.sites),
-                               "weights": [float(w) for w in self.final.weights]}
+                               "weights": [float(w) for w in self.final.weights], "density": self.final.density}
             if self.final.state is not None:
                 arrays["final"] = self.final.state
         return values, arrays
@@ -573,7 +573,7 @@ class Clues:
             final = values["final"]
             by_name = {s.name: s for s in self.sites.values()}
             self.final = FinalAdapter(state=arrays.get("final"), rule=final["rule"], sites=list(final["sites"]),
-                                      weights=list(final["weights"]),
+                                      weights=list(final["weights"]), density=float(final["density"]),
                                       site_states=[by_name[n].final_state for n in final["sites"]])
             if self.final.state is not None:
                 self.global_state = self.final.state

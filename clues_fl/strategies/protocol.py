@@ -236,7 +236,8 @@ class Aggregate(Phase):
             return
         clues.retrain_local(run.grid)
         clues.final = plan_merge(run.cfg["aggregation"], [(s.name, s.kept, s.mean_kept_score, s.final_state)
-                                                          for s in clues.sites.values() if s.final_state is not None])
+                                                          for s in clues.sites.values() if s.final_state is not None],
+                                 density=run.cfg["merge.density"])
 
     def result(self, run: ProtocolRun) -> str:
         return _loss_result(run.clues, self.name)
