@@ -212,6 +212,30 @@ def test_from_state_takes_a_part_of_the_state():
     assert clues.round_losses == {"trace": [1.0]} and clues.threshold == {"rule": "static"}
 
 
+def test_the_run_state_saves_and_restores_the_protocol_through_its_state(tmp_path):
+    from clues_fl.federation.resume import RunState
+
+    raw = {"mode": "merging", "aggregation": "weighted", "run-name": "r", "output-dir": str(tmp_path)}
+    clues = a_protocol(**raw)
+    state = RunState(parse_config(raw))
+    assert state.restore(clues, ["trace", "score", "threshold"]) is None  # a new run
+    clues.sites = {7: a_site()}
+    clues.threshold = {"rule": "mixture", "threshold": 0.25}
+    state.begin("trace")
+    state.complete("trace")
+    arrays = sorted((tmp_path / "r" / "state" / "arrays").iterdir())
+    assert arrays  # the site's checkpoints and adapters, each once
+    state.complete("score")
+    assert sorted((tmp_path / "r" / "state" / "arrays").iterdir()) == arrays  # nothing new: named by content
+
+    back = a_protocol(**raw)
+    assert RunState(parse_config(raw)).restore(back, ["trace", "score", "threshold"]) == "threshold"
+    assert back.threshold == clues.threshold and list(back.sites) == [7]
+    np.testing.assert_array_equal(back.sites[7].scores, clues.sites[7].scores)
+    assert_same_checkpoints(back.sites[7].checkpoints, clues.sites[7].checkpoints)
+    assert_same_tensors(back.sites[7].final_state, clues.sites[7].final_state)
+
+
 # -- merge rules: one registration ----------------------------------------------------------
 def test_a_merge_rule_is_one_registration(monkeypatch):
     def halves(task_tensors, weights):
