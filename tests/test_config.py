@@ -19,6 +19,7 @@ from clues_fl.config import (
     RunConfig,
     RunSection,
     TrainSection,
+    check_quantization_available,
     markdown_table,
     readme_with_table,
     parse_config,
@@ -108,3 +109,17 @@ def test_a_section_validates_on_its_own():
 def test_markdown_cli_prints_the_table(capsys):
     assert config_main(["--markdown"]) == 0
     assert capsys.readouterr().out == markdown_table()
+
+
+def test_a_parsed_config_pickles_and_hashes():
+    """Sections are frozen and hashable (the workbench caches by its model and lora
+    sections); a RunConfig survives pickling with its flat view."""
+    import pickle
+
+    cfg = parse_config({"lora.r": 8, "model.device": "cpu"})
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and back.values == cfg.values and hash(back.lora) == hash(cfg.lora)
+    assert {cfg.model: 1}[parse_config({"model.device": "cpu"}).model] == 1
+    check_quantization_available(cfg.model)  # none: nothing to check
+    with pytest.raises(ConfigError, match="model.quantization: 'x' is not one of none, 4bit, 8bit"):
+        check_quantization_available("x")
