@@ -278,15 +278,18 @@ class ScoringSection(Section):
     prefix_cache: bool = option(True, "reuse the frozen layers' activations")
 
 
+SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")
+"""The built-in selection methods (scoring/scorers.py BUILTIN; preflight checks a name against them)."""
+
+
 @dataclass(frozen=True)
 class SelectionSection(Section):
     """The selection method and its threshold rule (selection/, scoring/scorers.py)."""
 
     PREFIX = "selection"
 
-    method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works)",
-                         allowed="`clues`, `clues+`, `quad`, `less`, `datainf`, `ppl`, `ifd`, `random`, `all`, "
-                                 "`oracle`, `module:Class`")
+    method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
+                         "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
     threshold: str = option("mixture", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
                             choices=("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
     quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
@@ -377,7 +380,7 @@ class FedSection(Section):
     PREFIX = "fed"
 
     strategy: str = option("fedavg", "the rounds' aggregation: a `flwr.serverapp.strategy` name "
-                           "(case-insensitive) or `module:Class`; see \"Aggregation\"",
+                           "(case-insensitive) or `module:Class`; see \"Aggregation\" in [How it works](#how-it-works)",
                            allowed="a Flower strategy name, `module:Class`")
     strategy_args: str = option("", "its keyword arguments, `\"name=value, name=value\"` "
                                 "(e.g. `proximal_mu=0.01`)")
