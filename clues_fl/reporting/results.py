@@ -55,7 +55,7 @@ def adapter_active(bench, clues, *, state=None, merge: tuple | None = None):
         yield bench.model
         return
     states, weights, method = merge
-    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg.merge.density)
+    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
     try:
         yield model
     finally:
@@ -105,9 +105,9 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         # merge order must not change with them.
         nodes = sorted(final["site-states"], key=lambda n: (clues.sites[n].name, n))
         sites = [clues.sites[n] for n in nodes]
-        weights = merge_weights(cfg.merge.aggregation, [s.kept for s in sites], [s.mean_kept_score for s in sites])
+        weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
         clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
-        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg.merge.aggregation))
+        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg["aggregation"]))
     with context as model:
         quality = model_quality(cfg, bench, model, clues)
         model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
