@@ -263,8 +263,8 @@ def test_a_merge_rule_is_one_registration(monkeypatch):
     assert set(model.peft_config) == {"default"}  # removed after
 
 
-@pytest.mark.xfail(reason="config.py CHOICES['aggregation'] lists the built-in merge rules a second time "
-                          "(config.py belongs to the typed-config work: it should read MERGE_RULES)")
+@pytest.mark.xfail(reason="config.py lists the built-in merge rules a second time (its own MERGE_RULES "
+                          "tuple, MergeSection's check and help text): it should read aggregation.merging.MERGE_RULES")
 def test_the_run_config_takes_a_newly_registered_merge_rule(monkeypatch):
     monkeypatch.setitem(merging.MERGE_RULES, "halves", merging.MergeRule("halves", merging.task_arithmetic))
     assert parse_config({"mode": "merging", "aggregation": "halves"})["aggregation"] == "halves"
