@@ -27,6 +27,7 @@ from clues_fl.federation.messages import (
     IdentifyRequest,
     LocalTrainReply,
     LocalTrainRequest,
+    PrivacySettings,
     ScoreReply,
     ScoreRequest,
     SelectReply,
@@ -176,11 +177,9 @@ def score(message: Message, context: Context) -> Message:
     result = site.score_samples(scorer, SiteData(cfg, bench, samples, encoded, cache, _partition(context)), payload)
     context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in result.values]})  # exact, stays here
     _keep_signals(context, result.details)
-    privacy = request.privacy
-    scores, histogram = site.reported(
-        result.values, report=privacy.report, epsilon=privacy.epsilon, delta=privacy.delta, edges=privacy.edges,
-        clip_lo=privacy.clip_lo, clip_hi=privacy.clip_hi,
-    ) if privacy is not None else site.reported(result.values)
+    how = request.privacy or PrivacySettings()  # none: exact per-sample scores
+    scores, histogram = site.reported(result.values, report=how.report, epsilon=how.epsilon, delta=how.delta,
+                                      edges=how.edges, clip_lo=how.clip_lo, clip_hi=how.clip_hi)
     extras = dict(result.extras)
     return _reply(message, ScoreReply(
         num_examples=len(encoded), ids=_wire_ids(context) if histogram is None else [], scores=scores,
