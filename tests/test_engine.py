@@ -173,3 +173,19 @@ def test_training_from_prefix_cache_gives_the_same_adapter(tmp_path):
         # (computed in other batch shapes) show up ~1e3 larger at near-zero gradients.
         assert diff < 1e-6 * states[0][name].abs().max().item(), (name, diff)
         assert not torch.equal(states[0][name], before[name])  # training moved every tensor
+
+
+def test_settings_from_the_run_config_sections():
+    """Training, scoring and LoRA settings are read from their own run-config sections."""
+    from clues_fl.config import parse_config
+    from clues_fl.model.loading import LoraSettings
+    from clues_fl.model.runtime import lora_settings, score_settings, train_settings
+    from clues_fl.model.training import TrainSettings
+
+    cfg = parse_config({"train.lr": 1e-3, "train.batch-size": 4, "train.local-epochs": 2.0, "seed": 7,
+                        "scoring.similarity": "dot", "scoring.batch-size": 3, "lora.r": 4,
+                        "lora.layers": "top2", "lora.target-modules": "q_proj, k_proj"})
+    assert TrainSettings.from_section(cfg.train, seed=7) == TrainSettings(lr=1e-3, epochs=2.0, batch_size=4, seed=7)
+    assert train_settings(cfg, epochs=3, seed_offset=1) == TrainSettings(lr=1e-3, epochs=3, batch_size=4, seed=8)
+    assert ScoreSettings.from_section(cfg.scoring) == score_settings(cfg) == ScoreSettings("dot", "sgd", 3)
+    assert LoraSettings.from_section(cfg.lora, 10) == lora_settings(cfg, 10) == LoraSettings(4, 16, 0.0, ("q_proj", "k_proj"), (8, 9))

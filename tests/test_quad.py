@@ -9,6 +9,7 @@ import torch
 from conftest import Enc, make_samples, tiny_lora_model
 from sklearn.metrics import adjusted_rand_score
 
+from clues_fl.config import QuadSection, parse_config
 from clues_fl.scoring.alignment import (
     iterate_batches,
     lora_linears,
@@ -482,9 +483,10 @@ def test_anchor_influence_is_leave_one_out_against_the_kfac_reference(model):
     first = first_lora_layer(model)
     anchors = make_samples(5, seed=4)
     bench = SimpleNamespace(model=model, first_layer=first, pad_id=0)
-    cfg = {"quad.damping": 0.1, "quad.ekfac": False}
     ckpt = Checkpoint(lora_state(model), 0.5)
-    side = anchor_influence(bench, anchors, [ckpt], cfg, ScoreSettings("cosine", "sgd", 2))
+    side = anchor_influence(bench, anchors, [ckpt], QuadSection(damping=0.1), ScoreSettings("cosine", "sgd", 2))
+    whole = anchor_influence(bench, anchors, [ckpt], parse_config({"quad.damping": 0.1}), ScoreSettings("cosine", "sgd", 2))
+    np.testing.assert_array_equal(whole.scores, side.scores)  # a RunConfig passes its quad section
 
     factors = kfac_factors(model, anchors, first, pad_id=0, batch_size=2)
     grads = [per_sample_gradients(model, collate(anchors, [i], 0), first) for i in range(5)]

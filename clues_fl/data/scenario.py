@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clues_fl.config import ConfigError, RunConfig
+from clues_fl.config import ConfigError, DataSection, RunConfig
 from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples
 from clues_fl.data.pollution import parse_ratios, pollute
 from clues_fl.data.splits import parse_sizes, partition, split_pool
@@ -28,12 +28,13 @@ class ScenarioData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _load(cfg: RunConfig, source: str, domain: str = "", split: str = "train") -> LoadResult:
+def _load(data: DataSection, source: str, domain: str = "", split: str = "train") -> LoadResult:
+    """`source` read as the `data` section says (field names, what to do with bad rows)."""
     return load_samples(
         source,
-        question_field=cfg["data.question-field"] or None,
-        answer_field=cfg["data.answer-field"] or None,
-        on_error=cfg["data.on-error"],
+        question_field=data.question_field or None,
+        answer_field=data.answer_field or None,
+        on_error=data.on_error,
         domain=domain,
         split=split,
     )
@@ -63,7 +64,7 @@ def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[lis
     def from_file(key: str) -> list[Sample] | None:
         if not cfg[key]:
             return None
-        res = _load(cfg, cfg[key], domain=_domain_of(cfg[key]))
+        res = _load(cfg.data, cfg[key], domain=_domain_of(cfg[key]))
         skipped.extend(res.skipped)
         return res.samples
 
@@ -94,19 +95,19 @@ def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample
     pool_path = Path(pool_source).expanduser()
     kind = disk_dataset_kind(pool_path)
     if kind == "dict":  # a saved DatasetDict: one split per site, sorted by name
-        loaded = [_load(cfg, str(pool_path), domain=split, split=split) for split in sorted(disk_splits(pool_path))]
+        loaded = [_load(cfg.data, str(pool_path), domain=split, split=split) for split in sorted(disk_splits(pool_path))]
         for res in loaded:
             skipped += res.skipped
         return [], [res.samples for res in loaded]
     if pool_path.is_dir() and kind is None:
-        loaded = [_load(cfg, str(f), domain=f.stem) for f in _client_files(pool_path)]
+        loaded = [_load(cfg.data, str(f), domain=f.stem) for f in _client_files(pool_path)]
         for res in loaded:
             skipped += res.skipped
         return [], [res.samples for res in loaded]
     samples: list[Sample] = []
     # data.source may list several sources (comma-separated): one domain each.
     for source in [pool_source] if cfg["data.pool"] else cfg.list("data.source"):
-        res = _load(cfg, source, domain=_domain_of(source))
+        res = _load(cfg.data, source, domain=_domain_of(source))
         skipped += res.skipped
         samples += res.samples
     return samples, None
@@ -150,7 +151,7 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
         donors: list[Sample] = []
         if "cross-domain" in kinds:
             for source in cfg.list("pollution.donors"):
-                donors += _load(cfg, source, domain=_domain_of(source)).samples
+                donors += _load(cfg.data, source, domain=_domain_of(source)).samples
         clients = [
             pollute(samples, ratio, kinds, donors=donors, seed=seed + 1000 * (i + 1))
             for i, (samples, ratio) in enumerate(zip(clients, ratios))
@@ -161,7 +162,7 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
 def site_samples(cfg: RunConfig, node_config: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
     """This site's training pool: its own file in a deployment, else its partition."""
     if node_config.get("data-file"):
-        res = _load(cfg, str(node_config["data-file"]), domain=str(node_config.get("domain", "")))
+        res = _load(cfg.data, str(node_config["data-file"]), domain=str(node_config.get("domain", "")))
         return res.samples, res.skipped
     pid = int(node_config.get("partition-id", 0))
     count = int(node_config.get("num-partitions", 1))

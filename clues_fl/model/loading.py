@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from clues_fl.config import QUANT_INSTALL, check_quantization_available  # noqa: F401 (model.check_quantization_available)
+
+if TYPE_CHECKING:
+    from clues_fl.config import LoraSection, ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,11 @@ def load_base_model(name: str = DEFAULT_MODEL, quantization: str = "none", devic
     return model
 
 
+def load_model(model: ModelSection, *, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The frozen base model of the run-config's `model` section (load_base_model)."""
+    return load_base_model(model.name, model.quantization, model.device, model.dtype, gradient_checkpointing)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
@@ -196,6 +205,13 @@ class LoraSettings:
             bias="none",
             task_type="CAUSAL_LM",
         )
+
+    @classmethod
+    def from_section(cls, lora: LoraSection, num_layers: int) -> LoraSettings:
+        """The run-config's `lora` section for a model of `num_layers` decoder layers
+        (`lora.layers` resolved by parse_layers)."""
+        return cls(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.list("target_modules")),
+                   layers=parse_layers(lora.layers, num_layers))
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...] | None:

@@ -8,12 +8,13 @@ leaks state between calls.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
 import torch
 
-from clues_fl.config import RunConfig
+from clues_fl.config import LoraSection, ModelSection, RunConfig
 from clues_fl.data.sources import Encoded, Sample, encode_samples
 from clues_fl.model.forward import splittable
 from clues_fl.scoring.alignment import AnchorScores, Checkpoint, ScoreResult, ScoreSettings, anchor_scores, score_samples
@@ -23,11 +24,10 @@ from clues_fl.model.loading import (
     LoraSettings,
     add_lora,
     first_lora_layer,
-    load_base_model,
     load_lora_state,
+    load_model,
     load_tokenizer,
     lora_state,
-    parse_layers,
 )
 from clues_fl.model.prefix_cache import PrefixCache
 from clues_fl.model.training import TrainResult, TrainSettings, mean_loss, train_lora
@@ -36,40 +36,24 @@ log = logging.getLogger(__name__)
 
 
 def lora_settings(cfg: RunConfig, num_layers: int) -> LoraSettings:
-    return LoraSettings(
-        r=cfg["lora.r"],
-        alpha=cfg["lora.alpha"],
-        dropout=cfg["lora.dropout"],
-        target_modules=tuple(cfg.list("lora.target-modules")),
-        layers=parse_layers(cfg["lora.layers"], num_layers),
-    )
+    return LoraSettings.from_section(cfg.lora, num_layers)
 
 
 def train_settings(cfg: RunConfig, *, epochs: float | None = None, seed_offset: int = 0) -> TrainSettings:
-    return TrainSettings(
-        lr=cfg["train.lr"],
-        epochs=cfg["train.local-epochs"] if epochs is None else epochs,
-        batch_size=cfg["train.batch-size"],
-        seed=cfg["seed"] + seed_offset,
-    )
+    return TrainSettings.from_section(cfg.train, seed=cfg.run.seed + seed_offset, epochs=epochs)
 
 
 def score_settings(cfg: RunConfig) -> ScoreSettings:
-    return ScoreSettings(
-        similarity=cfg["scoring.similarity"],
-        preconditioner=cfg["scoring.preconditioner"],
-        batch_size=cfg["scoring.batch-size"],
-    )
+    return ScoreSettings.from_section(cfg.scoring)
 
 
 class Workbench:
-    def __init__(self, model_name: str, quantization: str, lora_key: tuple, seed: int,
-                 placement: tuple = ("cpu", "float32", False)):
-        device, dtype, checkpointing = placement
-        self.tokenizer = load_tokenizer(model_name)
-        base = load_base_model(model_name, quantization, device, dtype, checkpointing)
-        r, alpha, dropout, targets, layer_spec = lora_key
-        self.lora = LoraSettings(r, alpha, dropout, targets, parse_layers(layer_spec, base.config.num_hidden_layers))
+    """The base model of the `model` section with the adapter of the `lora` section."""
+
+    def __init__(self, model: ModelSection, lora: LoraSection, seed: int, gradient_checkpointing: bool = False):
+        self.tokenizer = load_tokenizer(model.name)
+        base = load_model(model, gradient_checkpointing=gradient_checkpointing)
+        self.lora = LoraSettings.from_section(lora, base.config.num_hidden_layers)
         torch.manual_seed(seed)  # the same initial adapter on every party
         self.model = add_lora(base, self.lora)
         self.model.eval()
@@ -80,15 +64,15 @@ class Workbench:
     # -- data ---------------------------------------------------------------
     def encode(self, samples: list[Sample], cfg: RunConfig) -> list[Encoded]:
         return encode_samples(
-            self.tokenizer, samples, cfg["data.max-length"], system_prompt=cfg["data.system-prompt"] or None
+            self.tokenizer, samples, cfg.data.max_length, system_prompt=cfg.data.system_prompt or None
         )
 
     def cache(self, encoded: list[Encoded], cfg: RunConfig, desc: str = "prefix cache") -> PrefixCache | None:
-        if not cfg["scoring.prefix-cache"] or not encoded or not splittable(self.model):
+        if not cfg.scoring.prefix_cache or not encoded or not splittable(self.model):
             return None
         return PrefixCache.build(
             self.model, encoded, self.first_layer, pad_id=self.pad_id,
-            batch_size=cfg["scoring.batch-size"], desc=desc,
+            batch_size=cfg.scoring.batch_size, desc=desc,
         )
 
     # -- operations ---------------------------------------------------------
@@ -122,20 +106,17 @@ class Workbench:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached(model_name: str, quantization: str, lora_key: tuple, seed: int, placement: tuple) -> Workbench:
-    return Workbench(model_name, quantization, lora_key, seed, placement)
+def _cached(model: ModelSection, lora: LoraSection, seed: int, gradient_checkpointing: bool) -> Workbench:
+    return Workbench(model, lora, seed, gradient_checkpointing)
 
 
 def workbench(cfg: RunConfig) -> Workbench:
-    check_quantization_available(cfg)  # the install command, before anything loads
-    key = (
-        cfg["lora.r"], cfg["lora.alpha"], cfg["lora.dropout"],
-        tuple(cfg.list("lora.target-modules")), cfg["lora.layers"],
-    )
-    placement = (cfg["model.device"], cfg["model.dtype"], cfg["train.gradient-checkpointing"])
-    args = (cfg["model.name"], cfg["model.quantization"], key, cfg["seed"], placement)
+    check_quantization_available(cfg.model)  # the install command, before anything loads
+    # the sections are frozen, so they are the cache key; target modules as their list
+    lora = dataclasses.replace(cfg.lora, target_modules=",".join(cfg.lora.list("target_modules")))
+    args = (cfg.model, lora, cfg.run.seed, cfg.train.gradient_checkpointing)
     global _on_gpu
-    if resolve(cfg["model.device"], cfg["model.dtype"])[0].type == "cuda":
+    if resolve(cfg.model.device, cfg.model.dtype)[0].type == "cuda":
         if _on_gpu is not None and _on_gpu != args:  # one model per process on a GPU
             _cached.cache_clear()
             free_memory()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from clues_fl.model.device import device_of, free_memory
 from clues_fl.scoring.alignment import AdamMoments, Checkpoint, lora_parameters
 from clues_fl.model.forward import collate, length_buckets, sample_losses
 from clues_fl.model.loading import lora_state
+
+if TYPE_CHECKING:
+    from clues_fl.config import TrainSection
 
 
 @dataclass
@@ -32,6 +36,13 @@ class TrainSettings:
     beta2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_section(cls, train: TrainSection, *, seed: int = 0, epochs: float | None = None) -> TrainSettings:
+        """The run-config's `train` section as training settings; `epochs`, when given,
+        replaces `train.local-epochs` (a phase that sets its own budget)."""
+        return cls(lr=train.lr, epochs=train.local_epochs if epochs is None else epochs,
+                   batch_size=train.batch_size, seed=seed)
 
 
 @dataclass

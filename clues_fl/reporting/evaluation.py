@@ -16,6 +16,7 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from clues_fl.federation.console import progress as tqdm
 from clues_fl.scoring.baselines import answer_losses_of
 from clues_fl.data.sources import DataError, Encoded, Sample, encode_sample, resolve_source
 from clues_fl.model.device import device_of
+
+if TYPE_CHECKING:
+    from clues_fl.config import EvalSection
 
 # --------------------------------------------------------------------------- text metrics
 
@@ -338,3 +342,23 @@ def load_mc_items(source: str, limit: int | None = None) -> list[dict]:
     if not items:
         raise DataError(f"{source}: no multiple-choice items")
     return items
+
+
+# --------------------------------------------------------------------------- the run-config's eval section
+
+
+def generation_quality(model, tokenizer, test: Sequence[Sample], ev: EvalSection, *,
+                       system_prompt: str | None = None) -> dict:
+    """What the `eval` section asks of a model besides its validation loss: greedy answers
+    to the first `eval.max-samples` test questions (`rouge-l`, `token-f1`, `answered`;
+    0 or no test set: skipped) and multiple-choice accuracy on `eval.mc-items` items of
+    `eval.mc-source` (`mc-accuracy`; 0: skipped)."""
+    out: dict = {}
+    if ev.max_samples and test:
+        q = answer_quality(model, tokenizer, test, ev.max_samples, max_new_tokens=ev.max_new_tokens,
+                           system_prompt=system_prompt)
+        out.update({"rouge-l": q["rouge_l"], "token-f1": q["token_f1"], "answered": q["n"]})
+    if ev.mc_items:
+        items = load_mc_items(ev.mc_source, ev.mc_items)
+        out["mc-accuracy"] = multiple_choice_accuracy(model, tokenizer, items, system_prompt=system_prompt)
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 
 from clues_fl.federation import console
 from clues_fl.config import RunConfig, parse_config
-from clues_fl.reporting.evaluation import answer_quality, load_mc_items, multiple_choice_accuracy
+from clues_fl.reporting.evaluation import generation_quality
 from clues_fl.aggregation.merging import merge_adapters, merge_weights
 from clues_fl.model.loading import load_lora_state
 from clues_fl.data.scenario import build_scenario
@@ -67,16 +67,10 @@ def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
     """Clean validation loss, answer quality on the test set (greedy generation,
     ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
     out: dict = {}
-    if cfg["eval.validation"] and clues.val:
+    if cfg.eval.validation and clues.val:
         out["validation-loss"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
-    if cfg["eval.max-samples"] and clues.test:
-        q = answer_quality(model, bench.tokenizer, clues.test, cfg["eval.max-samples"],
-                           max_new_tokens=cfg["eval.max-new-tokens"], system_prompt=cfg["data.system-prompt"] or None)
-        out.update({"rouge-l": q["rouge_l"], "token-f1": q["token_f1"], "answered": q["n"]})
-    if cfg["eval.mc-items"]:
-        items = load_mc_items(cfg["eval.mc-source"], cfg["eval.mc-items"])
-        out["mc-accuracy"] = multiple_choice_accuracy(model, bench.tokenizer, items,
-                                                      system_prompt=cfg["data.system-prompt"] or None)
+    out.update(generation_quality(model, bench.tokenizer, clues.test, cfg.eval,
+                                  system_prompt=cfg.data.system_prompt or None))
     return out
 
 
@@ -85,10 +79,10 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
     out = output_dir(cfg)
     t = time.time()
     console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
-                   len(clues.val) if cfg["eval.validation"] else 0, min(cfg["eval.max-samples"], len(clues.test)),
-                   cfg["eval.mc-items"])
+                   len(clues.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(clues.test)),
+                   cfg.eval.mc_items)
     losses: dict[str, float] = {}
-    if cfg["eval.validation"] and clues.val:
+    if cfg.eval.validation and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
         if getattr(clues, "all_data_state", None) is not None:  # retrained on all data at the selection's budget
             losses["all-data"] = bench.loss(clues.val, clues.all_data_state, cache=clues.val_cache)

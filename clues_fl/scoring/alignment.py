@@ -19,6 +19,7 @@ mean over its own answer tokens), so g_t of sample b is d loss_b / d y_t exactly
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from clues_fl.federation.console import progress as tqdm
 from clues_fl.model.device import device_of, free_memory, to_device, to_host
 from clues_fl.model.forward import Batch, collate, length_buckets, sample_losses
 from clues_fl.model.loading import load_lora_state
+
+if TYPE_CHECKING:
+    from clues_fl.config import ScoringSection
 
 
 @dataclass
@@ -204,6 +208,12 @@ class ScoreSettings:
             raise ValueError(
                 f"scoring.preconditioner: '{self.preconditioner}' not in {PRECONDITIONERS}"
             )
+
+    @classmethod
+    def from_section(cls, scoring: ScoringSection) -> ScoreSettings:
+        """The run-config's `scoring` section as scoring settings."""
+        return cls(similarity=scoring.similarity, preconditioner=scoring.preconditioner,
+                   batch_size=scoring.batch_size)
 
 
 @dataclass

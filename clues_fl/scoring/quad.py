@@ -69,6 +69,7 @@ import torch
 from sklearn.cluster import KMeans
 from clues_fl.federation.console import progress as tqdm
 
+from clues_fl.config import QuadSection, RunConfig
 from clues_fl.scoring.alignment import (
     TokenCapture,
     _backward,
@@ -468,21 +469,27 @@ class AnchorInfluence:
     references: list[dict[str, torch.Tensor]]  # H_k^-1 G_k per checkpoint: what the sites dot with
 
 
-def anchor_influence(bench, anchors, checkpoints, cfg, settings, *, cache=None) -> AnchorInfluence:
+def anchor_influence(bench, anchors, checkpoints, quad: QuadSection | RunConfig, settings, *,
+                     cache=None) -> AnchorInfluence:
     """The server's part of Quad: per checkpoint, K-FAC factors on the public anchor set
     (no site statistics needed), the reference H^-1 G_anchor the sites take inner
     products with, and each anchor's influence against the others,
     H^-1 G_-a = (n H^-1 G - H^-1 g_a) / (n - 1), scored exactly like a site's sample
-    (so tau can be a quantile of clean-sample influence)."""
+    (so tau can be a quantile of clean-sample influence).
+
+    `quad`: the run-config's `quad` section (`quad.damping`, `quad.ekfac`); a whole
+    RunConfig stands for its own section."""
+    if isinstance(quad, RunConfig):
+        quad = quad.quad
     model, n = bench.model, len(anchors)
     if n < 2:
         raise ValueError(f"the anchor set needs at least 2 samples, got {n}")
-    damping = cfg["quad.damping"]
+    damping = quad.damping
     total, references = np.zeros(n), []
     for ckpt in checkpoints:
         load_lora_state(model, ckpt.state)
         factors = kfac_factors(model, anchors, bench.first_layer, pad_id=bench.pad_id,
-                               batch_size=settings.batch_size, cache=cache, eigen_correction=cfg["quad.ekfac"])
+                               batch_size=settings.batch_size, cache=cache, eigen_correction=quad.ekfac)
         names = [name for name, _ in lora_linears(model)]
         grads: dict[str, torch.Tensor] = {}
         device = device_of(model)
