@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clues_fl.selection.rules import keep_mask, standardise
+from clues_fl.selection.rules import keep, standardise
 
 IQR_TO_SIGMA = 1.349
 
@@ -119,8 +119,8 @@ def _site_panels(clues) -> list[dict]:
         anchors = site.anchor_scores if info.get("standardised") else clues.anchor.get("scores")
         threshold = None
         if info.get("rule") == "ratio":
-            kept = keep_mask(standardise(scores, site.anchor_scores) if info.get("standardised") else scores,
-                             ratio=info["ratio"])
+            kept = keep(standardise(scores, site.anchor_scores) if info.get("standardised") else scores,
+                        {"ratio": info["ratio"]})
             threshold = float(scores[kept].min()) if kept.any() else None
         elif "threshold" in info:
             t = float(info["threshold"])
@@ -128,7 +128,7 @@ def _site_panels(clues) -> list[dict]:
                 mean, std = float(np.mean(site.anchor_scores)), float(max(np.std(site.anchor_scores, ddof=1), 1e-12))
                 t = mean + t * std  # back to this site's raw scale
             threshold = t
-            kept = scores >= t
+            kept = keep(scores, {"threshold": t})
         else:
             kept = np.ones(len(scores), dtype=bool)
         panels.append({"name": site.name, "scores": scores, "kept": kept, "anchors": anchors, "threshold": threshold,

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.special import log_ndtr, ndtr
 
 from clues_fl.selection.metrics import confusion_counts, selection_metrics
-from clues_fl.selection.rules import global_threshold, keep_mask
+from clues_fl.selection.rules import global_threshold, keep
 
 REPORT_MODES = ("scores", "histogram")
 
@@ -323,7 +323,7 @@ def privatise_counts(counts, epsilon: float, delta: float, rng) -> np.ndarray:
 
 # -- 3. offline F1-vs-epsilon curve --------------------------------------------------
 def _f1(scores: np.ndarray, polluted: np.ndarray, threshold: float) -> float:
-    kept = keep_mask(scores, threshold=threshold)
+    kept = keep(scores, {"threshold": threshold})
     return float(selection_metrics(confusion_counts(kept, polluted))["f1"])
 
 
