@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from dataclasses import fields
 import torch
 from flwr.app import ArrayRecord
 
@@ -263,11 +264,19 @@ def test_a_merge_rule_is_one_registration(monkeypatch):
     assert set(model.peft_config) == {"default"}  # removed after
 
 
-@pytest.mark.xfail(reason="config.py lists the built-in merge rules a second time (its own MERGE_RULES "
-                          "tuple, MergeSection's check and help text): it should read aggregation.merging.MERGE_RULES")
 def test_the_run_config_takes_a_newly_registered_merge_rule(monkeypatch):
     monkeypatch.setitem(merging.MERGE_RULES, "halves", merging.MergeRule("halves", merging.task_arithmetic))
     assert parse_config({"mode": "merging", "aggregation": "halves"})["aggregation"] == "halves"
+    monkeypatch.delitem(merging.MERGE_RULES, "halves")
+    with pytest.raises(ValueError, match="aggregation: 'halves' is not one of fedavg, linear, weighted, ties"):
+        parse_config({"mode": "merging", "aggregation": "halves"})
+
+
+def test_the_key_table_names_every_registered_merge_rule():
+    from clues_fl.config import MergeSection
+
+    allowed = next(f for f in fields(MergeSection) if f.name == "aggregation").metadata["allowed"]
+    assert all(f"`{name}`" in allowed for name in merging.MERGE_RULES)
 
 
 # -- server_app and the suite: one driver --------------------------------------------------------
