@@ -5,10 +5,10 @@ to_state/from_state; server_app and the evaluation suite run the same driver."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
-from dataclasses import fields
 import torch
 from flwr.app import ArrayRecord
 
