@@ -36,7 +36,10 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from clues_fl.model.device import free_memory, peak_memory_mib
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint, ScoreSettings, iterate_batches, lora_parameters, score_samples
+from clues_fl.scoring.alignment import ScoreSettings, score_samples
+from clues_fl.model.training import AdamMoments, Checkpoint
+from clues_fl.model.forward import iterate_batches
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.forward import sample_losses
 from clues_fl.model.loading import LoraSettings, add_lora, first_lora_layer, load_lora_state
 
@@ -231,7 +234,7 @@ def smoke(device: str) -> dict:
     from clues_fl.config import parse_config
     from clues_fl.federation.inmemory_grid import InMemoryGrid
     from clues_fl.server_app import run_protocol
-    from clues_fl.model.runtime import _cached
+    from clues_fl.runtime import _cached
 
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}

@@ -33,19 +33,15 @@ import torch
 import torch.nn.functional as F
 
 from clues_fl.config import parse_config
-from clues_fl.scoring.alignment import (
-    AdamMoments,
-    Checkpoint,
-    ScoreSettings,
-    iterate_batches,
-    lora_parameters,
-    score_samples,
-)
+from clues_fl.scoring.alignment import ScoreSettings, score_samples
+from clues_fl.model.training import AdamMoments, Checkpoint
+from clues_fl.model.forward import iterate_batches
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.forward import sample_losses
 from clues_fl.model.loading import load_lora_state
 from clues_fl.model.prefix_cache import PrefixCache
 from clues_fl.data.scenario import build_scenario
-from clues_fl.model.runtime import workbench
+from clues_fl.runtime import workbench
 
 CONFIG = {"lora.layers": "22-29", "lora.r": 16, "lora.alpha": 16, "data.max-length": 128,
           "data.anchor-size": 16, "data.val-size": 0, "data.test-size": 0}

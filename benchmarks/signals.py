@@ -26,7 +26,7 @@ TYPES = "cross-domain,exchange,cut,delete,near-duplicate"
 def measure(args) -> dict:
     from clues_fl.config import parse_config
     from clues_fl.data.scenario import build_scenario
-    from clues_fl.model.runtime import workbench
+    from clues_fl.runtime import workbench
 
     cfg = parse_config({
         "data.samples-per-client": args.per_site, "pollution.ratios": ",".join([str(args.ratio)] * args.sites),

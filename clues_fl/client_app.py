@@ -40,7 +40,7 @@ from clues_fl.federation.messages import (
 from clues_fl.federation.site_errors import report_site_errors
 from clues_fl.federation.site_ids import site_name, wire_ids
 from clues_fl.model.device import peak_memory_mib
-from clues_fl.model.runtime import score_settings, workbench
+from clues_fl.runtime import score_settings, workbench
 from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
 
 app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line

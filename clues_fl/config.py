@@ -18,8 +18,10 @@ what differs. An unknown key or a bad value names the key and what is allowed.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, ClassVar
 
 from clues_fl.aggregation.strategies import StrategyError, builtin_name, check_name, parse_args
@@ -579,6 +581,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.markdown or args.update_readme):
         parser.print_help()
     return 0
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """outputs/<run-name>; a relative output-dir is taken from CLUES_FL_OUTPUT_ROOT when
+    set (the launcher sets it to the repo: Flower runs the app from its own folder)."""
+    base = Path(cfg["output-dir"]).expanduser()
+    if not base.is_absolute() and os.environ.get("CLUES_FL_OUTPUT_ROOT"):
+        base = Path(os.environ["CLUES_FL_OUTPUT_ROOT"]) / base
+    path = base / cfg["run-name"]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 if __name__ == "__main__":

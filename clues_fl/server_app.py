@@ -14,14 +14,14 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clues_fl.federation import console
+from clues_fl import console
 from clues_fl.config import RunConfig
 from clues_fl.federation.preflight import PreflightError, preflight
 from clues_fl.federation.resume import RunState
 from clues_fl.data.scenario import server_sets
 from clues_fl.strategies.clues import Clues, SitesFailed, wait_for_nodes
 from clues_fl.strategies.protocol import ProtocolRun, run_phases, saved_phases
-from clues_fl.model.runtime import workbench
+from clues_fl.runtime import workbench
 
 app = ServerApp()
 log = logging.getLogger(__name__)

@@ -107,7 +107,7 @@ def make_samples(n: int, seed: int = 0) -> list[Enc]:
 def random_checkpoints(model, k: int = 2, seed: int = 7):
     """k checkpoints near the model's adapter (random Adam moments, lr 0.5, 1.5, ...)
     and one random reference gradient per checkpoint."""
-    from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+    from clues_fl.model.training import AdamMoments, Checkpoint
     from clues_fl.model.loading import lora_state
 
     gen = torch.Generator().manual_seed(seed)

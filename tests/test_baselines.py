@@ -20,7 +20,8 @@ from clues_fl.scoring.baselines import (
     random_scores,
     select_top,
 )
-from clues_fl.scoring.alignment import ScoreSettings, lora_parameters, mean_gradient, score_samples
+from clues_fl.scoring.alignment import ScoreSettings, mean_gradient, score_samples
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.loading import (
     LoraSettings,
     add_lora,

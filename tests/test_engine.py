@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
-from clues_fl.scoring.alignment import (
-    ScoreSettings,
-    anchor_scores,
-    lora_parameters,
-    mean_gradient,
-    score_samples,
-)
+from clues_fl.scoring.alignment import ScoreSettings, anchor_scores, mean_gradient, score_samples
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.forward import collate, length_buckets, sample_losses
 from clues_fl.model.loading import first_lora_layer, lora_state
 from clues_fl.model.prefix_cache import PrefixCache
@@ -179,7 +174,7 @@ def test_settings_from_the_run_config_sections():
     """Training, scoring and LoRA settings are read from their own run-config sections."""
     from clues_fl.config import parse_config
     from clues_fl.model.loading import LoraSettings
-    from clues_fl.model.runtime import lora_settings, score_settings, train_settings
+    from clues_fl.runtime import lora_settings, score_settings, train_settings
     from clues_fl.model.training import TrainSettings
 
     cfg = parse_config({"train.lr": 1e-3, "train.batch-size": 4, "train.local-epochs": 2.0, "seed": 7,

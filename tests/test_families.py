@@ -19,7 +19,9 @@ import transformers
 from conftest import make_samples, random_checkpoints
 
 from clues_fl.model import families
-from clues_fl.scoring.alignment import AdamMoments, ScoreSettings, lora_parameters, precondition, score_samples
+from clues_fl.scoring.alignment import ScoreSettings, precondition, score_samples
+from clues_fl.model.training import AdamMoments
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.forward import collate, final_hidden, sample_losses, splittable, use_own_forward
 from clues_fl.model.loading import LoraSettings, ModelError, add_lora, first_lora_layer, load_lora_state
 from clues_fl.model.prefix_cache import PrefixCache

@@ -300,7 +300,7 @@ def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, cap
 
 
 def test_progress_lines_off_a_terminal(capsys, monkeypatch):
-    from clues_fl.federation import console
+    from clues_fl import console
 
     monkeypatch.setenv("CLUES_FL_PROGRESS_SECONDS", "0")
     assert list(console.progress(range(3), desc="scoring")) == [0, 1, 2]  # stderr is captured: no TTY

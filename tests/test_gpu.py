@@ -13,7 +13,8 @@ from conftest import make_samples, random_checkpoints, tiny_lora_model  # noqa: 
 from test_engine import naive_scores, rel_close  # noqa: E402
 from test_flower_inprocess import drive, run_config  # noqa: E402
 
-from clues_fl.scoring.alignment import ScoreSettings, lora_parameters, score_samples  # noqa: E402
+from clues_fl.scoring.alignment import ScoreSettings, score_samples  # noqa: E402
+from clues_fl.model.loading import lora_parameters
 from clues_fl.model.loading import first_lora_layer  # noqa: E402
 from clues_fl.model.prefix_cache import PrefixCache  # noqa: E402
 

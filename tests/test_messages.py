@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from clues_fl.federation import messages as msg
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.model.training import AdamMoments, Checkpoint
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 from clues_fl.aggregation import merging
 from clues_fl.aggregation.merging import FinalAdapter, plan_merge
 from clues_fl.config import parse_config
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.model.training import AdamMoments, Checkpoint
 from clues_fl.strategies import protocol
 from clues_fl.strategies.clues import Clues, SiteReport
 from clues_fl.strategies.protocol import PHASES, MemoryJournal, Phase, ProtocolRun, run_phases

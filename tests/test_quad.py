@@ -10,13 +10,9 @@ from conftest import Enc, make_samples, tiny_lora_model
 from sklearn.metrics import adjusted_rand_score
 
 from clues_fl.config import QuadSection, parse_config
-from clues_fl.scoring.alignment import (
-    iterate_batches,
-    lora_linears,
-    mean_gradient,
-    per_sample_gradients,
-    score_batch,
-)
+from clues_fl.scoring.alignment import mean_gradient, per_sample_gradients, score_batch
+from clues_fl.model.forward import iterate_batches
+from clues_fl.model.loading import lora_linears
 from clues_fl.model.loading import backbone, first_lora_layer
 from clues_fl.model.prefix_cache import PrefixCache
 from clues_fl.scoring.quad import (
@@ -475,7 +471,8 @@ def test_anchor_influence_is_leave_one_out_against_the_kfac_reference(model):
     H^-1 G_-a exactly as a site's sample is scored against H^-1 G (cosine)."""
     from types import SimpleNamespace
 
-    from clues_fl.scoring.alignment import Checkpoint, ScoreSettings, per_sample_gradients
+    from clues_fl.scoring.alignment import ScoreSettings, per_sample_gradients
+    from clues_fl.model.training import Checkpoint
     from clues_fl.model.forward import collate
     from clues_fl.model.loading import lora_state
     from clues_fl.scoring.quad import anchor_influence, kfac_factors

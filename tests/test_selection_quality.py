@@ -11,7 +11,7 @@ from clues_fl.config import parse_config
 from clues_fl.selection.metrics import confusion_counts, roc_auc, selection_metrics
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import global_threshold, keep_mask
-from clues_fl.model.runtime import workbench
+from clues_fl.runtime import workbench
 
 pytestmark = pytest.mark.slow
 

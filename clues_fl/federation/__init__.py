@@ -1,1 +1,1 @@
-"""Federation: what travels between server and sites, and what a run needs around it (preflight, resume, console, processes, an in-memory grid)."""
+"""Federation: what travels between server and sites (messages), what a site does (site), and what a run needs around it (preflight, resume state, processes, site ids and errors, an in-memory grid)."""

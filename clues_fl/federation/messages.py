@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.model.training import AdamMoments, Checkpoint
 
 M_PREFIX, V_PREFIX = "adam.m/", "adam.v/"
 MOMENTS_KEY = "adam"  # the record of a round's Adam moments, next to "arrays"

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from clues_fl.config import DEFAULTS, RunConfig
-from clues_fl.reporting.results import output_dir
+from clues_fl.config import output_dir
 
 log = logging.getLogger(__name__)
 

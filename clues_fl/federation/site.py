@@ -198,7 +198,7 @@ def has_quality_labels(cfg, node_config) -> bool:
 def site_report_dir(cfg, node_config) -> Path:
     """Where a site writes its local report: its node config's `report-dir`, else (in
     simulation) <output-dir>/<run-name>/site-reports/client-<partition-id>."""
-    from clues_fl.reporting.results import output_dir
+    from clues_fl.config import output_dir
 
     if node_config.get("report-dir"):
         return Path(str(node_config["report-dir"])).expanduser()

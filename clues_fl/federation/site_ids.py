@@ -47,7 +47,7 @@ def site_dir(cfg: RunConfig, node_config: dict) -> Path:
     if node_config.get("site-dir"):
         path = Path(str(node_config["site-dir"])).expanduser()
     else:
-        from clues_fl.reporting.results import output_dir
+        from clues_fl.config import output_dir
 
         path = output_dir(cfg) / "sites" / site_name(node_config)
     path.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.model.training import AdamMoments, Checkpoint
 
 Arrays = dict[str, dict[str, torch.Tensor]]
 

@@ -288,3 +288,11 @@ def sample_losses(model, batch: Batch, first_lora_layer: int) -> torch.Tensor:
     if _family(model) is None:
         return _own_losses(model, batch)
     return answer_losses(model, batch, final_hidden(model, batch, first_lora_layer))
+
+
+def iterate_batches(encoded, batch_size: int, pad_id: int, cache=None, device=None):
+    """Length-bucketed batches on `device` (the model's: `device_of(model)`), with the
+    cached prefix hidden states attached when `cache` is given."""
+    for rows in length_buckets(encoded, batch_size):
+        batch = collate(encoded, rows, pad_id, device)
+        yield cache.attach(batch) if cache is not None else batch

@@ -325,3 +325,20 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 
 def lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return _causal_lm(model).get_output_embeddings()
+
+
+def lora_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    """(weight parameter name, module) of every trainable lora_A / lora_B linear."""
+    out = []
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.Linear)
+            and (".lora_A." in name or ".lora_B." in name)
+            and module.weight.requires_grad
+        ):
+            out.append((f"{name}.weight", module))
+    return out
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from clues_fl.federation.console import progress as tqdm
+from clues_fl.console import progress as tqdm
 
 from clues_fl.model.device import compute_dtype, device_of
 from clues_fl.model.forward import Batch, collate, length_buckets, prefix_hidden

@@ -15,15 +15,33 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from clues_fl.federation.console import progress as tqdm
 
+from clues_fl.console import progress as tqdm
 from clues_fl.model.device import device_of, free_memory
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint, lora_parameters
 from clues_fl.model.forward import collate, length_buckets, sample_losses
-from clues_fl.model.loading import lora_state
+from clues_fl.model.loading import lora_parameters, lora_state
+
 
 if TYPE_CHECKING:
     from clues_fl.config import TrainSection
+
+
+@dataclass
+class AdamMoments:
+    m: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class Checkpoint:
+    """One point of the training trajectory: adapter, its learning rate, Adam moments."""
+
+    state: dict[str, torch.Tensor]
+    lr: float
+    adam: AdamMoments | None = None
 
 
 @dataclass
@@ -165,7 +183,7 @@ def train_lora(
 @torch.no_grad()
 def mean_loss(model, encoded: list, first_layer: int, *, pad_id: int, batch_size: int = 8, cache=None) -> float:
     """Mean per-sample answer loss (clean validation loss)."""
-    from clues_fl.scoring.alignment import iterate_batches
+    from clues_fl.model.forward import iterate_batches
 
     model.eval()
     total = 0.0

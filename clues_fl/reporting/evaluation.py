@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from clues_fl.federation.console import progress as tqdm
+from clues_fl.console import progress as tqdm
 
 from clues_fl.scoring.baselines import answer_losses_of
 from clues_fl.data.sources import DataError, Encoded, Sample, encode_sample, resolve_source

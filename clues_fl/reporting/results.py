@@ -16,14 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from clues_fl.federation import console
-from clues_fl.config import RunConfig, parse_config
+from clues_fl import console
+from clues_fl.config import RunConfig, output_dir, parse_config
 from clues_fl.reporting.evaluation import generation_quality
 from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
@@ -31,17 +30,6 @@ from clues_fl.selection.rules import keep, standardise
 from clues_fl.model.training import mean_loss
 
 log = logging.getLogger(__name__)
-
-
-def output_dir(cfg: RunConfig) -> Path:
-    """outputs/<run-name>; a relative output-dir is taken from CLUES_FL_OUTPUT_ROOT when
-    set (the launcher sets it to the repo: Flower runs the app from its own folder)."""
-    base = Path(cfg["output-dir"]).expanduser()
-    if not base.is_absolute() and os.environ.get("CLUES_FL_OUTPUT_ROOT"):
-        base = Path(os.environ["CLUES_FL_OUTPUT_ROOT"]) / base
-    path = base / cfg["run-name"]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def model_quality(cfg: RunConfig, bench, model, clues) -> dict:

@@ -23,49 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from clues_fl.federation.console import progress as tqdm
 
+from clues_fl.console import progress as tqdm
 from clues_fl.model.device import device_of, free_memory, to_device, to_host
-from clues_fl.model.forward import Batch, collate, length_buckets, sample_losses
-from clues_fl.model.loading import load_lora_state
+from clues_fl.model.forward import Batch, collate, iterate_batches, length_buckets, sample_losses
+from clues_fl.model.loading import load_lora_state, lora_linears, lora_parameters
+from clues_fl.model.training import AdamMoments, Checkpoint
 
 if TYPE_CHECKING:
     from clues_fl.config import ScoringSection
-
-
-@dataclass
-class AdamMoments:
-    m: dict[str, torch.Tensor]
-    v: dict[str, torch.Tensor]
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-
-@dataclass
-class Checkpoint:
-    """One point of the training trajectory: adapter, its learning rate, Adam moments."""
-
-    state: dict[str, torch.Tensor]
-    lr: float
-    adam: AdamMoments | None = None
-
-
-def lora_linears(model) -> list[tuple[str, torch.nn.Linear]]:
-    """(weight parameter name, module) of every trainable lora_A / lora_B linear."""
-    out = []
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, torch.nn.Linear)
-            and (".lora_A." in name or ".lora_B." in name)
-            and module.weight.requires_grad
-        ):
-            out.append((f"{name}.weight", module))
-    return out
-
-
-def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class TokenCapture:
@@ -169,14 +135,6 @@ def per_sample_gradients(model, batch: Batch, first_layer: int) -> dict[str, tor
         name: torch.einsum("bto,bti->boi", cap.grads[name] * mask, cap.inputs[name])
         for name, _ in cap.linears
     }
-
-
-def iterate_batches(encoded, batch_size: int, pad_id: int, cache=None, device=None):
-    """Length-bucketed batches on `device` (the model's: `device_of(model)`), with the
-    cached prefix hidden states attached when `cache` is given."""
-    for rows in length_buckets(encoded, batch_size):
-        batch = collate(encoded, rows, pad_id, device)
-        yield cache.attach(batch) if cache is not None else batch
 
 
 def mean_gradient(model, encoded, first_layer, *, pad_id, batch_size=8, cache=None):

@@ -17,19 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from clues_fl.federation.console import progress as tqdm
+from clues_fl.console import progress as tqdm
 
 from clues_fl.data.sources import Encoded, Sample, encode_sample, encode_samples
 from clues_fl.model.device import device_of, to_host
-from clues_fl.scoring.alignment import (
-    Checkpoint,
-    ScoreSettings,
-    iterate_batches,
-    lora_linears,
-    per_sample_gradients,
-    score_batch,
-    score_samples,
-)
+from clues_fl.scoring.alignment import ScoreSettings, per_sample_gradients, score_batch, score_samples
+from clues_fl.model.training import Checkpoint
+from clues_fl.model.forward import iterate_batches
+from clues_fl.model.loading import lora_linears
 from clues_fl.model.forward import sample_losses
 
 

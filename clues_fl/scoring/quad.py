@@ -67,16 +67,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
-from clues_fl.federation.console import progress as tqdm
+from clues_fl.console import progress as tqdm
 
 from clues_fl.config import QuadSection, RunConfig
-from clues_fl.scoring.alignment import (
-    TokenCapture,
-    _backward,
-    iterate_batches,
-    lora_linears,
-    per_sample_gradients,
-)
+from clues_fl.scoring.alignment import TokenCapture, _backward, per_sample_gradients
+from clues_fl.model.forward import iterate_batches
+from clues_fl.model.loading import lora_linears
 from clues_fl.model.device import device_of, to_host
 from clues_fl.model.forward import Batch, final_hidden
 from clues_fl.model.loading import backbone, load_lora_state

@@ -32,7 +32,8 @@ from clues_fl.scoring.baselines import (
     random_scores,
 )
 from clues_fl.data.sources import Encoded, Sample, encode_sample
-from clues_fl.scoring.alignment import Checkpoint, ScoreSettings
+from clues_fl.scoring.alignment import ScoreSettings
+from clues_fl.model.training import Checkpoint
 from clues_fl.model.loading import load_lora_state
 from clues_fl.selection.rules import global_threshold
 

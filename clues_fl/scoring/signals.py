@@ -88,7 +88,7 @@ def token_loss_stats(model, encoded: Sequence, first_layer: int, *, pad_id: int,
     Both go through ``forward.sample_losses`` (whatever forward the model family uses);
     the second with a target mask holding only the last answer position.
     """
-    from clues_fl.scoring.alignment import iterate_batches
+    from clues_fl.model.forward import iterate_batches
 
     mean = np.zeros(len(encoded))
     last = np.full(len(encoded), np.nan)

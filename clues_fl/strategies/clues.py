@@ -24,7 +24,7 @@ from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.selection import privacy
 from clues_fl.config import RunConfig
 from clues_fl.model.device import peak_memory_mib
-from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.model.training import AdamMoments, Checkpoint
 from clues_fl.federation.messages import (
     DescribeRequest,
     IdentifyReply,
@@ -57,7 +57,7 @@ from clues_fl.federation.state import (
     prefixed,
     unprefixed,
 )
-from clues_fl.model.runtime import score_settings
+from clues_fl.runtime import score_settings
 from clues_fl.strategies.rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
     GPU_PEAK_KEY,
     SiteDP,

@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 
 from clues_fl.aggregation.merging import FinalAdapter, plan_merge
 from clues_fl.config import RunConfig
-from clues_fl.federation import console
+from clues_fl import console
 from clues_fl.strategies.clues import Clues
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import torch
 from clues_fl.config import LoraSection, ModelSection, RunConfig
 from clues_fl.data.sources import Encoded, Sample, encode_samples
 from clues_fl.model.forward import splittable
-from clues_fl.scoring.alignment import AnchorScores, Checkpoint, ScoreResult, ScoreSettings, anchor_scores, score_samples
+from clues_fl.scoring.alignment import AnchorScores, ScoreResult, ScoreSettings, anchor_scores, score_samples
+from clues_fl.model.training import Checkpoint
 from clues_fl.model.device import free_memory, resolve
 from clues_fl.model.loading import (
     check_quantization_available,
