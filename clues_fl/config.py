@@ -111,7 +111,7 @@ CHOICES = {
     "partition.method": ("iid", "sizes", "domain"),
     "scoring.similarity": ("dot", "cosine"),
     "scoring.preconditioner": ("sgd", "adam"),
-    "selection.threshold": ("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
+    "selection.threshold": ("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
     "aggregation": ("fedavg", "linear", "weighted", "ties"),  # or module:function (a merge rule)
     "quad.tau": ("anchor-quantile", "anchor-mean", "static"),
     "privacy.report": ("scores", "histogram"),
