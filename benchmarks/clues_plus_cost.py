@@ -21,12 +21,12 @@ import time
 
 import torch
 
-from clues_fl import signals as sg
 from clues_fl.config import parse_config
-from clues_fl.engine import Checkpoint
-from clues_fl.scenario import build_scenario
-from clues_fl.scorers import CluesPlusScorer
-from clues_fl.workbench import score_settings, workbench
+from clues_fl.data.scenario import build_scenario
+from clues_fl.model.runtime import score_settings, workbench
+from clues_fl.scoring import signals as sg
+from clues_fl.scoring.alignment import Checkpoint
+from clues_fl.scoring.scorers import CluesPlusScorer
 
 
 def main() -> None:

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from clues_fl.device import free_memory, peak_memory_mib
-from clues_fl.engine import AdamMoments, Checkpoint, ScoreSettings, iterate_batches, lora_parameters, score_samples
-from clues_fl.forward import sample_losses
-from clues_fl.model import LoraSettings, add_lora, first_lora_layer, load_lora_state
+from clues_fl.model.device import free_memory, peak_memory_mib
+from clues_fl.scoring.alignment import AdamMoments, Checkpoint, ScoreSettings, iterate_batches, lora_parameters, score_samples
+from clues_fl.model.forward import sample_losses
+from clues_fl.model.loading import LoraSettings, add_lora, first_lora_layer, load_lora_state
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -194,7 +194,7 @@ def bf16_vs_float32(model, samples, ckpt, ref, rows, batch_size, shape):
 
 def four_bit(shape, device, batch_size):
     """The shape in 4-bit nf4 through the product's loader (model.load_base_model)."""
-    from clues_fl.model import load_base_model
+    from clues_fl.model.loading import load_base_model
 
     with tempfile.TemporaryDirectory() as folder:
         model = build(shape, device, torch.bfloat16, lora=False)
@@ -229,9 +229,9 @@ def smoke(device: str) -> dict:
 
     from clues_fl import client_app
     from clues_fl.config import parse_config
-    from clues_fl.inprocess import InMemoryGrid
+    from clues_fl.federation.inmemory_grid import InMemoryGrid
     from clues_fl.server_app import run_protocol
-    from clues_fl.workbench import _cached
+    from clues_fl.model.runtime import _cached
 
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}

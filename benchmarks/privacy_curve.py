@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clues_fl.suite import plot_privacy_curves, privacy_curves, privacy_table
+from clues_fl.experiments.suite import plot_privacy_curves, privacy_curves, privacy_table
 
 
 def main() -> None:

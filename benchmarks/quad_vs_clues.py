@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from clues_fl.suite import _quad_comparison
+from clues_fl.experiments.suite import _quad_comparison
 
 SIZE = {"data.samples-per-client": 80, "data.max-length": 128, "trace.rounds": 3, "retrain.rounds": 2,
         "data.val-size": 48, "data.test-size": 48, "eval.max-samples": 0, "eval.mc-items": 0}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from clues_fl.config import parse_config
-from clues_fl.engine import (
+from clues_fl.scoring.alignment import (
     AdamMoments,
     Checkpoint,
     ScoreSettings,
@@ -41,11 +41,11 @@ from clues_fl.engine import (
     lora_parameters,
     score_samples,
 )
-from clues_fl.forward import sample_losses
-from clues_fl.model import load_lora_state
-from clues_fl.prefix_cache import PrefixCache
-from clues_fl.scenario import build_scenario
-from clues_fl.workbench import workbench
+from clues_fl.model.forward import sample_losses
+from clues_fl.model.loading import load_lora_state
+from clues_fl.model.prefix_cache import PrefixCache
+from clues_fl.data.scenario import build_scenario
+from clues_fl.model.runtime import workbench
 
 CONFIG = {"lora.layers": "22-29", "lora.r": 16, "lora.alpha": 16, "data.max-length": 128,
           "data.anchor-size": 16, "data.val-size": 0, "data.test-size": 0}
@@ -100,8 +100,8 @@ def method_vmap(bench, encoded, ckpts, refs, chunk: int = 8):
     prebuilt 4D causal mask, with full logits masked to answer positions."""
     from torch.func import grad, vmap
 
-    from clues_fl.forward import collate, length_buckets
-    from clues_fl.model import backbone, lm_head
+    from clues_fl.model.forward import collate, length_buckets
+    from clues_fl.model.loading import backbone, lm_head
 
     model = bench.model
     stack = backbone(model)

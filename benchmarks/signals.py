@@ -2,7 +2,7 @@
 
 Builds a pool (sites x samples, every pollution type mixed), traces centrally (one
 LoRA run over the union with `trace.rounds` checkpoints, which stands in for FedAvg
-with one local epoch), computes every signal of clues_fl/signals.py for the sites and
+with one local epoch), computes every signal of clues_fl/scoring/signals.py for the sites and
 the anchors, saves them (npz) and prints the AUC table.
 
     python benchmarks/signals.py --out outputs/signals-quick.npz            # measure + table
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from clues_fl import signals as sg
-from clues_fl.metrics import per_type_auc, roc_auc
+from clues_fl.scoring import signals as sg
+from clues_fl.selection.metrics import per_type_auc, roc_auc
 
 TYPES = "cross-domain,exchange,cut,delete,near-duplicate"
 
 
 def measure(args) -> dict:
     from clues_fl.config import parse_config
-    from clues_fl.scenario import build_scenario
-    from clues_fl.workbench import workbench
+    from clues_fl.data.scenario import build_scenario
+    from clues_fl.model.runtime import workbench
 
     cfg = parse_config({
         "data.samples-per-client": args.per_site, "pollution.ratios": ",".join([str(args.ratio)] * args.sites),
@@ -106,8 +106,8 @@ def table(d: dict) -> None:
 
 
 def grid(d: dict, method: str, **kw) -> list[dict]:
-    """The threshold-rule grid (clues_fl.suite.threshold_grid) on this pool's scores."""
-    from clues_fl.suite import threshold_grid
+    """The threshold-rule grid (clues_fl.experiments.suite.threshold_grid) on this pool's scores."""
+    from clues_fl.experiments.suite import threshold_grid
 
     if method == "clues+":
         scores, anchors = combined(d, sg.DEFAULT_SIGNALS)
@@ -117,7 +117,7 @@ def grid(d: dict, method: str, **kw) -> list[dict]:
 
 
 def print_grid(rows: list[dict], method: str) -> None:
-    from clues_fl.suite import grid_table
+    from clues_fl.experiments.suite import grid_table
 
     print(f"\n{method}: mean F1 over resampled pools")
     print(grid_table(rows))
@@ -126,7 +126,7 @@ def print_grid(rows: list[dict], method: str) -> None:
 def combined_grid(d: dict, draws: int = 20) -> str:
     """One markdown table of both methods' grids: the default candidates side by side, keep-all
     and the best threshold (an oracle) beside them, and clues+'s clean-share estimate."""
-    from clues_fl.suite import _table
+    from clues_fl.experiments.suite import _table
 
     rows = {m: grid(d, m, draws=draws, intervals=draws) for m in ("clues", "clues+")}
     cols = [("clues", "mixture"), ("clues", "anchor-f1"), ("clues", "best threshold"), ("clues+", "anchor-f1"),

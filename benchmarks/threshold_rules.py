@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from clues_fl.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
-from clues_fl.report import read_run
-from clues_fl.selection import global_threshold, mixture_threshold
+from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
+from clues_fl.reporting.results import read_run
+from clues_fl.selection.rules import global_threshold, mixture_threshold
 
 
 def main(run_dir: str) -> None:

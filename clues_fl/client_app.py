@@ -1,41 +1,47 @@
 """Flower ClientApp: a site. Trains LoRA on its private data, scores its samples
 against the anchor gradients the server sends, keeps those above the global
 threshold, and replies with adapters, scores and counts only (never text, token
-ids or per-sample gradients)."""
+ids or per-sample gradients).
+
+Each handler has Flower's quickstart shape: unpack the typed request (messages.py),
+call one plain function (federation/site.py), pack the typed reply. What the site
+keeps between messages (its exact scores, the kept rows, per-signal values) lives in
+its context.state, and its data and model in a per-process cache, both here."""
 
 from __future__ import annotations
 
 import functools
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from . import privacy
-from .config import parse_config
-from .messages import (
+from clues_fl.config import parse_config
+from clues_fl.data.scenario import site_samples
+from clues_fl.federation import site
+from clues_fl.federation.messages import (
+    DescribeRequest,
+    IdentifyReply,
+    IdentifyRequest,
+    LocalTrainReply,
+    LocalTrainRequest,
+    PrivacySettings,
+    ScoreReply,
+    ScoreRequest,
+    SelectReply,
+    SelectRequest,
+    SiteDescription,
+    TrainReply,
+    TrainRequest,
     ids_digest,
-    record_checkpoint,
-    record_gradient,
-    MOMENTS_KEY,
-    moments_record,
-    record_moments,
-    split_record,
-    state_record,
 )
-from .device import peak_memory_mib
-from .metrics import confusion_counts
-from .model import lora_state
-from .scenario import site_samples
-from .scorers import ScorePayload, SiteData, make_scorer, site_clusters
-from .selection import keep
-from .site_errors import report_site_errors
-from .site_ids import site_name, wire_ids
-from .workbench import score_settings, workbench
+from clues_fl.federation.site_errors import report_site_errors
+from clues_fl.federation.site_ids import site_name, wire_ids
+from clues_fl.model.device import peak_memory_mib
+from clues_fl.model.runtime import score_settings, workbench
+from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
 
 app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
 
@@ -115,66 +121,34 @@ def _reply(message: Message, content: RecordDict) -> Message:
     return Message(content=content, reply_to=message)
 
 
+def _partition(context: Context, default: int = 0) -> int:
+    return int(context.node_config.get("partition-id", default))
+
+
+def _gpu_peak() -> float | None:
+    """The peak GPU memory (MiB) since the last reply on a GPU, None on the CPU."""
+    return peak_memory_mib()
+
+
 @app.train()
 @_ids_hidden
 def train(message: Message, context: Context) -> Message:
-    """One round of fed.strategy: 'trace' on all raw data, 'retrain' on the kept samples.
-    The Adam moments (tracing) come and go in their own record; FedProx's proximal-mu
-    adds its proximal term to the local loss."""
+    """One round of fed.strategy: 'trace' on all raw data, 'retrain' on the kept samples,
+    'retrain-all' on all at the kept samples' budget. The Adam moments (tracing) come
+    and go in their own record; FedProx's proximal-mu adds its proximal term."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
-    config = message.content["config"]
-    phase = str(config.get("phase", "trace"))
-    state, moments = split_record(message.content["arrays"])
-    if MOMENTS_KEY in message.content:
-        moments = record_moments(message.content[MOMENTS_KEY])
-    rows = list(range(len(encoded))) if phase in ("trace", "retrain-all") else _kept_rows(context)
-    server_round = int(config.get("server-round", 1))
-    t0 = time.time()
-    result = bench.train(
-        [encoded[i] for i in rows], cfg, state, moments=moments, epochs=_equal_budget_epochs(phase, cfg, context, len(rows)),
-        start_step=_steps_before(server_round, len(rows), cfg) if moments is not None else 0,
-        cache=_subset_cache(cache, rows),
-        seed_offset=server_round * 101 + int(context.node_config.get("partition-id", 0)),
-        desc=f"{phase} round {server_round}", proximal_mu=float(config.get("proximal-mu", 0.0)),
+    request = TrainRequest.from_record(message.content)
+    everything = request.phase in ("trace", "retrain-all")
+    rows = list(range(len(encoded))) if everything else _kept_rows(context)
+    result = site.train_round(
+        bench, cfg, encoded, cache, rows, request.state, request.moments, phase=request.phase,
+        server_round=request.server_round, proximal_mu=request.proximal_mu, partition_id=_partition(context),
+        kept=len(_kept_rows(context)) if request.phase == "retrain-all" else None,
     )
-    content = RecordDict({"arrays": state_record(lora_state(bench.model))})
-    if phase == "trace":
-        content[MOMENTS_KEY] = moments_record(result.moments)
-    content["metrics"] = MetricRecord({
-        "num-examples": len(rows),
-        "train-loss": result.mean_loss,
-        "train-steps": len(result.step_losses),
-        "train-seconds": time.time() - t0,
-        **_gpu_peak(),
-    })
-    return _reply(message, content)
-
-
-def _equal_budget_epochs(phase: str, cfg, context: Context, n: int) -> float | None:
-    """'retrain-all' (the all-data reference) trains on every sample for as many steps per
-    round as the selection's retraining takes on this site (its kept samples): equal budgets."""
-    if phase != "retrain-all":
-        return None
-    per_round = math.ceil(len(_kept_rows(context)) / cfg["train.batch-size"])
-    return cfg["train.local-epochs"] * per_round / max(1, math.ceil(n / cfg["train.batch-size"]))
-
-
-def _gpu_peak() -> dict:
-    """{"gpu-peak-mib": peak since the last reply} on a GPU, {} on the CPU."""
-    peak = peak_memory_mib()
-    return {} if peak is None else {"gpu-peak-mib": peak}
-
-
-def _steps_before(server_round: int, n: int, cfg) -> int:
-    """Adam steps this site took before this round (for the bias correction of the
-    averaged moments it continues from)."""
-    per_round = math.ceil(math.ceil(n / cfg["train.batch-size"]) * cfg["train.local-epochs"])
-    return (server_round - 1) * per_round
-
-
-def _subset_cache(cache, rows):
-    """The prefix cache indexes rows of the full pool; a subset needs a row map."""
-    return None if cache is None else cache.subset(rows)
+    return _reply(message, TrainReply(
+        result.state, result.num_examples, result.loss, result.steps, result.seconds,
+        moments=result.moments if request.phase == "trace" else None, gpu_peak_mib=_gpu_peak(),
+    ).to_record())
 
 
 @app.train("local")
@@ -182,23 +156,14 @@ def _subset_cache(cache, rows):
 def train_local(message: Message, context: Context) -> Message:
     """Merging mode: a whole local run, with K checkpoints when tracing."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
-    config = message.content["config"]
-    phase = str(config["phase"])
-    rows = list(range(len(encoded))) if phase == "trace" else _kept_rows(context)
-    rounds = cfg["trace.rounds"] if phase == "trace" else cfg["retrain.rounds"]
-    result = bench.train(
-        [encoded[i] for i in rows], cfg, None, epochs=rounds * cfg["train.local-epochs"],
-        num_checkpoints=rounds if phase == "trace" else 0, cache=_subset_cache(cache, rows),
-        seed_offset=int(context.node_config.get("partition-id", 0)), desc=f"local {phase}",
-    )
-    content = RecordDict({
-        "arrays": state_record(lora_state(bench.model)),
-        "metrics": MetricRecord({"num-examples": len(rows), "train-loss": result.mean_loss, **_gpu_peak()}),
-        "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),  # resume: who this is
-    })
-    for k, ckpt in enumerate(result.checkpoints):
-        content[f"ckpt-{k}"] = state_record(ckpt.state, ckpt.adam)
-    return _reply(message, content)
+    request = LocalTrainRequest.from_record(message.content)
+    rows = list(range(len(encoded))) if request.phase == "trace" else _kept_rows(context)
+    run = site.local_run(bench, cfg, encoded, cache, rows, phase=request.phase, partition_id=_partition(context))
+    return _reply(message, LocalTrainReply(
+        run.state, run.num_examples, run.loss, run.checkpoints,
+        ids_digest=ids_digest(_wire_ids(context)),  # resume: who this is
+        gpu_peak_mib=_gpu_peak(),
+    ).to_record())
 
 
 @app.query("score")
@@ -206,52 +171,23 @@ def train_local(message: Message, context: Context) -> Message:
 def score(message: Message, context: Context) -> Message:
     """Per-sample scores of the configured selection method (CLUES by default)."""
     cfg, bench, samples, encoded, cache, skipped = _load(context)
-    config = message.content["config"]
-    lrs = [float(x) for x in config.get("lrs", [])]
-    payload = ScorePayload(
-        [record_checkpoint(message.content[f"ckpt-{k}"], lr) for k, lr in enumerate(lrs)],
-        [record_gradient(message.content[f"grad-{k}"]) for k in range(len(lrs)) if f"grad-{k}" in message.content],
-        {k: v for k, v in config.items() if k not in ("method", "lrs")},
-    )
-    pid = int(context.node_config.get("partition-id", 0))
-    scorer = make_scorer(str(config.get("method", cfg["selection.method"])), score_settings(cfg))
-    t0 = time.time()
-    values = np.asarray(scorer.score(SiteData(cfg, bench, samples, encoded, cache, pid), payload), dtype=float)
-    if values.shape != (len(encoded),) or not np.isfinite(values).all():
-        raise ValueError(f"scorer '{scorer.name}' returned {values.shape} scores (finite: "
-                         f"{bool(np.isfinite(values).all())}) for {len(encoded)} samples")
-    context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in values]})  # exact, stays here
-    _keep_signals(context, scorer)
-    reply = RecordDict({
-        **_reported(values, _wire_ids(context), config),
-        "metrics": MetricRecord({
-            "num-examples": len(encoded),
-            "partition-id": int(context.node_config.get("partition-id", -1)),
-            "score-seconds": time.time() - t0,
-            "skipped-rows": len(skipped),
-            "truncated": sum(int(e.truncated) for e in encoded),
-            "scored": len(encoded),  # a scorer that scores fewer (Quad) overrides it
-            **scorer.extras(),
-            **_gpu_peak(),
-        }),
-    })
-    return _reply(message, reply)
-
-
-def _reported(values: np.ndarray, ids: list[str], config) -> dict:
-    """What leaves the site: per-sample scores, or only binned counts
-    (privacy.report = histogram); Gaussian noise on either when privacy.epsilon > 0.
-    The noise comes from the OS's entropy, not the run seed the server knows."""
-    epsilon, delta = float(config.get("epsilon", 0.0)), float(config.get("delta", 1e-5))
-    rng = np.random.default_rng()
-    if str(config.get("privacy-report", "scores")) == "histogram":
-        edges = np.array([-np.inf, *[float(e) for e in config["edges"]], np.inf])
-        counts = privacy.privatise_counts(privacy.histogram_counts(values, edges), epsilon, delta, rng)
-        return {"histogram": ConfigRecord({"counts": [int(c) for c in counts]})}
-    if privacy.dp_enabled(epsilon):
-        values = privacy.privatise_scores(values, float(config["clip-lo"]), float(config["clip-hi"]),
-                                          epsilon, delta, rng)
-    return {"scores": ConfigRecord({"ids": ids, "scores": [float(s) for s in values]})}
+    request = ScoreRequest.from_record(message.content)
+    scorer = make_scorer(request.method, score_settings(cfg))
+    payload = ScorePayload(request.checkpoints, request.anchor_gradients, dict(request.scorer))
+    result = site.score_samples(scorer, SiteData(cfg, bench, samples, encoded, cache, _partition(context)), payload)
+    context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in result.values]})  # exact, stays here
+    _keep_signals(context, result.details)
+    how = request.privacy or PrivacySettings()  # none: exact per-sample scores
+    scores, histogram = site.reported(result.values, report=how.report, epsilon=how.epsilon, delta=how.delta,
+                                      edges=how.edges, clip_lo=how.clip_lo, clip_hi=how.clip_hi)
+    extras = dict(result.extras)
+    return _reply(message, ScoreReply(
+        num_examples=len(encoded), ids=_wire_ids(context) if histogram is None else [], scores=scores,
+        histogram=histogram, partition_id=_partition(context, -1), score_seconds=result.seconds,
+        skipped_rows=len(skipped), truncated=sum(int(e.truncated) for e in encoded),
+        scored=int(extras.pop("scored", len(encoded))),  # a scorer that scores fewer (Quad) says so
+        extras=extras, gpu_peak_mib=_gpu_peak(),
+    ).to_record())
 
 
 @app.query("select")
@@ -259,43 +195,30 @@ def _reported(values: np.ndarray, ids: list[str], config) -> dict:
 def select(message: Message, context: Context) -> Message:
     """Apply the global threshold (or ratio) locally; report counts only."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
-    scores = _own_scores(message, context, encoded)
-    config = message.content["config"]
-    if "anchor-mean" in config:  # merging mode: scores from local checkpoints, standardised
-        scores = (scores - float(config["anchor-mean"])) / float(config["anchor-std"])
-    kept = keep(scores, config)  # the server's threshold, or its ratio of this site's scores
-    rows = [int(i) for i in np.flatnonzero(kept)]
-    context.state[KEPT_KEY] = ConfigRecord({"rows": rows})
-    labelled = has_quality_labels(cfg, context.node_config)
-    # Confusion counts only where the data carries quality labels (an experiment's
-    # pollution flags); computed here: flags never leave the site.
-    counts = confusion_counts(kept, np.array([s.polluted for s in samples])) if labelled else {}
-    write_site_report(cfg, context, samples, scores, kept, float(config.get("threshold", np.nan)))
-    metrics = {
-        "num-examples": len(samples),
-        **(_coverage(cfg, bench, samples, encoded, cache, context, kept) if cfg["eval.coverage"] else {}),
-        "kept": int(kept.sum()),
-        "mean-kept-score": float(scores[kept].mean()) if kept.any() else 0.0,
-        "labelled": int(labelled),
-        **{k: int(v) for k, v in counts.items()},
-    }
-    return _reply(message, RecordDict({"metrics": MetricRecord(metrics)}))
+    request = SelectRequest.from_record(message.content)
+    labelled = site.has_quality_labels(cfg, context.node_config)
+    chosen = site.select(
+        _own_scores(request, context), request.decision, anchor_mean=request.anchor_mean,
+        anchor_std=request.anchor_std, polluted=[s.polluted for s in samples] if labelled else None,
+    )
+    context.state[KEPT_KEY] = ConfigRecord({"rows": chosen.rows})
+    names, z = _signals(context)
+    site.write_site_report(cfg, site.site_report_dir(cfg, context.node_config), samples, chosen.scores, chosen.kept,
+                           float(request.threshold) if request.threshold is not None else float("nan"), names, z)
+    clusters = None
+    if cfg["eval.coverage"]:
+        clusters = site.coverage(SiteData(cfg, bench, samples, encoded, cache, _partition(context)), chosen.kept)
+    return _reply(message, SelectReply(
+        len(samples), int(chosen.kept.sum()), chosen.mean_kept_score, labelled, chosen.counts, clusters,
+    ).to_record())
 
 
 SIGNALS_KEY = "clues.signals"
 
 
-def has_quality_labels(cfg, node_config) -> bool:
-    """Whether this site's samples carry quality labels: only an experiment that
-    polluted them on purpose (`pollution.ratios`) knows which are bad; a user's own
-    data (`data.pool`, a node's `data-file`) does not."""
-    return bool(str(cfg["pollution.ratios"]).strip()) and not cfg["data.pool"] and not node_config.get("data-file")
-
-
-def _keep_signals(context: Context, scorer) -> None:
+def _keep_signals(context: Context, details: dict | None) -> None:
     """A multi-signal scorer's per-signal standardised values, kept in the site's own
     state for its local report of dropped samples (never sent)."""
-    details = getattr(scorer, "details", None)
     if not details:
         if SIGNALS_KEY in context.state:
             del context.state[SIGNALS_KEY]
@@ -305,67 +228,21 @@ def _keep_signals(context: Context, scorer) -> None:
                                                "z": [float(x) for x in z.ravel()]})
 
 
-def site_report_dir(cfg, node_config):
-    """Where a site writes its local report: its node config's `report-dir`, else (in
-    simulation) <output-dir>/<run-name>/site-reports/client-<partition-id>."""
-    from pathlib import Path
-
-    from .report import output_dir
-
-    if node_config.get("report-dir"):
-        return Path(str(node_config["report-dir"])).expanduser()
-    return output_dir(cfg) / "site-reports" / f"client-{int(node_config.get('partition-id', 0))}"
+def _signals(context: Context) -> tuple[list[str] | None, list[float] | None]:
+    if SIGNALS_KEY not in context.state:
+        return None, None
+    rec = context.state[SIGNALS_KEY]
+    return [str(n) for n in rec["names"]], [float(x) for x in rec["z"]]
 
 
-def write_site_report(cfg, context: Context, samples, scores, kept, threshold: float) -> None:
-    """The data owner's audit of the drop, on this site's disk only: every dropped sample
-    with its text, its score and which signal put it below the threshold."""
-    from .signals import SIGNALS
-
-    names, z = [], None
-    if SIGNALS_KEY in context.state:
-        rec = context.state[SIGNALS_KEY]
-        names = [str(n) for n in rec["names"]]
-        z = np.asarray(rec["z"], dtype=float).reshape(len(names), len(samples))
-    folder = site_report_dir(cfg, context.node_config)
-    folder.mkdir(parents=True, exist_ok=True)
-    reasons: dict[str, int] = {}
-    with open(folder / "dropped.jsonl", "w") as fh:
-        for i in np.flatnonzero(~np.asarray(kept, dtype=bool)):
-            row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
-                   "score": float(scores[i]), "threshold": threshold}
-            if z is not None:
-                worst = int(np.argmin(z[:, i]))
-                row["reason"] = SIGNALS[names[worst]][1]
-                row["worst-signal"] = names[worst]
-                row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
-            else:
-                row["reason"] = f"{cfg['selection.method']} score below the threshold"
-            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
-            fh.write(json.dumps(row) + "\n")
-    (folder / "summary.json").write_text(json.dumps({
-        "samples": len(samples), "kept": int(np.sum(kept)), "dropped": int(len(samples) - np.sum(kept)),
-        "threshold": threshold, "dropped-by-reason": reasons,
-        "note": "written by this site for its own audit; nothing of it is sent to the server"}, indent=2))
-
-
-def _own_scores(message: Message, context: Context, encoded) -> np.ndarray:
+def _own_scores(request: SelectRequest, context: Context) -> np.ndarray:
     """This site's scores: kept from scoring, or, in a resumed run (a new Flower run: the
     site's state is gone), the ones the server sends back, checked to be for its samples."""
     if SCORES_KEY not in context.state:
-        if "scores" not in message.content:
+        if request.scores is None:
             raise RuntimeError("selection asked for before scoring: no scores on this site")
-        sent = message.content["scores"]
-        ids, own = [str(i) for i in sent["ids"]], _wire_ids(context)
-        if ids != own:
-            same = len(set(ids) & set(own))
-            order = " (in another order)" if same == len(ids) == len(own) else ""
-            raise ValueError(
-                f"the scores sent back for selection are not this site's: {len(ids)} ids, {same} of them "
-                f"among this site's {len(own)} sample ids{order}; a resumed run needs each site to hold "
-                "the data it scored"
-            )
-        context.state[SCORES_KEY] = ConfigRecord({"scores": [float(x) for x in sent["scores"]]})
+        site.check_sent_scores(list(request.ids), _wire_ids(context))
+        context.state[SCORES_KEY] = ConfigRecord({"scores": [float(x) for x in request.scores]})
     return np.asarray(context.state[SCORES_KEY]["scores"], dtype=float)
 
 
@@ -373,30 +250,17 @@ def _own_scores(message: Message, context: Context, encoded) -> np.ndarray:
 def identify(message: Message, context: Context) -> Message:
     """Which site this is, for a resumed run whose sites got new node ids: a digest of
     its sample ids (the server holds the ids from scoring, or the digest from tracing)."""
+    IdentifyRequest.from_record(message.content)
     _, _, _, encoded, _, _ = _load(context)
-    return _reply(message, RecordDict({
-        "site": ConfigRecord({"ids-digest": ids_digest(_wire_ids(context))}),
-        "metrics": MetricRecord({"num-examples": len(encoded),
-                                 "partition-id": int(context.node_config.get("partition-id", -1))}),
-    }))
+    return _reply(message, IdentifyReply(ids_digest(_wire_ids(context)), len(encoded),
+                                         _partition(context, -1)).to_record())
 
 
 @app.query("site")
 def describe(message: Message, context: Context) -> Message:
     """Which site this is, from its node config alone (no data is read, so a site whose
     data is broken still answers): the server names the site in `missing-sites`."""
+    DescribeRequest.from_record(message.content)
     node_config = context.node_config
-    info = {"name": site_name(node_config)}
-    if node_config.get("data-file"):
-        info["data-file"] = Path(str(node_config["data-file"])).name  # the file's name, not where it lies
-    return _reply(message, RecordDict({
-        "site": ConfigRecord(info),
-        "metrics": MetricRecord({"partition-id": int(node_config.get("partition-id", -1))}),
-    }))
-
-
-def _coverage(cfg, bench, samples, encoded, cache, context, kept) -> dict:
-    """How many of this site's k-means clusters the kept set touches (diversity)."""
-    pid = int(context.node_config.get("partition-id", 0))
-    labels = site_clusters(SiteData(cfg, bench, samples, encoded, cache, pid))
-    return {"clusters-covered": len(set(labels[kept].tolist())), "clusters-total": len(set(labels.tolist()))}
+    data_file = Path(str(node_config["data-file"])).name if node_config.get("data-file") else None  # not where it lies
+    return _reply(message, SiteDescription(site_name(node_config), _partition(context, -1), data_file).to_record())

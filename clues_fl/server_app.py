@@ -14,14 +14,14 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from . import console
-from .config import RunConfig
-from .preflight import PreflightError, preflight
-from .report import evaluate_and_report
-from .resume import RunState
-from .scenario import server_sets
-from .strategies.clues import Clues, SitesFailed, wait_for_nodes
-from .workbench import workbench
+from clues_fl.federation import console
+from clues_fl.config import RunConfig
+from clues_fl.federation.preflight import PreflightError, preflight
+from clues_fl.reporting.results import evaluate_and_report
+from clues_fl.federation.resume import RunState
+from clues_fl.data.scenario import server_sets
+from clues_fl.strategies.clues import Clues, SitesFailed, wait_for_nodes
+from clues_fl.model.runtime import workbench
 
 app = ServerApp()
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def phase_plan(cfg: RunConfig, clues: Clues, name: str, nodes: list[int]) -> str
 
 def _round(cfg: RunConfig) -> str:
     """'FedAvg round', or the round of the fed.strategy chosen ('FedProx round')."""
-    from .aggregation import builtin_name
+    from clues_fl.aggregation.strategies import builtin_name
 
     return f"{builtin_name(cfg['fed.strategy']) or cfg['fed.strategy'].rpartition(':')[2]} round"
 

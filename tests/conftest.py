@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from clues_fl.model import LoraSettings, add_lora
+from clues_fl.model.loading import LoraSettings, add_lora
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -107,8 +107,8 @@ def make_samples(n: int, seed: int = 0) -> list[Enc]:
 def random_checkpoints(model, k: int = 2, seed: int = 7):
     """k checkpoints near the model's adapter (random Adam moments, lr 0.5, 1.5, ...)
     and one random reference gradient per checkpoint."""
-    from clues_fl.engine import AdamMoments, Checkpoint
-    from clues_fl.model import lora_state
+    from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+    from clues_fl.model.loading import lora_state
 
     gen = torch.Generator().manual_seed(seed)
     ckpts, refs = [], []
@@ -126,7 +126,7 @@ def random_checkpoints(model, k: int = 2, seed: int = 7):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model."""
-    from clues_fl.model import load_tokenizer
+    from clues_fl.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer()
     path = tmp_path_factory.mktemp("tiny-llama")

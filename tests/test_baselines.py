@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import Enc, make_samples, random_checkpoints, tiny_llama, tiny_lora_model
 
-from clues_fl import baselines
-from clues_fl.baselines import (
+from clues_fl.scoring import baselines
+from clues_fl.scoring.baselines import (
     datainf_inverse_hvp,
     datainf_lambda,
     datainf_scores,
@@ -20,15 +20,15 @@ from clues_fl.baselines import (
     random_scores,
     select_top,
 )
-from clues_fl.engine import ScoreSettings, lora_parameters, mean_gradient, score_samples
-from clues_fl.model import (
+from clues_fl.scoring.alignment import ScoreSettings, lora_parameters, mean_gradient, score_samples
+from clues_fl.model.loading import (
     LoraSettings,
     add_lora,
     first_lora_layer,
     load_lora_state,
     lora_state,
 )
-from clues_fl.prefix_cache import PrefixCache
+from clues_fl.model.prefix_cache import PrefixCache
 
 
 def answer_only(samples: list[Enc], header=(7, 8)) -> list[Enc]:
@@ -143,8 +143,8 @@ def test_ifd_rejects_misaligned_encodings(setup):
 
 
 def test_encode_answer_only_keeps_the_answer_tokens():
-    from clues_fl.data import Sample, encode_samples
-    from clues_fl.model import load_tokenizer
+    from clues_fl.data.sources import Sample, encode_samples
+    from clues_fl.model.loading import load_tokenizer
 
     tok = load_tokenizer()
     samples = [Sample("a", "What is two plus two?", "Four."), Sample("b", "word " * 200, "A long answer " * 30)]
@@ -241,8 +241,8 @@ def test_random_scores_and_select_top():
 
 
 def test_registry_names_every_selection_method():
-    from clues_fl.preflight import SELECTION_METHODS
-    from clues_fl.scorers import BUILTIN
+    from clues_fl.federation.preflight import SELECTION_METHODS
+    from clues_fl.scoring.scorers import BUILTIN
 
     assert set(BUILTIN) == set(SELECTION_METHODS) >= {"clues", "quad", "all", "oracle", "random", "ppl", "ifd",
                                                        "datainf", "less"}

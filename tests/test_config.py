@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from clues_fl.config import DEFAULTS, ConfigError, parse_config
-from clues_fl.pollution import parse_ratios
+from clues_fl.config import (
+    DEFAULTS,
+    KEYS,
+    ConfigError,
+    PrivacySection,
+    QuadSection,
+    RunConfig,
+    RunSection,
+    TrainSection,
+    check_quantization_available,
+    markdown_table,
+    readme_with_table,
+    parse_config,
+    sections,
+)
+from clues_fl.config import main as config_main
+from clues_fl.data.pollution import parse_ratios
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +66,60 @@ def test_lists_are_comma_separated_strings():
     assert cfg.list("lora.target-modules") == ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match="item 2 'x' is not a number"):
         parse_ratios(parse_config({"pollution.ratios": "0.8,x"})["pollution.ratios"])
+
+
+def test_readme_key_table_is_generated_from_the_config_sections():
+    """The README's table is `python -m clues_fl.config --markdown`: when a key, default,
+    choice or help text changes, run `python -m clues_fl.config --update-readme README.md`."""
+    text = (REPO / "README.md").read_text()
+    assert readme_with_table(text) == text
+
+
+def test_every_key_has_one_table_row_with_help():
+    rows = [line for line in markdown_table().splitlines()[2:]]
+    assert [row.split(" | ")[0].strip("|` ") for row in rows] == list(DEFAULTS)
+    for cls in sections().values():
+        for f in fields(cls):
+            assert f.metadata["help"].strip(), cls.key(f.name)
+
+
+def test_sections_and_flat_keys_are_the_same_values():
+    cfg = parse_config({"train.batch-size": "4", "lora.r": 8, "aggregation": "ties", "merge.density": 0.3,
+                        "run-name": "x", "quad.ekfac": "true"})
+    assert (cfg.train.batch_size, cfg["train.batch-size"]) == (4, 4)
+    assert (cfg.lora.r, cfg.merge.aggregation, cfg.merge.density, cfg.run.run_name) == (8, "ties", 0.3, "x")
+    assert cfg.quad.ekfac is True and cfg.lora.list("target_modules") == cfg.list("lora.target-modules")
+    for key, (attr, name) in KEYS.items():
+        assert getattr(getattr(cfg, attr), name) == cfg[key]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    assert RunConfig() == parse_config({})
+
+
+def test_a_section_validates_on_its_own():
+    assert TrainSection(lr=1e-3).lr == 1e-3
+    with pytest.raises(ConfigError, match="train.batch-size: must be >= 1, got 0"):
+        TrainSection(batch_size=0)
+    with pytest.raises(ConfigError, match="quad.tau: 'x' is not one of anchor-quantile"):
+        QuadSection(tau="x")
+    with pytest.raises(ConfigError, match="privacy.report='histogram' and privacy.epsilon > 0 need mode='federated'"):
+        RunConfig(run=RunSection(mode="merging"), privacy=PrivacySection(report="histogram"))
+
+
+def test_markdown_cli_prints_the_table(capsys):
+    assert config_main(["--markdown"]) == 0
+    assert capsys.readouterr().out == markdown_table()
+
+
+def test_a_parsed_config_pickles_and_hashes():
+    """Sections are frozen and hashable (the workbench caches by its model and lora
+    sections); a RunConfig survives pickling with its flat view."""
+    import pickle
+
+    cfg = parse_config({"lora.r": 8, "model.device": "cpu"})
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and back.values == cfg.values and hash(back.lora) == hash(cfg.lora)
+    assert {cfg.model: 1}[parse_config({"model.device": "cpu"}).model] == 1
+    check_quantization_available(cfg.model)  # none: nothing to check
+    with pytest.raises(ConfigError, match="model.quantization: 'x' is not one of none, 4bit, 8bit"):
+        check_quantization_available("x")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clues_fl import data as data_mod
-from clues_fl.data import (
+from clues_fl.data import sources as data_mod
+from clues_fl.data.sources import (
     DataError,
     Encoded,
     Sample,
@@ -253,7 +253,7 @@ def test_argument_validation(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    from clues_fl.model import load_tokenizer
+    from clues_fl.model.loading import load_tokenizer
 
     return load_tokenizer()
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from clues_fl.data import DataError, Sample, encode_sample, load_samples
+from clues_fl.data.sources import DataError, Sample, encode_sample, load_samples
 
 # ------------------------------------------------------------------ strategies
 
@@ -525,7 +525,7 @@ def test_every_non_blank_line_is_loaded_or_reported(junk):
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from clues_fl.model import load_tokenizer
+    from clues_fl.model.loading import load_tokenizer
 
     chat = load_tokenizer()
     plain = copy.deepcopy(chat)
@@ -534,7 +534,7 @@ def tokenizers():
 
 
 def _reference_ids(tok, question: str, answer: str, system_prompt: str | None) -> tuple[list[int], list[int]]:
-    """Untruncated prompt and answer ids, computed independently of clues_fl.data."""
+    """Untruncated prompt and answer ids, computed independently of clues_fl.data.sources."""
     if tok.chat_template:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         messages.append({"role": "user", "content": question})

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from test_flwr_cli import launch_home, stopped_pids_are_gone
 
-from clues_fl.data import load_samples
+from clues_fl.data.sources import load_samples
 from clues_fl.launch import make_tls_certificates
-from clues_fl.site_ids import read_id_map
+from clues_fl.federation.site_ids import read_id_map
 
 REPO = Path(__file__).resolve().parent.parent
 

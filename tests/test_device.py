@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import make_samples, random_checkpoints, tiny_llama, tiny_lora_model
 
-from clues_fl import device as dev
+from clues_fl.model import device as dev
 from clues_fl.config import ConfigError, parse_config
-from clues_fl.engine import ScoreSettings, anchor_scores, mean_gradient, score_samples
-from clues_fl.forward import collate, final_hidden, sample_losses
-from clues_fl.model import LoraSettings, add_lora, check_quantization_available, first_lora_layer
-from clues_fl.prefix_cache import PrefixCache
+from clues_fl.scoring.alignment import ScoreSettings, anchor_scores, mean_gradient, score_samples
+from clues_fl.model.forward import collate, final_hidden, sample_losses
+from clues_fl.model.loading import LoraSettings, add_lora, check_quantization_available, first_lora_layer
+from clues_fl.model.prefix_cache import PrefixCache
 
 
 def test_config_keys_and_their_errors():
@@ -45,7 +45,7 @@ def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match=r"pip install 'clues-fl\[quant\]'.*bitsandbytes==0.50.2"):
         check_quantization_available(parse_config({"model.quantization": "4bit"}))
-    from clues_fl.preflight import PreflightError, preflight
+    from clues_fl.federation.preflight import PreflightError, preflight
 
     with pytest.raises(PreflightError, match=r"^model.quantization: '4bit' needs bitsandbytes.*clues-fl\[quant\]"):
         preflight({"model.quantization": "4bit"})
@@ -68,8 +68,8 @@ def test_every_tensor_is_made_on_the_models_device(tmp_path):
     device cannot take part in a CPU computation: scoring runs only if the engine,
     the prefix cache and the baselines place each tensor they make (a CPU stand-in for
     the 'index is on cpu' errors a CUDA model raised)."""
-    from clues_fl.baselines import datainf_scores, ppl_scores
-    from clues_fl.quad import embed_samples, kfac_factors
+    from clues_fl.scoring.baselines import datainf_scores, ppl_scores
+    from clues_fl.scoring.quad import embed_samples, kfac_factors
 
     model = tiny_lora_model(seed=3)
     samples = make_samples(6)
@@ -166,8 +166,8 @@ def test_bf16_scores_agree_with_float32_scores():
 def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path):
     """train.gradient-checkpointing recomputes activations (non-reentrant, so also from
     the prefix cache, whose states need no grad): same losses, same adapter."""
-    from clues_fl.model import load_base_model, lora_state
-    from clues_fl.training import TrainSettings, train_lora
+    from clues_fl.model.loading import load_base_model, lora_state
+    from clues_fl.model.training import TrainSettings, train_lora
 
     samples = make_samples(8, seed=4)
     states, losses = [], []

@@ -9,8 +9,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from clues_fl.config import ConfigError, parse_config
-from clues_fl.data import DataError, load_samples
-from clues_fl.scenario import build_scenario, server_sets, site_samples
+from clues_fl.data.sources import DataError, load_samples
+from clues_fl.data.scenario import build_scenario, server_sets, site_samples
 
 
 def rows(prefix: str, n: int, ids: bool = True) -> dict:

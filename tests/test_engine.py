@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from conftest import Enc, make_samples, random_checkpoints, tiny_lora_model
 
-from clues_fl.engine import (
+from clues_fl.scoring.alignment import (
     ScoreSettings,
     anchor_scores,
     lora_parameters,
     mean_gradient,
     score_samples,
 )
-from clues_fl.forward import collate, length_buckets, sample_losses
-from clues_fl.model import first_lora_layer, lora_state
-from clues_fl.prefix_cache import PrefixCache
+from clues_fl.model.forward import collate, length_buckets, sample_losses
+from clues_fl.model.loading import first_lora_layer, lora_state
+from clues_fl.model.prefix_cache import PrefixCache
 
 
 def naive_grad(model, sample: Enc) -> torch.Tensor:
@@ -51,7 +51,7 @@ def setup():
 
 def naive_similarity(g, ref, ckpt, names, similarity, preconditioner) -> float:
     """eta_k * sim(P_k g, ref) written out on flat vectors."""
-    from clues_fl.engine import precondition
+    from clues_fl.scoring.alignment import precondition
 
     if preconditioner == "adam":
         g = precondition(g, flat(ckpt.adam.m, names), flat(ckpt.adam.v, names), ckpt.adam)
@@ -62,7 +62,7 @@ def naive_similarity(g, ref, ckpt, names, similarity, preconditioner) -> float:
 
 
 def naive_scores(model, samples, names, ckpts, refs, similarity, preconditioner):
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     total = np.zeros(len(samples))
     for ckpt, ref in zip(ckpts, refs):
@@ -107,7 +107,7 @@ def test_anchor_loo_scores_match_naive(setup):
     model, samples, names, ckpts, _ = setup
     anchors = samples[:6]
     first = first_lora_layer(model)
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     for preconditioner in ("sgd", "adam"):
         for similarity in ("dot", "cosine"):
@@ -126,7 +126,7 @@ def test_anchor_loo_scores_match_naive(setup):
 
 def test_mean_gradient_equals_naive_mean(setup):
     model, samples, names, ckpts, _ = setup
-    from clues_fl.model import load_lora_state
+    from clues_fl.model.loading import load_lora_state
 
     load_lora_state(model, ckpts[0].state)
     first = first_lora_layer(model)
@@ -152,7 +152,7 @@ def test_prefix_cache_is_keyed_by_tokens(setup, tmp_path):
 
 
 def test_training_from_prefix_cache_gives_the_same_adapter(tmp_path):
-    from clues_fl.training import TrainSettings, train_lora
+    from clues_fl.model.training import TrainSettings, train_lora
 
     samples = make_samples(10, seed=4)
     settings = TrainSettings(lr=1e-2, epochs=2, batch_size=4, seed=0)
@@ -173,3 +173,19 @@ def test_training_from_prefix_cache_gives_the_same_adapter(tmp_path):
         # (computed in other batch shapes) show up ~1e3 larger at near-zero gradients.
         assert diff < 1e-6 * states[0][name].abs().max().item(), (name, diff)
         assert not torch.equal(states[0][name], before[name])  # training moved every tensor
+
+
+def test_settings_from_the_run_config_sections():
+    """Training, scoring and LoRA settings are read from their own run-config sections."""
+    from clues_fl.config import parse_config
+    from clues_fl.model.loading import LoraSettings
+    from clues_fl.model.runtime import lora_settings, score_settings, train_settings
+    from clues_fl.model.training import TrainSettings
+
+    cfg = parse_config({"train.lr": 1e-3, "train.batch-size": 4, "train.local-epochs": 2.0, "seed": 7,
+                        "scoring.similarity": "dot", "scoring.batch-size": 3, "lora.r": 4,
+                        "lora.layers": "top2", "lora.target-modules": "q_proj, k_proj"})
+    assert TrainSettings.from_section(cfg.train, seed=7) == TrainSettings(lr=1e-3, epochs=2.0, batch_size=4, seed=7)
+    assert train_settings(cfg, epochs=3, seed_offset=1) == TrainSettings(lr=1e-3, epochs=3, batch_size=4, seed=8)
+    assert ScoreSettings.from_section(cfg.scoring) == score_settings(cfg) == ScoreSettings("dot", "sgd", 3)
+    assert LoraSettings.from_section(cfg.lora, 10) == lora_settings(cfg, 10) == LoraSettings(4, 16, 0.0, ("q_proj", "k_proj"), (8, 9))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from clues_fl import evaluation
-from clues_fl.data import DataError, Sample
-from clues_fl.evaluation import (
+from clues_fl.reporting import evaluation
+from clues_fl.data.sources import DataError, Sample
+from clues_fl.reporting.evaluation import (
     answer_index,
     answer_quality,
     generate_answers,
@@ -27,12 +27,12 @@ from clues_fl.evaluation import (
     stop_token_ids,
     token_f1,
 )
-from clues_fl.model import LoraSettings, add_lora
+from clues_fl.model.loading import LoraSettings, add_lora
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from clues_fl.model import load_tokenizer
+    from clues_fl.model.loading import load_tokenizer
 
     return load_tokenizer()
 
@@ -265,3 +265,17 @@ def test_load_mc_items_reports_bad_rows(tmp_path):
     path.write_text(json.dumps({"question": "q", "options": "A. x\nB. y", "answer": "C. z"}) + "\n")
     with pytest.raises(DataError, match="line 1: answer 'C. z' matches no option"):
         load_mc_items(str(path))
+
+
+def test_generation_quality_reads_the_eval_section(model, tok, monkeypatch, tmp_path):
+    from clues_fl.config import EvalSection
+
+    samples = [Sample("a", "q1", "the cat sat down"), Sample("b", "q2", "dog"), Sample("c", "q3", "unused")]
+    monkeypatch.setattr(evaluation, "generate_answers", lambda m, t, s, **k: ["cat sat", "a dog"][: len(s)])
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
+    out = evaluation.generation_quality(model, tok, samples, EvalSection(max_samples=2, mc_source=str(mc), mc_items=2))
+    assert out["answered"] == 2 and out["rouge-l"] == pytest.approx(0.9) and out["token-f1"] == pytest.approx(0.9)
+    assert out["mc-accuracy"] == multiple_choice_accuracy(model, tok, ITEMS[:2])
+    assert evaluation.generation_quality(model, tok, samples, EvalSection(max_samples=0, mc_items=0)) == {}
+    assert "mc-accuracy" not in evaluation.generation_quality(model, tok, [], EvalSection(mc_items=0))

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 import transformers
 from conftest import make_samples, random_checkpoints
 
-from clues_fl import families
-from clues_fl.engine import AdamMoments, ScoreSettings, lora_parameters, precondition, score_samples
-from clues_fl.forward import collate, final_hidden, sample_losses, splittable, use_own_forward
-from clues_fl.model import LoraSettings, ModelError, add_lora, first_lora_layer, load_lora_state
-from clues_fl.prefix_cache import PrefixCache
+from clues_fl.model import families
+from clues_fl.scoring.alignment import AdamMoments, ScoreSettings, lora_parameters, precondition, score_samples
+from clues_fl.model.forward import collate, final_hidden, sample_losses, splittable, use_own_forward
+from clues_fl.model.loading import LoraSettings, ModelError, add_lora, first_lora_layer, load_lora_state
+from clues_fl.model.prefix_cache import PrefixCache
 
 COMMON = dict(
     vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -200,7 +200,7 @@ def test_unregistered_family_falls_back_with_one_log_line(caplog, one_thread):
             if p.requires_grad:
                 p.normal_(0, 0.1)
     model.eval()
-    with caplog.at_level(logging.WARNING, logger="clues_fl.forward"):
+    with caplog.at_level(logging.WARNING, logger="clues_fl.model.forward"):
         assert not splittable(model)
         assert not splittable(model)  # decided once per model
     lines = [r.getMessage() for r in caplog.records if "own forward" in r.getMessage()]
@@ -224,7 +224,7 @@ def test_a_wrong_adapter_is_caught_by_the_probe(monkeypatch, caplog, one_thread)
 
     wrong = families.Family("gemma3_text", full_masks_only, families._gemma_embed, families._gemma3_unsupported)
     monkeypatch.setitem(families.FAMILIES, "gemma3_text", wrong)
-    with caplog.at_level(logging.WARNING, logger="clues_fl.forward"):
+    with caplog.at_level(logging.WARNING, logger="clues_fl.model.forward"):
         model = tiny("gemma3", seed=2)
         assert not splittable(model)
     assert any("differs from the model's own" in r.getMessage() for r in caplog.records)
@@ -242,7 +242,7 @@ def test_fused_attention_needs_its_own_target_modules():
 
 
 def test_gguf_model_name_is_converted_once_keyed_by_file(tmp_path, monkeypatch):
-    from clues_fl import model as model_mod
+    from clues_fl.model import loading as model_mod
 
     monkeypatch.setenv("CLUES_FL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelError, match="does not exist"):

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord
 from test_flower_inprocess import drive, run_config
 
 from clues_fl.config import ConfigError, parse_config
+from clues_fl.federation.messages import ScoreReply, ScoreRequest
 
 
 def _replies(grid, message_type):
@@ -24,18 +25,18 @@ def test_quad_scores_a_fraction_and_respects_the_budget(tiny_model_dir, tmp_path
     })
     cfg, grid, clues, metrics = drive(raw)
     score_msgs = _replies(grid, "query.score")
-    sent = score_msgs[0].sent.content
+    sent = ScoreRequest.from_record(score_msgs[0].sent.content)
     # the server sent H^-1 G_anchor per checkpoint (adapter-shaped) and tau, budget
-    assert {"tau", "budget"} <= set(sent["config"].keys())
-    grads = [k for k in sent.keys() if k.startswith("grad-")]
-    assert len(grads) == 2 and all(isinstance(sent[k], ArrayRecord) for k in grads)
-    assert any("k_proj" in name for name in sent["grad-0"].keys())  # attention projections included
+    assert {"tau", "budget"} <= set(sent.scorer)
+    assert len(sent.anchor_gradients) == 2 and len(sent.checkpoints) == 2
+    assert sum(isinstance(r, ArrayRecord) for r in score_msgs[0].sent.content.values()) == 4  # 2 checkpoints, 2 grads
+    assert any("k_proj" in name for name in sent.anchor_gradients[0])  # attention projections included
     for ex in score_msgs:
-        m = ex.reply.content["metrics"]
-        assert m["scored"] < m["num-examples"]  # only a fraction was scored
-        assert m["scored"] <= int(np.ceil(0.3 * 16)) + 2  # the cap, plus at most one draw
-        assert 1 <= m["clusters"] <= 4
-        values = np.asarray(ex.reply.content["scores"]["scores"])
+        m = ScoreReply.from_record(ex.reply.content)
+        assert m.scored < m.num_examples  # only a fraction was scored
+        assert m.scored <= int(np.ceil(0.3 * 16)) + 2  # the cap, plus at most one draw
+        assert 1 <= m.extras["clusters"] <= 4
+        values = np.asarray(m.scores)
         assert set(np.unique(values)) <= {0.0, 1.0}  # selection flags, no influence values
     sel = metrics["selection"]
     for site in sel["per-client"].values():
@@ -49,11 +50,12 @@ def test_histogram_mode_reports_only_counts(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"privacy.report": "histogram", "privacy.bins": 16})
     cfg, grid, clues, metrics = drive(raw)
     for ex in _replies(grid, "query.score"):
-        content = ex.reply.content
-        assert "scores" not in content and "histogram" in content
-        counts = np.asarray(content["histogram"]["counts"])
+        reply = ScoreReply.from_record(ex.reply.content)
+        assert set(ex.reply.content.keys()) == {"histogram", "metrics"}  # no scores, no ids
+        assert reply.scores is None and reply.ids == [] and reply.histogram is not None
+        counts = np.asarray(reply.histogram)
         assert counts.shape == (16,) and counts.sum() == 8
-        assert len(ex.sent.content["config"]["edges"]) == 15
+        assert len(ScoreRequest.from_record(ex.sent.content).privacy.edges) == 15
     assert metrics["threshold"]["reported"] == "histogram"
     sel = metrics["selection"]
     assert set(sel["per-client"]) == {"client-0", "client-1"}
@@ -66,9 +68,10 @@ def test_dp_noise_on_reported_scores_only(tiny_model_dir, tmp_path):
     from clues_fl import client_app
 
     for ex in _replies(grid, "query.score"):
-        config = ex.sent.content["config"]
-        lo, hi = config["clip-lo"], config["clip-hi"]
-        reported = np.asarray(ex.reply.content["scores"]["scores"])
+        settings = ScoreRequest.from_record(ex.sent.content).privacy
+        lo, hi = settings.clip_lo, settings.clip_hi
+        assert settings.epsilon == 0.5 and settings.report == "scores"
+        reported = np.asarray(ScoreReply.from_record(ex.reply.content).scores)
         exact = np.asarray(grid._contexts[ex.node].state[client_app.SCORES_KEY]["scores"])
         # sigma at epsilon 0.5 is several times the clip range: the noise dwarfs the signal
         assert np.abs(reported - np.clip(exact, lo, hi)).max() > (hi - lo)

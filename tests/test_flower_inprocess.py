@@ -12,11 +12,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
-from clues_fl.inprocess import InMemoryGrid
-from clues_fl.scenario import build_scenario
-from clues_fl.scorers import Scorer
+from clues_fl.federation import messages as msg
+from clues_fl.federation.inmemory_grid import InMemoryGrid
+from clues_fl.data.scenario import build_scenario
+from clues_fl.scoring.scorers import Scorer
 from clues_fl.server_app import run_protocol
-from clues_fl.site_ids import read_id_map
+from clues_fl.federation.site_ids import read_id_map
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -76,6 +77,32 @@ def assert_no_real_ids(grid, real_ids: set[str]) -> None:
                     assert not any(i in s for i in real_ids), (ex.message_type, name, s)
 
 
+REQUESTS = {c.message_type: c for c in (msg.TrainRequest, msg.LocalTrainRequest, msg.ScoreRequest, msg.SelectRequest,
+                                        msg.IdentifyRequest, msg.DescribeRequest)}
+REPLIES = {"train": msg.TrainReply, "train.local": msg.LocalTrainReply, "query.score": msg.ScoreReply,
+           "query.select": msg.SelectReply, "query.identify": msg.IdentifyReply, "query.site": msg.SiteDescription}
+
+
+def _layout(content: RecordDict) -> dict:
+    """A message's records and, for config and metric records, their keys."""
+    return {name: set(record.keys()) if isinstance(record, (ConfigRecord, MetricRecord)) else type(record).__name__
+            for name, record in content.items()}
+
+
+def assert_typed_views_cover_the_wire(grid) -> None:
+    """Every message of the run is one of the protocol's typed messages, and a reply
+    parsed and packed again has the very records and keys it had: nothing travels that
+    messages.py does not name. (A train request is Flower's strategy's own message:
+    its config carries what the strategy adds; the typed view reads it.)"""
+    for ex in grid.log:
+        request = REQUESTS[ex.message_type].from_record(ex.sent.content)
+        if ex.message_type != "train":
+            assert _layout(request.to_record()) == _layout(ex.sent.content), ex.message_type
+        if not ex.reply.has_error():
+            reply = REPLIES[ex.message_type].from_record(ex.reply.content)
+            assert _layout(reply.to_record()) == _layout(ex.reply.content), ex.message_type
+
+
 @pytest.mark.parametrize("mode,aggregation", [("federated", "fedavg"), ("merging", "weighted")])
 def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggregation):
     raw = run_config(tiny_model_dir, tmp_path, mode=mode, aggregation=aggregation)
@@ -90,6 +117,7 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
     real_ids = {s.id for c in data.clients for s in c}
     assert_no_real_ids(grid, real_ids)
+    assert_typed_views_cover_the_wire(grid)
     n_params = sum(v.numel() for v in clues.bench.initial_state.values())
     for ex in grid.log:
         assert not ex.reply.has_error(), ex.reply.error
@@ -106,14 +134,23 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
         if ex.message_type == "query.score":
             scores = content["scores"]
             assert set(scores.keys()) == {"ids", "scores"}
-            assert np.isfinite(np.asarray(scores["scores"])).all()
+            reply = msg.ScoreReply.from_record(content)
+            assert np.isfinite(np.asarray(reply.scores)).all() and reply.histogram is None
             # keyed hashes (32 hex digits), which the site maps back in its own folder only
-            assert all(len(i) == 32 and int(i, 16) >= 0 for i in scores["ids"])
+            assert all(len(i) == 32 and int(i, 16) >= 0 for i in reply.ids)
             site = tmp_path / "inprocess" / "sites" / f"client-{NODES[ex.node]['partition-id']}"
             mapped = read_id_map(site)
-            assert [mapped[i] for i in scores["ids"]] == [s.id for s in data.clients[NODES[ex.node]["partition-id"]]]
+            assert [mapped[i] for i in reply.ids] == [s.id for s in data.clients[NODES[ex.node]["partition-id"]]]
+            request = msg.ScoreRequest.from_record(ex.sent.content)
+            assert request.method == "clues" and request.privacy is None
+            assert len(request.checkpoints) == len(request.anchor_gradients) == cfg["trace.rounds"]
         if ex.message_type == "query.select":
             assert set(content["metrics"].keys()) >= {"kept", "tp", "fp", "fn", "tn"}
+            reply = msg.SelectReply.from_record(content)
+            assert reply.labelled and set(reply.counts) == {"tp", "fp", "fn", "tn"} and reply.num_examples == 8
+            request = msg.SelectRequest.from_record(ex.sent.content)
+            assert (request.anchor_mean is not None) == (mode == "merging")  # scores standardised per site
+            assert request.scores is not None  # exact scores go back (a resumed run's sites lost theirs)
 
     out = tmp_path / "inprocess"
     written = json.loads((out / "metrics.json").read_text())
@@ -195,7 +232,7 @@ def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, t
 
 
 def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
-    from clues_fl.suite import Lab, _table
+    from clues_fl.experiments.suite import Lab, _table
 
     raw = run_config(tiny_model_dir, tmp_path)
     lab = Lab({k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}, tmp_path)
@@ -209,7 +246,7 @@ def test_suite_lab_shares_one_trace_across_methods(tiny_model_dir, tmp_path):
 
 
 def test_suite_reuses_a_finished_run_and_reruns_a_changed_one(tiny_model_dir, tmp_path, monkeypatch):
-    import clues_fl.suite as suite
+    import clues_fl.experiments.suite as suite
 
     raw = run_config(tiny_model_dir, tmp_path)
     base = {k: v for k, v in raw.items() if k not in ("run-name", "output-dir")}
@@ -263,7 +300,7 @@ def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, cap
 
 
 def test_progress_lines_off_a_terminal(capsys, monkeypatch):
-    from clues_fl import console
+    from clues_fl.federation import console
 
     monkeypatch.setenv("CLUES_FL_PROGRESS_SECONDS", "0")
     assert list(console.progress(range(3), desc="scoring")) == [0, 1, 2]  # stderr is captured: no TTY

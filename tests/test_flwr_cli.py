@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clues_fl.processes import LAUNCHER, MARKER
+from clues_fl.federation.processes import LAUNCHER, MARKER
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ from conftest import make_samples, random_checkpoints, tiny_lora_model  # noqa: 
 from test_engine import naive_scores, rel_close  # noqa: E402
 from test_flower_inprocess import drive, run_config  # noqa: E402
 
-from clues_fl.engine import ScoreSettings, lora_parameters, score_samples  # noqa: E402
-from clues_fl.model import first_lora_layer  # noqa: E402
-from clues_fl.prefix_cache import PrefixCache  # noqa: E402
+from clues_fl.scoring.alignment import ScoreSettings, lora_parameters, score_samples  # noqa: E402
+from clues_fl.model.loading import first_lora_layer  # noqa: E402
+from clues_fl.model.prefix_cache import PrefixCache  # noqa: E402
 
 
 @pytest.mark.parametrize("preconditioner", ["sgd", "adam"])

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_llama, tiny_lora_model
 from peft import PeftModel
 
-from clues_fl.merging import MERGE_METHODS, lora_deltas, merge_adapters, merge_weights
-from clues_fl.model import lora_state
+from clues_fl.aggregation.merging import MERGE_METHODS, lora_deltas, merge_adapters, merge_weights
+from clues_fl.model.loading import lora_state
 
 SCALING = 2.0  # tiny_lora_model uses alpha = 2 r
 
@@ -207,7 +207,7 @@ def test_merged_forward_and_reload(method, tmp_path):
 
 
 def test_builtin_rules_are_registered_functions_of_the_deltas():
-    from clues_fl.merging import MERGE_RULES, merge_rule
+    from clues_fl.aggregation.merging import MERGE_RULES, merge_rule
 
     assert tuple(MERGE_RULES) == MERGE_METHODS and merge_rule("ties") is MERGE_RULES["ties"]
     states = client_states()

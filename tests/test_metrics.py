@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from clues_fl.metrics import (
+from clues_fl.selection.metrics import (
     add_counts,
     confusion_counts,
     per_type_auc,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_lora_model
 
-from clues_fl.model import (
+from clues_fl.model.loading import (
     ModelError,
     default_model_dir,
     first_lora_layer,

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clues_fl.data import Sample
-from clues_fl.pollution import (
+from clues_fl.data.sources import Sample
+from clues_fl.data.pollution import (
     DEFAULT_KINDS,
     KINDS,
     LOW_QUALITY_KINDS,

@@ -16,8 +16,8 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from clues_fl.data import load_samples
-from clues_fl.preflight import SELECTION_METHODS, PreflightError, preflight
+from clues_fl.data.sources import load_samples
+from clues_fl.federation.preflight import SELECTION_METHODS, PreflightError, preflight
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,14 +148,14 @@ def test_deployment_site_files(tmp_path, pool):
 
 
 def test_selection_methods_match_the_scorers():
-    from clues_fl.scorers import BUILTIN
+    from clues_fl.scoring.scorers import BUILTIN
 
     assert set(SELECTION_METHODS) == set(BUILTIN)
 
 
 def test_default_model_cache_path_matches_model_module():
-    from clues_fl import preflight as pre
-    from clues_fl.model import cache_root
+    from clues_fl.federation import preflight as pre
+    from clues_fl.model.loading import cache_root
 
     assert pre._cache_root() == cache_root()
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from clues_fl.privacy import (
+from clues_fl.selection.privacy import (
     clip_range,
     dp_enabled,
     gaussian_delta,
@@ -24,7 +24,7 @@ from clues_fl.privacy import (
     selection_f1_under_noise,
     threshold_from_histograms,
 )
-from clues_fl.selection import global_threshold, keep_mask
+from clues_fl.selection.rules import global_threshold, keep_mask
 
 
 def synthetic(seed: int, n: int = 400, clean_fraction: float = 0.6, n_anchor: int = 16):

@@ -12,7 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from clues_fl.processes import LAUNCHER, MARKER, marked_processes, orphans, reap_orphans, start_time
+from clues_fl.federation.processes import LAUNCHER, MARKER, marked_processes, orphans, reap_orphans, start_time
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def test_the_watchdog_stops_the_launch_when_the_launcher_is_killed(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, subprocess, sys, time
         from pathlib import Path
-        from clues_fl.processes import launcher_env, start_watchdog
+        from clues_fl.federation.processes import launcher_env, start_watchdog
         env = dict(os.environ, **launcher_env({marker!r}))
         start_watchdog({marker!r}, Path({str(tmp_path / 'watchdog.log')!r}))
         for _ in range(3):  # children in sessions of their own, as Flower starts them

@@ -9,16 +9,17 @@ import torch
 from conftest import Enc, make_samples, tiny_lora_model
 from sklearn.metrics import adjusted_rand_score
 
-from clues_fl.engine import (
+from clues_fl.config import QuadSection, parse_config
+from clues_fl.scoring.alignment import (
     iterate_batches,
     lora_linears,
     mean_gradient,
     per_sample_gradients,
     score_batch,
 )
-from clues_fl.model import backbone, first_lora_layer
-from clues_fl.prefix_cache import PrefixCache
-from clues_fl.quad import (
+from clues_fl.model.loading import backbone, first_lora_layer
+from clues_fl.model.prefix_cache import PrefixCache
+from clues_fl.scoring.quad import (
     ClusterBandit,
     KfacFactor,
     cluster_samples,
@@ -474,17 +475,18 @@ def test_anchor_influence_is_leave_one_out_against_the_kfac_reference(model):
     H^-1 G_-a exactly as a site's sample is scored against H^-1 G (cosine)."""
     from types import SimpleNamespace
 
-    from clues_fl.engine import Checkpoint, ScoreSettings, per_sample_gradients
-    from clues_fl.forward import collate
-    from clues_fl.model import lora_state
-    from clues_fl.quad import anchor_influence, kfac_factors
+    from clues_fl.scoring.alignment import Checkpoint, ScoreSettings, per_sample_gradients
+    from clues_fl.model.forward import collate
+    from clues_fl.model.loading import lora_state
+    from clues_fl.scoring.quad import anchor_influence, kfac_factors
 
     first = first_lora_layer(model)
     anchors = make_samples(5, seed=4)
     bench = SimpleNamespace(model=model, first_layer=first, pad_id=0)
-    cfg = {"quad.damping": 0.1, "quad.ekfac": False}
     ckpt = Checkpoint(lora_state(model), 0.5)
-    side = anchor_influence(bench, anchors, [ckpt], cfg, ScoreSettings("cosine", "sgd", 2))
+    side = anchor_influence(bench, anchors, [ckpt], QuadSection(damping=0.1), ScoreSettings("cosine", "sgd", 2))
+    whole = anchor_influence(bench, anchors, [ckpt], parse_config({"quad.damping": 0.1}), ScoreSettings("cosine", "sgd", 2))
+    np.testing.assert_array_equal(whole.scores, side.scores)  # a RunConfig passes its quad section
 
     factors = kfac_factors(model, anchors, first, pad_id=0, batch_size=2)
     grads = [per_sample_gradients(model, collate(anchors, [i], 0), first) for i in range(5)]

@@ -17,10 +17,10 @@ from test_engine import flat, naive_grad  # noqa: E402
 from test_flower_inprocess import drive, run_config  # noqa: E402
 
 from clues_fl.config import parse_config  # noqa: E402
-from clues_fl.engine import ScoreSettings, lora_parameters, score_samples  # noqa: E402
-from clues_fl.model import load_lora_state, lora_state  # noqa: E402
-from clues_fl.scenario import build_scenario  # noqa: E402
-from clues_fl.workbench import workbench  # noqa: E402
+from clues_fl.scoring.alignment import ScoreSettings, lora_parameters, score_samples  # noqa: E402
+from clues_fl.model.loading import load_lora_state, lora_state  # noqa: E402
+from clues_fl.data.scenario import build_scenario  # noqa: E402
+from clues_fl.model.runtime import workbench  # noqa: E402
 
 
 def quant_config(out_dir, **overrides) -> dict:

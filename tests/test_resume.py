@@ -21,10 +21,10 @@ from test_flower_inprocess import NODES, run_config
 
 from clues_fl import client_app as client_module
 from clues_fl.config import parse_config
-from clues_fl.inprocess import InMemoryGrid
-from clues_fl.resume import ResumeError, RunState
+from clues_fl.federation.inmemory_grid import InMemoryGrid
+from clues_fl.federation.resume import ResumeError, RunState
 from clues_fl.server_app import run_protocol
-from clues_fl.site_ids import read_id_map
+from clues_fl.federation.site_ids import read_id_map
 
 # The same two sites under other node ids, in the other order (a restarted simulation).
 NEW_NODES = {404: NODES[101], 303: NODES[202]}

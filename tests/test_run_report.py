@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from clues_fl.run_report import anchor_scale, round_loss_axis, score_axis
-from clues_fl.suite import Outcome, _plots
+from clues_fl.reporting.run_report import anchor_scale, round_loss_axis, score_axis
+from clues_fl.experiments.suite import Outcome, _plots
 
 
 def _labels(ax, which="x"):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clues_fl.selection import (
+from clues_fl.selection.rules import (
     THRESHOLD_RULES,
     anchor_f1_threshold,
     clean_share,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from clues_fl.config import parse_config
-from clues_fl.metrics import confusion_counts, roc_auc, selection_metrics
-from clues_fl.scenario import build_scenario
-from clues_fl.selection import global_threshold, keep_mask
-from clues_fl.workbench import workbench
+from clues_fl.selection.metrics import confusion_counts, roc_auc, selection_metrics
+from clues_fl.data.scenario import build_scenario
+from clues_fl.selection.rules import global_threshold, keep_mask
+from clues_fl.model.runtime import workbench
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from clues_fl import signals as sg
-from clues_fl.scenario import build_scenario
-from clues_fl.selection import clean_share
+from clues_fl.scoring import signals as sg
+from clues_fl.data.scenario import build_scenario
+from clues_fl.selection.rules import clean_share
 from test_flower_inprocess import _strings_in, drive, run_config
 
 
@@ -43,13 +43,13 @@ def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
 
 def test_end_of_answer_token_is_the_last_target(tiny_model_dir):
     from clues_fl.config import parse_config
-    from clues_fl.workbench import workbench
+    from clues_fl.model.runtime import workbench
 
     cfg = parse_config(run_config(tiny_model_dir, "/tmp"))
     bench = workbench(cfg)
     data = build_scenario(cfg, 2)
     enc = bench.encode(data.anchor, cfg)
-    from clues_fl.data import _end_token_id
+    from clues_fl.data.sources import _end_token_id
 
     end = _end_token_id(bench.tokenizer)
     assert end is not None
@@ -75,7 +75,7 @@ def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_
                 assert not any("signal" in k or "reason" in k for k in record), record
         if ex.message_type == "query.score":
             assert set(ex.reply.content["scores"].keys()) == {"ids", "scores"}
-            sent = ex.sent.content["config"]
+            sent = ex.sent.content["scorer"]  # the scorer's own record (federation/messages.py ScoreRequest)
             assert list(sent["signals"]) == list(sg.DEFAULT_SIGNALS)
             assert len(sent["signal-centre"]) == len(sent["signal-spread"]) == len(sg.DEFAULT_SIGNALS)
     # the site-local report: texts, scores and reasons, on the site's disk only
@@ -144,7 +144,7 @@ def test_clean_share_interval_covers_the_truth():
 
 
 def test_threshold_grid_has_every_cell_and_the_references():
-    from clues_fl.suite import grid_table, threshold_grid
+    from clues_fl.experiments.suite import grid_table, threshold_grid
 
     rng = np.random.default_rng(0)
     kinds = [""] * 60 + ["cut"] * 20 + ["exchange"] * 20

@@ -8,7 +8,7 @@ import logging
 import pytest
 from test_flower_inprocess import drive, run_config
 
-from clues_fl.site_errors import split_reason, summarise
+from clues_fl.federation.site_errors import split_reason, summarise
 from clues_fl.strategies.clues import SitesFailed, wait_for_nodes
 
 

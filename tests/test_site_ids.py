@@ -1,4 +1,4 @@
-"""Sample ids leave a site only as keyed hashes (clues_fl/site_ids.py)."""
+"""Sample ids leave a site only as keyed hashes (clues_fl/federation/site_ids.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 import stat
 
 from clues_fl.config import parse_config
-from clues_fl.site_ids import hash_ids, read_id_map, site_dir, site_key, wire_ids
+from clues_fl.federation.site_ids import hash_ids, read_id_map, site_dir, site_key, wire_ids
 
 IDS = ["patient-0001", "patient-0002", "acct-77"]
 

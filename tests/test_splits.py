@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clues_fl.data import Sample
-from clues_fl.splits import Splits, parse_sizes, partition, split_pool
+from clues_fl.data.sources import Sample
+from clues_fl.data.splits import Splits, parse_sizes, partition, split_pool
 
 
 def make(n: int, domains=("",)) -> list[Sample]:

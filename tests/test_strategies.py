@@ -13,12 +13,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 from test_flower_inprocess import NODES, drive, run_config
 
-from clues_fl import aggregation
+from clues_fl.aggregation import strategies as aggregation
 from clues_fl.config import ConfigError, parse_config
-from clues_fl.messages import MOMENTS_KEY, split_record
-from clues_fl.model import first_lora_layer, lora_state
-from clues_fl.preflight import PreflightError, preflight
-from clues_fl.training import TrainSettings, train_lora
+from clues_fl.federation.messages import MOMENTS_KEY, split_record
+from clues_fl.model.loading import first_lora_layer, lora_state
+from clues_fl.federation.preflight import PreflightError, preflight
+from clues_fl.model.training import TrainSettings, train_lora
 
 
 def fast(tiny_model_dir, tmp_path, **overrides) -> dict:

@@ -16,28 +16,39 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from .. import aggregation, privacy
-from ..config import RunConfig
-from ..device import peak_memory_mib
-from ..engine import AdamMoments, Checkpoint
-from ..messages import (
-    checkpoint_record,
-    gradient_record,
+from clues_fl.aggregation import strategies as aggregation
+from clues_fl.selection import privacy
+from clues_fl.config import RunConfig
+from clues_fl.model.device import peak_memory_mib
+from clues_fl.scoring.alignment import AdamMoments, Checkpoint
+from clues_fl.federation.messages import (
+    DescribeRequest,
+    IdentifyReply,
+    IdentifyRequest,
+    LocalTrainReply,
+    LocalTrainRequest,
+    PrivacySettings,
+    ScoreReply,
+    ScoreRequest,
+    SelectReply,
+    SelectRequest,
+    SiteDescription,
     ids_digest,
     record_checkpoint,
     split_moments,
     split_record,
     state_record,
+    train_config,
 )
-from ..metrics import add_counts, selection_metrics
-from ..scorers import make_scorer
-from ..selection import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
-from ..site_errors import summarise
-from ..workbench import score_settings
-from .rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
+from clues_fl.selection.metrics import add_counts, selection_metrics
+from clues_fl.scoring.scorers import make_scorer
+from clues_fl.selection.rules import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
+from clues_fl.federation.site_errors import summarise
+from clues_fl.model.runtime import score_settings
+from clues_fl.strategies.rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
     GPU_PEAK_KEY,
     SiteDP,
     SiteDPFedAvg,
@@ -200,7 +211,7 @@ class Clues:
             initial_arrays=adapter,
             num_rounds=rounds - done,
             timeout=self.cfg["fed.timeout"],
-            train_config=ConfigRecord({"phase": phase}),
+            train_config=train_config(phase),
             evaluate_fn=after_round,
         )
         self._site_peak(phase, strategy.gpu_peak)
@@ -242,14 +253,15 @@ class Clues:
         """Ask each site who it is (query.site: from its node config, no data read), so that
         a site failing before it ever replied is still named in `missing-sites`. A site
         that does not answer stays known by its node id."""
-        messages = [Message(content=RecordDict(), message_type="query.site", dst_node_id=n) for n in nodes]
+        messages = [Message(content=DescribeRequest().to_record(), message_type=DescribeRequest.message_type,
+                            dst_node_id=n) for n in nodes]
         ok, _ = sort_replies(messages, grid.send_and_receive(messages, timeout=self.cfg["fed.timeout"]))
         for node, reply in ok.items():
-            site = reply.content["site"]
-            pid = int(reply.content["metrics"]["partition-id"])
-            info = {"site": str(site["name"]) if pid >= 0 else f"node-{node}", "partition-id": pid}
-            if "data-file" in site:
-                info["data-file"] = str(site["data-file"])
+            site = SiteDescription.from_record(reply.content)
+            pid = site.partition_id
+            info = {"site": site.name if pid >= 0 else f"node-{node}", "partition-id": pid}
+            if site.data_file is not None:
+                info["data-file"] = site.data_file
             self.site_info[node] = info
 
     def record_time(self, name: str, start: float) -> None:
@@ -275,18 +287,17 @@ class Clues:
             raise RuntimeError("tracing produced no checkpoint: no site finished a round")
 
     def trace_local(self, grid: Grid, nodes: list[int]) -> None:
-        contents = {n: RecordDict({"config": ConfigRecord({"phase": "trace"})}) for n in nodes}
-        replies = self._exchange(grid, "trace", contents, "train.local")
+        request = LocalTrainRequest("trace")
+        contents = {n: request.to_record() for n in nodes}
+        replies = self._exchange(grid, "trace", contents, request.message_type)
         lr = self.cfg["train.lr"]
         for node, reply in replies.items():
             site = self.sites.setdefault(node, SiteReport(node, self.describe_site(node)["site"]))
-            k = 0
-            while f"ckpt-{k}" in reply.content:
-                site.checkpoints.append(record_checkpoint(reply.content[f"ckpt-{k}"], lr))
-                k += 1
-            site.trace_state, _ = split_record(reply.content["arrays"])
-            if "site" in reply.content:
-                site.digest = str(reply.content["site"]["ids-digest"])
+            local = LocalTrainReply.from_record(reply.content, lr)
+            site.checkpoints.extend(local.checkpoints)
+            site.trace_state = local.state
+            if local.ids_digest:
+                site.digest = local.ids_digest
 
     # -- phase 2: score ---------------------------------------------------------
     def _anchor_side(self, checkpoints: list[Checkpoint]):
@@ -294,11 +305,12 @@ class Clues:
 
     def score(self, grid: Grid, nodes: list[int], federated: bool) -> None:
         contents: dict[int, RecordDict] = {}
-        shared = None
+        shared, reporting = None, None
         if federated and self.scorer.needs_anchor_gradients:
             shared = self._anchor_side(self.checkpoints)
-            shared.config.update(self._privacy_config(shared.scores))
-            self.anchor = {"scores": shared.scores.tolist(), **shared.config}
+            private = self._privacy_config(shared.scores)
+            reporting = PrivacySettings.from_config(private) if private else None
+            self.anchor = {"scores": shared.scores.tolist(), **shared.config, **private}
         for node in nodes:
             ckpts, grads, side = [], [], shared
             if self.scorer.needs_trace:
@@ -314,32 +326,25 @@ class Clues:
                         side = self._anchor_side(site.checkpoints)
                         site.anchor_scores, site.anchor_grads = side.scores, side.gradients
                         grads = side.gradients
-            record = RecordDict({"config": ConfigRecord({
-                "method": self.cfg["selection.method"], "lrs": [c.lr for c in ckpts],
-                **(side.config if side is not None else {}),
-            })})
-            for k, ckpt in enumerate(ckpts):
-                record[f"ckpt-{k}"] = checkpoint_record(ckpt)
-            for k, grad in enumerate(grads):
-                record[f"grad-{k}"] = gradient_record(grad)
-            contents[node] = record
-        replies = self._exchange(grid, "score", contents, "query.score")
+            contents[node] = ScoreRequest(
+                self.cfg["selection.method"], list(ckpts), list(grads),
+                scorer=dict(side.config) if side is not None else {}, privacy=reporting,
+            ).to_record()
+        replies = self._exchange(grid, "score", contents, ScoreRequest.message_type)
         for node, reply in replies.items():
             site = self.sites.setdefault(node, SiteReport(node, f"node-{node}"))
-            if "histogram" in reply.content:
-                site.histogram = np.asarray(reply.content["histogram"]["counts"], dtype=np.int64)
+            answer = ScoreReply.from_record(reply.content)
+            if answer.histogram is not None:
+                site.histogram = np.asarray(answer.histogram, dtype=np.int64)
             else:
-                scores = reply.content["scores"]
-                site.ids = [str(i) for i in scores["ids"]]
-                site.scores = np.asarray(scores["scores"], dtype=float)
-            metrics = reply.content["metrics"]
-            site.num_examples = int(metrics["num-examples"])
-            site.skipped_rows = int(metrics.get("skipped-rows", 0))
-            site.truncated = int(metrics.get("truncated", 0))
-            site.scored = int(metrics.get("scored", site.num_examples))
-            site.method_metrics = {k: metrics[k] for k in ("clusters", "selected-clusters", "bandit-iterations")
-                                   if k in metrics}
-            pid = int(metrics.get("partition-id", -1))
+                site.ids = list(answer.ids)
+                site.scores = np.asarray(answer.scores, dtype=float)
+            site.num_examples = answer.num_examples
+            site.skipped_rows = answer.skipped_rows
+            site.truncated = answer.truncated
+            site.scored = answer.scored
+            site.method_metrics = dict(answer.extras)  # the scorer's extras (e.g. Quad's clusters)
+            pid = answer.partition_id
             site.name = f"client-{pid}" if pid >= 0 else f"node-{node}"
 
     # -- phase 3: threshold -------------------------------------------------------
@@ -353,15 +358,15 @@ class Clues:
         if self.scorer.selection != "anchor":
             raise ValueError(f"privacy.report='histogram' and privacy.epsilon > 0 need an anchor-threshold "
                              f"method such as 'clues', not '{cfg['selection.method']}'")
-        out: dict = {"privacy-report": cfg["privacy.report"]}
+        settings = PrivacySettings(cfg["privacy.report"])
         if histogram:
             edges = privacy.histogram_edges(anchor_scores, bins=cfg["privacy.bins"])
-            out["edges"] = [float(e) for e in edges[1:-1]]  # the outer edges are -inf, +inf
+            settings.edges = [float(e) for e in edges[1:-1]]  # the outer edges are -inf, +inf
         if dp:
             lo, hi = privacy.clip_range(anchor_scores)
-            out.update({"epsilon": float(cfg["privacy.epsilon"]), "delta": float(cfg["privacy.delta"]),
-                        "clip-lo": float(lo), "clip-hi": float(hi)})
-        return out
+            settings.epsilon, settings.delta = float(cfg["privacy.epsilon"]), float(cfg["privacy.delta"])
+            settings.clip_lo, settings.clip_hi = float(lo), float(hi)
+        return settings.to_config()
 
     def _reported_scores(self, site: SiteReport) -> np.ndarray:
         """A site's scores, or stand-ins reproducing its histogram (privacy.report)."""
@@ -409,29 +414,28 @@ class Clues:
         for node, site in self.sites.items():
             if not site.reported:
                 continue
-            config = ConfigRecord()
+            request = SelectRequest()
             if self.threshold["rule"] == "ratio":
-                config["ratio"] = float(self.threshold["ratio"])
+                request.ratio = float(self.threshold["ratio"])
             else:
-                config["threshold"] = float(self.threshold["threshold"])
+                request.threshold = float(self.threshold["threshold"])
             if self.threshold["standardised"]:
-                config["anchor-mean"] = float(np.mean(site.anchor_scores))
-                config["anchor-std"] = float(max(np.std(site.anchor_scores, ddof=1), 1e-12))
-            contents[node] = RecordDict({"config": config})
+                request.anchor_mean = float(np.mean(site.anchor_scores))
+                request.anchor_std = float(max(np.std(site.anchor_scores, ddof=1), 1e-12))
             if self.holds_exact_scores:  # the site's own scores go back: a resumed run's sites lost theirs
-                own = ConfigRecord({"ids": list(site.ids), "scores": [float(x) for x in site.scores]})
-                contents[node]["scores"] = own
-        replies = self._exchange(grid, "select", contents, "query.select")
+                request.ids, request.scores = list(site.ids), [float(x) for x in site.scores]
+            contents[node] = request.to_record()
+        replies = self._exchange(grid, "select", contents, SelectRequest.message_type)
         for node, reply in replies.items():
-            metrics = reply.content["metrics"]
+            answer = SelectReply.from_record(reply.content)
             site = self.sites[node]
-            site.kept = int(metrics["kept"])
-            site.mean_kept_score = float(metrics["mean-kept-score"])
-            site.labelled = bool(int(metrics.get("labelled", 1)))
-            site.counts = {k: int(metrics[k]) for k in ("tp", "fp", "fn", "tn") if k in metrics}
+            site.kept = answer.kept
+            site.mean_kept_score = answer.mean_kept_score
+            site.labelled = answer.labelled
+            site.counts = dict(answer.counts)
             site.selected = True
-            if "clusters-total" in metrics:
-                site.clusters = (int(metrics["clusters-covered"]), int(metrics["clusters-total"]))
+            if answer.clusters is not None:
+                site.clusters = answer.clusters
 
     # -- phase 5: retrain + aggregate --------------------------------------------------
     def retrain_federated(self, grid: Grid) -> dict:
@@ -455,14 +459,12 @@ class Clues:
         return self.all_data_state
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
-        contents = {
-            n: RecordDict({"config": ConfigRecord({"phase": "retrain"})})
-            for n, s in self.sites.items() if s.kept > 0
-        }
-        replies = self._exchange(grid, "retrain", contents, "train.local")
+        request = LocalTrainRequest("retrain")
+        contents = {n: request.to_record() for n, s in self.sites.items() if s.kept > 0}
+        replies = self._exchange(grid, "retrain", contents, request.message_type)
         states = {}
         for node, reply in replies.items():
-            states[node], _ = split_record(reply.content["arrays"])
+            states[node] = LocalTrainReply.from_record(reply.content).state
             self.sites[node].final_state = states[node]
         return states
 
@@ -487,10 +489,11 @@ class Clues:
         if set(self.sites) <= set(nodes):
             return nodes
         nodes = wait_for_nodes(grid, max(len(nodes), len(self.sites)), self.cfg["fed.wait-for-nodes"])
-        replies = self._exchange(grid, "identify", {n: RecordDict() for n in nodes}, "query.identify")
+        request = IdentifyRequest()
+        replies = self._exchange(grid, "identify", {n: request.to_record() for n in nodes}, request.message_type)
         found: dict[str, list[int]] = {}
         for node, reply in replies.items():
-            found.setdefault(str(reply.content["site"]["ids-digest"]), []).append(node)
+            found.setdefault(IdentifyReply.from_record(reply.content).ids_digest, []).append(node)
         moved: dict[int, SiteReport] = {}
         for old, site in self.sites.items():
             matches = found.get(ids_digest(site.ids) if site.ids else site.digest, [])

@@ -25,8 +25,19 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.dp_fixed_clipping import add_gaussian_noise_inplace, compute_stdv
 
-from ..messages import M_PREFIX, MOMENTS_KEY, V_PREFIX, average_moments, join_records, split_moments
-from ..site_errors import summarise
+from clues_fl.federation.messages import (
+    ARRAYS,
+    GPU_PEAK_KEY,
+    M_PREFIX,
+    METRICS,
+    MOMENTS_KEY,
+    NUM_EXAMPLES,
+    V_PREFIX,
+    average_moments,
+    join_records,
+    split_moments,
+)
+from clues_fl.federation.site_errors import summarise
 
 
 class SitesFailed(RuntimeError):
@@ -52,13 +63,10 @@ def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list
     return ok, failed
 
 
-GPU_PEAK_KEY = "gpu-peak-mib"  # a site's peak GPU memory in the phase it answers (CUDA only)
-
-
 def site_gpu_peak(replies, current: float | None = None) -> float | None:
     """The largest GPU peak the replies report (sites on the CPU report none)."""
     for reply in replies:
-        metrics = reply.content.get("metrics") if not reply.has_error() else None
+        metrics = reply.content.get(METRICS) if not reply.has_error() else None
         if metrics is not None and GPU_PEAK_KEY in metrics:
             current = max(current or 0.0, float(metrics[GPU_PEAK_KEY]))
     return current
@@ -87,7 +95,7 @@ class SiteRounds:
         self.offset = offset
         self.phase = phase
         self.min_nodes = int(getattr(self, "min_train_nodes", min_nodes) or min_nodes)
-        self.weight_key = getattr(self, "weighted_by_key", "num-examples")
+        self.weight_key = getattr(self, "weighted_by_key", NUM_EXAMPLES)
         self.losses: dict[int, float] = {}  # true round -> mean client training loss
         self.aggregated: set[int] = set()  # true rounds that produced global arrays
         self.moments = moments  # the current global Adam moments (None: none travel)
@@ -204,8 +212,8 @@ class SiteDP(DifferentialPrivacyServerSideFixedClipping):
             if MOMENTS_KEY in reply.content:
                 content = reply.content
                 reply = copy.copy(reply)
-                reply.content = RecordDict({k: v for k, v in content.items() if k not in ("arrays", MOMENTS_KEY)})
-                reply.content["arrays"] = join_records(content["arrays"], content[MOMENTS_KEY])
+                reply.content = RecordDict({k: v for k, v in content.items() if k not in (ARRAYS, MOMENTS_KEY)})
+                reply.content[ARRAYS] = join_records(content[ARRAYS], content[MOMENTS_KEY])
             joined.append(reply)
         replies = joined
         arrays, metrics = super().aggregate_train(server_round, replies)

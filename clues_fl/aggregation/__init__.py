@@ -1,0 +1,1 @@
+"""Aggregation: the Flower strategy for rounds (fed.strategy) and the one-shot merge rules."""

@@ -1,0 +1,170 @@
+"""Turn a run-config into data: anchor, validation and test sets and client pools.
+
+Every party derives its part from the same config and seed, so in simulation a
+client only materialises its own partition, the server only the anchor and the
+clean evaluation sets. In a deployment a site names its own file in its node
+config (`data-file`) and nothing is partitioned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clues_fl.config import ConfigError, DataSection, RunConfig
+from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples
+from clues_fl.data.pollution import parse_ratios, pollute
+from clues_fl.data.splits import parse_sizes, partition, split_pool
+
+_FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
+
+
+@dataclass
+class ScenarioData:
+    anchor: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    clients: list[list[Sample]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _load(data: DataSection, source: str, domain: str = "", split: str = "train") -> LoadResult:
+    """`source` read as the `data` section says (field names, what to do with bad rows)."""
+    return load_samples(
+        source,
+        question_field=data.question_field or None,
+        answer_field=data.answer_field or None,
+        on_error=data.on_error,
+        domain=domain,
+        split=split,
+    )
+
+
+def _domain_of(source: str) -> str:
+    name = source.split(":", 1)[-1]
+    if disk_dataset_kind(Path(name).expanduser()):  # a save_to_disk folder: its own name
+        return Path(name).name
+    return Path(name).parent.name or Path(name).stem
+
+
+def _client_files(folder: Path) -> list[Path]:
+    """One data file, or one save_to_disk folder, per site, sorted by name."""
+    files = sorted(p for p in folder.iterdir()
+                   if (p.suffix in _FILE_SUFFIXES and not p.is_dir()) or disk_dataset_kind(p))
+    if not files:
+        raise ConfigError(f"data.pool: folder '{folder}' holds no .json/.jsonl/.csv/.parquet files "
+                          "(or `datasets` save_to_disk folders)")
+    return files
+
+
+def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[list, list, list, list]:
+    """Anchor, validation, test sets (from their files or split off the pool) and the rest."""
+    seed = cfg["seed"]
+
+    def from_file(key: str) -> list[Sample] | None:
+        if not cfg[key]:
+            return None
+        res = _load(cfg.data, cfg[key], domain=_domain_of(cfg[key]))
+        skipped.extend(res.skipped)
+        return res.samples
+
+    anchor, evaluation = from_file("data.anchor-file"), from_file("data.eval-file")
+    need_anchor = 0 if anchor is not None else cfg["data.anchor-size"]
+    need_val = 0 if evaluation is not None else cfg["data.val-size"]
+    need_test = 0 if evaluation is not None else cfg["data.test-size"]
+    if need_anchor or need_val or need_test:
+        if not pool:
+            raise ConfigError(
+                "data.pool is a folder of client files: give data.anchor-file and data.eval-file too"
+            )
+        splits = split_pool(pool, anchor_size=need_anchor, val_size=need_val, test_size=need_test, seed=seed)
+        anchor = anchor if anchor is not None else splits.anchor
+        val, test = (evaluation, evaluation) if evaluation is not None else (splits.val, splits.test)
+        rest = splits.pool
+    else:
+        val = test = evaluation or []
+        rest = pool
+    if len(anchor) < 2:
+        raise ConfigError(f"the anchor set needs at least 2 samples, got {len(anchor)}")
+    return anchor, val, test, rest
+
+
+def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample]] | None]:
+    """(shared pool, None), or ([], per-client pools) when data.pool is a folder."""
+    pool_source = cfg["data.pool"] or cfg["data.source"]
+    pool_path = Path(pool_source).expanduser()
+    kind = disk_dataset_kind(pool_path)
+    if kind == "dict":  # a saved DatasetDict: one split per site, sorted by name
+        loaded = [_load(cfg.data, str(pool_path), domain=split, split=split) for split in sorted(disk_splits(pool_path))]
+        for res in loaded:
+            skipped += res.skipped
+        return [], [res.samples for res in loaded]
+    if pool_path.is_dir() and kind is None:
+        loaded = [_load(cfg.data, str(f), domain=f.stem) for f in _client_files(pool_path)]
+        for res in loaded:
+            skipped += res.skipped
+        return [], [res.samples for res in loaded]
+    samples: list[Sample] = []
+    # data.source may list several sources (comma-separated): one domain each.
+    for source in [pool_source] if cfg["data.pool"] else cfg.list("data.source"):
+        res = _load(cfg.data, source, domain=_domain_of(source))
+        skipped += res.skipped
+        samples += res.samples
+    return samples, None
+
+
+def server_sets(cfg: RunConfig) -> tuple[list[Sample], list[Sample], list[Sample], list[tuple[str, str]]]:
+    """Anchor, validation and test sets: what the server holds."""
+    skipped: list[tuple[str, str]] = []
+    pool, _ = _pool(cfg, skipped) if not (cfg["data.anchor-file"] and cfg["data.eval-file"]) else ([], None)
+    anchor, val, test, _ = _anchor_eval(cfg, pool, skipped)
+    return anchor, val, test, skipped
+
+
+def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
+    """Deterministic split of the configured data into anchor/val/test/clients."""
+    seed = cfg["seed"]
+    skipped: list[tuple[str, str]] = []
+    pool, client_files = _pool(cfg, skipped)
+    if client_files is not None and len(client_files) != num_clients:
+        raise ConfigError(
+            f"data.pool: '{cfg['data.pool']}' has {len(client_files)} client files (or splits) but the "
+            f"federation has {num_clients} clients"
+        )
+    anchor, val, test, rest = _anchor_eval(cfg, pool, skipped)
+    if client_files is not None:
+        clients = client_files
+    else:
+        method = cfg["partition.method"]
+        sizes = parse_sizes(cfg["partition.sizes"]) if method == "sizes" else None
+        per_client = cfg["data.samples-per-client"]
+        if per_client and method in ("iid", "domain"):
+            sizes = [per_client] * num_clients
+            method = "sizes" if method == "iid" else method
+        clients = partition(rest, num_clients, sizes=sizes, seed=seed, method=method)
+
+    ratios = parse_ratios(cfg["pollution.ratios"]) if cfg["pollution.ratios"] else []
+    if ratios:
+        if len(ratios) != num_clients:
+            raise ConfigError(f"pollution.ratios: {len(ratios)} values for {num_clients} clients")
+        kinds = cfg.list("pollution.types")
+        donors: list[Sample] = []
+        if "cross-domain" in kinds:
+            for source in cfg.list("pollution.donors"):
+                donors += _load(cfg.data, source, domain=_domain_of(source)).samples
+        clients = [
+            pollute(samples, ratio, kinds, donors=donors, seed=seed + 1000 * (i + 1))
+            for i, (samples, ratio) in enumerate(zip(clients, ratios))
+        ]
+    return ScenarioData(anchor, val, test, clients, skipped)
+
+
+def site_samples(cfg: RunConfig, node_config: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """This site's training pool: its own file in a deployment, else its partition."""
+    if node_config.get("data-file"):
+        res = _load(cfg.data, str(node_config["data-file"]), domain=str(node_config.get("domain", "")))
+        return res.samples, res.skipped
+    pid = int(node_config.get("partition-id", 0))
+    count = int(node_config.get("num-partitions", 1))
+    data = build_scenario(cfg, count)
+    return data.clients[pid], data.skipped

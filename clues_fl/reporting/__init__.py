@@ -1,0 +1,1 @@
+"""Reporting: model quality, the run's metrics, manifests and report."""

@@ -1,0 +1,258 @@
+"""Final evaluation on the server's clean validation set and the run's output folder.
+
+outputs/<run-name>/
+  metrics.json      selection P/R/F1/accuracy (overall and per client), thresholds,
+                    validation losses (base, all raw data, selection), timings
+  thresholds.json   the rule, the threshold and the anchor scores it came from
+  manifest/<client>.csv   id-hash, score, kept (the keyed hashes the sites sent, site_ids.py;
+                    each site keeps the map back to its ids in its own ids.csv)
+  report.md         the run in words and plots (run_report.py)
+  adapter/          the final adapter (peft save_pretrained; base model = model.name as given)
+  state/            the server's state after each step and round, for resuming (resume.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clues_fl.federation import console
+from clues_fl.config import RunConfig, parse_config
+from clues_fl.reporting.evaluation import generation_quality
+from clues_fl.aggregation.merging import merge_adapters, merge_weights
+from clues_fl.model.loading import load_lora_state
+from clues_fl.data.scenario import build_scenario
+from clues_fl.selection.rules import keep, standardise
+from clues_fl.model.training import mean_loss
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    """outputs/<run-name>; a relative output-dir is taken from CLUES_FL_OUTPUT_ROOT when
+    set (the launcher sets it to the repo: Flower runs the app from its own folder)."""
+    base = Path(cfg["output-dir"]).expanduser()
+    if not base.is_absolute() and os.environ.get("CLUES_FL_OUTPUT_ROOT"):
+        base = Path(os.environ["CLUES_FL_OUTPUT_ROOT"]) / base
+    path = base / cfg["run-name"]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def adapter_active(bench, clues, *, state=None, merge: tuple | None = None):
+    """The workbench model with a FedAvg state loaded, or with a one-shot merge of
+    site adapters (states, weights, method) as its active adapter, removed after."""
+    if merge is None:
+        load_lora_state(bench.model, state if state is not None else bench.initial_state)
+        yield bench.model
+        return
+    states, weights, method = merge
+    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
+    try:
+        yield model
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("merged")
+
+
+def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
+    """Clean validation loss, answer quality on the test set (greedy generation,
+    ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
+    out: dict = {}
+    if cfg.eval.validation and clues.val:
+        out["validation-loss"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
+    out.update(generation_quality(model, bench.tokenizer, clues.test, cfg.eval,
+                                  system_prompt=cfg.data.system_prompt or None))
+    return out
+
+
+def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started: float) -> dict:
+    bench = clues.bench
+    out = output_dir(cfg)
+    t = time.time()
+    console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
+                   len(clues.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(clues.test)),
+                   cfg.eval.mc_items)
+    losses: dict[str, float] = {}
+    if cfg.eval.validation and clues.val:
+        losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
+        if getattr(clues, "all_data_state", None) is not None:  # retrained on all data at the selection's budget
+            losses["all-data"] = bench.loss(clues.val, clues.all_data_state, cache=clues.val_cache)
+            if clues.checkpoints:
+                losses["last-trace-checkpoint"] = bench.loss(clues.val, clues.checkpoints[-1].state,
+                                                             cache=clues.val_cache)
+        elif clues.checkpoints:  # federated trace: the last global adapter saw all raw data
+            losses["all-data"] = bench.loss(clues.val, clues.checkpoints[-1].state, cache=clues.val_cache)
+        else:
+            traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
+            if traced:
+                with adapter_active(bench, clues, merge=(traced, [1 / len(traced)] * len(traced), "linear")) as model:
+                    losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
+                                                   cache=clues.val_cache)
+    adapter_dir = out / "adapter"
+    if "state" in final:
+        context = adapter_active(bench, clues, state=final["state"])
+    else:
+        # By site name, not node id: node ids are drawn anew when a run restarts, and the
+        # merge order must not change with them.
+        nodes = sorted(final["site-states"], key=lambda n: (clues.sites[n].name, n))
+        sites = [clues.sites[n] for n in nodes]
+        weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
+        clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
+        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg["aggregation"]))
+    with context as model:
+        quality = model_quality(cfg, bench, model, clues)
+        model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
+    if "validation-loss" in quality:
+        losses["selected"] = quality.pop("validation-loss")
+    clues.record_time("evaluate", t)
+    console.status("evaluate: done in %s (%s)", console.seconds(time.time() - t),
+                   ", ".join(f"validation loss {k} {v:.4f}" for k, v in losses.items()) or "no validation set")
+
+    manifest_dir = out / "manifest"
+    manifest_dir.mkdir(exist_ok=True)
+    for site in clues.sites.values():
+        if not site.scores.size:
+            continue
+        scores = site.scores
+        if clues.threshold.get("standardised"):
+            scores = standardise(scores, site.anchor_scores)
+        kept = keep(scores, clues.threshold)
+        readable = anchor_units(clues, site)
+        with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id-hash", "score", "kept", *(["score-z"] if readable is not None else [])])
+            for row, (i, s, k) in enumerate(zip(site.ids, site.scores, kept)):
+                writer.writerow([i, f"{s:.8g}", int(k), *([f"{readable[row]:.3f}"] if readable is not None else [])])
+
+    selection = clues.selection_summary()
+    metrics = {
+        "run-name": cfg["run-name"],
+        "mode": cfg["mode"],
+        "aggregation": cfg["aggregation"],
+        "selection": selection,
+        "threshold": {k: v for k, v in clues.threshold.items() if k != "anchor-scores"},
+        "validation-loss": losses,
+        "model-quality": quality,
+        "round-losses": clues.round_losses,
+        "missing-sites": clues.missing,
+        "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
+        "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
+        "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
+        **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
+        "config": cfg.values,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    (out / "thresholds.json").write_text(json.dumps(clues.threshold, indent=2, default=float))
+    from clues_fl.reporting.run_report import describe_adapter, write_run_report
+
+    describe_adapter(adapter_dir, cfg, metrics)
+    try:
+        write_run_report(out, metrics, clues)
+    except Exception as err:  # the run's results are written: a plot must not fail it
+        log.warning("report.md could not be written: %s: %s", type(err).__name__, err)
+    print(summary_text(metrics, out))
+    return metrics
+
+
+def summary_text(metrics: dict, out: Path) -> str:
+    sel = metrics["selection"]
+    lines = [
+        "",
+        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, {metrics['aggregation']} aggregation)",
+        f"  threshold: {metrics['threshold'].get('rule')} = "
+        f"{metrics['threshold'].get('threshold', metrics['threshold'].get('ratio'))}",
+    ]
+    if sel and sel.get("labelled") is False:
+        lines += unlabelled_lines(sel)
+    elif sel:
+        lines.append(
+            f"  selection: precision {sel.get('precision', float('nan')):.3f}  recall {sel.get('recall', float('nan')):.3f}  "
+            f"F1 {sel.get('f1', float('nan')):.3f}  accuracy {sel.get('accuracy', float('nan')):.3f}"
+        )
+        for name, m in sorted(sel.get("per-client", {}).items()):
+            lines.append(f"    {name}: kept {m['kept']}/{m['tp'] + m['fp'] + m['fn'] + m['tn']}  F1 {m['f1']:.3f}")
+    for key, value in metrics["validation-loss"].items():
+        lines.append(f"  validation loss ({key}): {value:.4f}")
+    for key, value in metrics.get("model-quality", {}).items():
+        lines.append(f"  final model {key}: {value:.4f}" if isinstance(value, float) else f"  final model {key}: {value}")
+    for m in metrics["missing-sites"]:
+        where = m["phase"] if m.get("round") is None or "round" in str(m["phase"]) else f"{m['phase']} round {m['round']}"
+        lines.append(f"  missing: {m.get('site', 'node-' + str(m['node']))} in {where}: {m['reason'][:200]}")
+    lines.append(f"  time: {metrics['timings-seconds']}")
+    lines.append(f"  outputs: {out} (report: {out / 'report.md'})")
+    return "\n".join(lines)
+
+
+def anchor_units(clues, site):
+    """A site's scores in anchor units, (s - mean) / sd of the anchors' leave-one-out
+    scores (0 = a typical anchor, -3 = far below), or None for methods without anchors."""
+    anchors = site.anchor_scores if site.anchor_scores is not None else clues.anchor.get("scores")
+    if anchors is None or len(anchors) < 2 or clues.scorer.selection != "anchor":
+        return None
+    return standardise(site.scores, np.asarray(anchors, dtype=float))
+
+
+def unlabelled_lines(sel: dict) -> list[str]:
+    """The summary of a selection on data without quality labels: no P/R/F1."""
+    lines = [f"  selection (no quality labels, so no precision or recall): kept {sel['kept']}/{sel['n']} "
+             f"({sel['kept-share']:.0%})"]
+    share = sel.get("estimated-clean-share")
+    if share:
+        lines.append(f"  estimated clean share {share['estimate']:.2f} "
+                     f"({share['level']:.0%} interval {share['low']:.2f}-{share['high']:.2f})")
+    dist = sel.get("score-distribution", {})
+    for who in ("sites", "anchors"):
+        if dist.get(who):
+            q = dist[who]
+            lines.append(f"  scores ({who}): min {q['q00']:.4g}  q10 {q['q10']:.4g}  median {q['q50']:.4g}  "
+                         f"q90 {q['q90']:.4g}  max {q['q100']:.4g}")
+    for name, m in sorted(sel.get("per-client", {}).items()):
+        lines.append(f"    {name}: kept {m['kept']}/{m['n']}")
+    return lines
+
+
+def read_manifests(out: Path, cfg: RunConfig) -> list[tuple[list, np.ndarray, np.ndarray]]:
+    """Per site, (its samples, their scores, their kept flags) from a finished run's
+    manifests, in the scenario's sample order; the samples, with their pollution
+    flags, are rebuilt from the run-config and seed. The manifests hold the hashed ids
+    the sites sent: each is joined to its sample through the site's own id map
+    (outputs/<run>/sites/client-<i>/ids.csv, where a simulated site keeps it).
+    OSError if a manifest or a site's id map is missing."""
+    from clues_fl.federation.site_ids import read_id_map
+
+    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    sites = []
+    for i, samples in enumerate(data.clients):
+        with open(out / "manifest" / f"client-{i}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if rows and "id-hash" in rows[0]:
+            ids = read_id_map(out / "sites" / f"client-{i}")
+            rows = {ids.get(row["id-hash"], row["id-hash"]): row for row in rows}
+        else:  # written before ids were hashed
+            rows = {row["id"]: row for row in rows}
+        sites.append((samples, np.array([float(rows[s.id]["score"]) for s in samples]),
+                      np.array([rows[s.id]["kept"] == "1" for s in samples], dtype=bool)))
+    return sites
+
+
+def read_run(out: Path):
+    """(metrics, anchor scores, scores, polluted flags, kinds, site index) of a finished
+    experiment run (federated, scores reported), pooled over sites in site order; the
+    flags are rebuilt from its run-config and seed."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    anchors = np.asarray(json.loads((out / "thresholds.json").read_text()).get("anchor-scores", []))
+    sites = read_manifests(out, parse_config(metrics["config"]))
+    samples = [s for site, _, _ in sites for s in site]
+    return (metrics, anchors, np.concatenate([scores for _, scores, _ in sites]),
+            np.array([s.polluted for s in samples]), [f"{s.pollution}:{s.domain}" if s.polluted else "" for s in samples],
+            np.concatenate([np.full(len(site), i) for i, (site, _, _) in enumerate(sites)]))

@@ -1,0 +1,340 @@
+"""Selection methods as pluggable scorers, chosen by `selection.method`.
+
+A scorer runs on a site and turns that site's encoded samples into one score per
+sample (higher = keep). The server learns from the class what to send it (trace
+checkpoints and anchor gradients or nothing) and how to turn scores into a
+selection (CLUES's anchor-based global threshold, or one global threshold that keeps
+the top `selection.ratio` of all pooled scores).
+
+A new method is one class:
+
+    class LengthScorer(Scorer):          # in mypkg/scorers.py
+        def score(self, site, payload):
+            return np.array([len(e.input_ids) for e in site.encoded], dtype=float)
+
+    --run-config "selection.method='mypkg.scorers:LengthScorer'"
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clues_fl.scoring import quad
+from clues_fl.scoring import signals
+from clues_fl.scoring.baselines import (
+    datainf_scores,
+    encode_answer_only,
+    ifd_scores,
+    ppl_scores,
+    random_scores,
+)
+from clues_fl.data.sources import Encoded, Sample, encode_sample
+from clues_fl.scoring.alignment import Checkpoint, ScoreSettings
+from clues_fl.model.loading import load_lora_state
+from clues_fl.selection.rules import global_threshold
+
+
+@dataclass
+class SiteData:
+    """What a site holds: its config, model workbench, samples and their encoding."""
+
+    cfg: object
+    bench: object
+    samples: list
+    encoded: list
+    cache: object = None
+    partition_id: int = 0
+
+
+@dataclass
+class ScorePayload:
+    """What the server sent: trace checkpoints, the anchor gradient (reference) at
+    each, and the method's scalar settings (e.g. Quad's tau and budget)."""
+
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    anchor_gradients: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class AnchorSide:
+    """What the server derives from the public anchor set at the trace checkpoints."""
+
+    scores: np.ndarray  # leave-one-out scores of the anchors: threshold material
+    gradients: list[dict]  # the reference sent to the sites, one per checkpoint
+    config: dict = field(default_factory=dict)  # scalars for the sites
+
+
+class Scorer:
+    name = "custom"
+    needs_trace = False  # the server traces first and sends checkpoints
+    needs_anchor_gradients = False  # ... and the anchor gradient at each checkpoint
+    # How scores become a selection: "anchor" = selection.threshold rules on the
+    # leave-one-out anchor scores (CLUES); "ratio" = one global threshold keeping the
+    # top selection.ratio of all pooled scores; "fixed" = keep score >= 0.5.
+    selection = "ratio"
+    settings: ScoreSettings | None = None  # gradient scorers: how the engine scores
+
+    def score(self, site: SiteData, payload: ScorePayload) -> np.ndarray:
+        raise NotImplementedError
+
+    def anchor_side(self, bench, anchors, checkpoints: list[Checkpoint], cfg, cache=None) -> AnchorSide:
+        """Server side (needs_anchor_gradients): mean anchor gradient per checkpoint and
+        each anchor's leave-one-out score."""
+        side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
+        return AnchorSide(side.scores, side.gradients)
+
+    def extras(self) -> dict:
+        """Scalar metrics of the last score() call for the site's reply (e.g. how many
+        samples were scored); never per-sample data."""
+        return {}
+
+
+class CluesScorer(Scorer):
+    name = "clues"
+    needs_trace = needs_anchor_gradients = True
+    selection = "anchor"
+
+    def __init__(self, settings: ScoreSettings):
+        self.settings = settings
+
+    def score(self, site, payload):
+        return site.bench.score(
+            site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
+            cache=site.cache, settings=self.settings,
+        ).scores
+
+
+class CluesPlusScorer(CluesScorer):
+    """CLUES+ : CLUES alignment plus loss, question-information, end-of-answer and
+    near-duplicate signals (clues_fl/scoring/signals.py), each in units of the anchors' robust
+    spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere worse
+    than a typical anchor, -3 = three spreads on the bad side in all). The server calibrates on the anchors
+    (leave-one-out) and the sites report only that one number per sample."""
+
+    name = "clues+"
+    signal_names = signals.DEFAULT_SIGNALS
+
+    def __init__(self, settings: ScoreSettings):
+        super().__init__(settings)
+        self.details: dict = {}  # the last score() call's per-signal values: stay on the site
+
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+        side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
+        values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, cache)
+        cal = signals.calibrate(values)
+        return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())
+
+    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, cache=None) -> dict:
+        """Every signal of the public anchors (the server holds their text)."""
+        texts = [_answer_text(bench.tokenizer, e) for e in anchors]
+        samples = [Sample(e.id, "", t) for e, t in zip(anchors, texts)]
+        losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
+                                           cache=cache)
+        return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
+                                       cache=cache, names=self.signal_names,
+                                       answers_only=_answer_only_encoding(bench.tokenizer, anchors, cfg))
+
+    def score(self, site, payload):
+        result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
+                                  cache=site.cache, settings=self.settings)
+        cal = signals.Calibration.from_config(payload.config)
+        raw = signals.compute_signals(site.bench, site.samples, site.encoded, site.cfg, clues_scores=result.scores,
+                                      losses=result.losses, cache=site.cache, names=cal.names)
+        combined, z = signals.calibrated_scores(raw, cal)
+        self.details = {"names": list(cal.names), "z": z, "raw": raw}
+        return combined
+
+
+def _answer_text(tokenizer, encoded) -> str:
+    return tokenizer.decode(encoded.input_ids[encoded.prompt_len:], skip_special_tokens=True)
+
+
+def _answer_only_encoding(tokenizer, encoded: list, cfg) -> list:
+    """The answers alone (after an empty user turn), from their full encodings."""
+    probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, cfg["data.system-prompt"] or None)
+    header = list(probe.input_ids[: probe.prompt_len])
+    return [Encoded(e.id, header + list(e.input_ids[e.prompt_len:]), len(header), e.truncated) for e in encoded]
+
+
+class LessScorer(CluesScorer):
+    """LESS: cosine of Adam-preconditioned gradients, lr-weighted over checkpoints;
+    selects a top fraction (it has no threshold of its own)."""
+
+    name = "less"
+    selection = "ratio"
+
+    def __init__(self, settings: ScoreSettings):
+        super().__init__(ScoreSettings("cosine", "adam", settings.batch_size))
+
+
+class DataInfScorer(Scorer):
+    """DataInf at the last trace checkpoint."""
+
+    name = "datainf"
+    needs_trace = needs_anchor_gradients = True
+
+    def score(self, site, payload):
+        bench = site.bench
+        load_lora_state(bench.model, payload.checkpoints[-1].state)
+        return datainf_scores(
+            bench.model, site.encoded, payload.anchor_gradients[-1], bench.first_layer,
+            pad_id=bench.pad_id, batch_size=site.cfg["scoring.batch-size"], cache=site.cache,
+        )
+
+
+class PplScorer(Scorer):
+    """Perplexity of the answer under the base model (low perplexity kept)."""
+
+    name = "ppl"
+
+    def score(self, site, payload):
+        bench = site.bench
+        load_lora_state(bench.model, bench.initial_state)
+        return ppl_scores(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
+                          batch_size=site.cfg["scoring.batch-size"], cache=site.cache)
+
+
+class IfdScorer(Scorer):
+    """Instruction-following difficulty under the base model."""
+
+    name = "ifd"
+
+    def score(self, site, payload):
+        bench, cfg = site.bench, site.cfg
+        load_lora_state(bench.model, bench.initial_state)
+        answer_only = encode_answer_only(
+            bench.tokenizer, site.samples, cfg["data.max-length"], cfg["data.system-prompt"] or None
+        )
+        return ifd_scores(bench.model, site.encoded, answer_only, bench.first_layer, pad_id=bench.pad_id,
+                          batch_size=cfg["scoring.batch-size"], cache=site.cache)
+
+
+class QuadScorer(Scorer):
+    """Quad: k-means clusters of the site's samples are bandit arms; a few samples of
+    each pulled cluster are scored by K-FAC influence against the anchor gradient,
+    and clusters whose mean influence beats tau join the selection until the budget.
+    Scores are 1 (selected) / 0, so the server's rule is "fixed"."""
+
+    name = "quad"
+    needs_trace = needs_anchor_gradients = True
+    selection = "fixed"
+
+    def __init__(self, settings: ScoreSettings):
+        self.settings = ScoreSettings(settings.similarity, "sgd", settings.batch_size)
+        self._extras: dict = {}
+
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+        side = quad.anchor_influence(bench, anchors, checkpoints, cfg, self.settings, cache=cache)
+        tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["quad.tau-quantile"],
+                               static=cfg["selection.static"])
+        # Influence values are tiny and their scale depends on the model and damping;
+        # rewards in units of the anchors' spread make the UCB bonus (alpha) meaningful.
+        scale = float(np.std(side.scores, ddof=1))  # anchor_influence needs >= 2 anchors
+        return AnchorSide(side.scores, side.references, {
+            "tau": float(tau), "budget": float(cfg["quad.budget"]), "scale": scale if scale > 0 else 1.0})
+
+    def score(self, site, payload):
+        cfg, bench, encoded = site.cfg, site.bench, site.encoded
+        labels = site_clusters(site)
+        budget = float(payload.config.get("budget", cfg["quad.budget"]))
+        count = int(np.ceil(budget * len(encoded) - 1e-9)) if budget <= 1 else int(budget)
+
+        scale = float(payload.config.get("scale", 1.0))
+
+        def influence(rows):  # in units of the anchors' influence spread
+            subset = site.cache.subset(rows) if site.cache is not None else None
+            return bench.score([encoded[r] for r in rows], payload.checkpoints, payload.anchor_gradients, cfg,
+                               cache=subset, settings=self.settings).scores / scale
+
+        result = quad.quad_select(
+            labels, influence, budget=max(1, min(count, len(encoded))),
+            sampling_ratio=cfg["quad.sampling-ratio"], tau=float(payload.config["tau"]) / scale, alpha=cfg["quad.alpha"],
+            max_scored_fraction=cfg["quad.max-scored"], seed=cfg["seed"] * 1000 + site.partition_id,
+        )
+        self._extras = {
+            "scored": int(result.n_scored), "clusters": int(labels.max() + 1),
+            "selected-clusters": len(result.selected_clusters), "bandit-iterations": int(result.iterations),
+        }
+        return result.kept.astype(float)
+
+    def extras(self):
+        return dict(self._extras)
+
+
+_CLUSTERS: dict[tuple, np.ndarray] = {}
+
+
+def site_clusters(site: SiteData) -> np.ndarray:
+    """k-means labels of a site's samples, computed once per process and site (the
+    embeddings come from the base model, which does not change during a run)."""
+    cfg = site.cfg
+    key = (cfg["model.name"], cfg["quad.embedding-model"], cfg["quad.clusters"], cfg["seed"],
+           tuple(e.id for e in site.encoded))
+    if key not in _CLUSTERS:
+        bench = site.bench
+        if cfg["quad.embedding-model"]:
+            emb = quad.embed_with_model(cfg["quad.embedding-model"], site.samples)
+        else:
+            load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
+            emb = quad.embed_samples(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
+                                     batch_size=cfg["scoring.batch-size"], cache=site.cache)
+        if len(_CLUSTERS) >= 8:
+            _CLUSTERS.pop(next(iter(_CLUSTERS)))
+        _CLUSTERS[key] = quad.cluster_samples(emb, cfg["quad.clusters"], seed=cfg["seed"])
+    return _CLUSTERS[key]
+
+
+class RandomScorer(Scorer):
+    name = "random"
+
+    def score(self, site, payload):
+        return random_scores(len(site.encoded), site.cfg["seed"] * 1000 + site.partition_id)
+
+
+class KeepAll(Scorer):
+    """No selection: train on everything (the 'low-quality' baseline)."""
+
+    name = "all"
+    selection = "fixed"
+
+    def score(self, site, payload):
+        return np.ones(len(site.encoded))
+
+
+class Oracle(Scorer):
+    """Keeps exactly the clean samples by the experiment-only pollution flags."""
+
+    name = "oracle"
+    selection = "fixed"
+
+    def score(self, site, payload):
+        return np.array([0.0 if s.polluted else 1.0 for s in site.samples])
+
+
+BUILTIN = {c.name: c for c in (CluesScorer, CluesPlusScorer, QuadScorer, LessScorer, DataInfScorer, PplScorer, IfdScorer, RandomScorer, KeepAll, Oracle)}
+
+
+def make_scorer(method: str, settings: ScoreSettings) -> Scorer:
+    """A built-in name, or 'package.module:ClassName' for a user's scorer."""
+    if method in BUILTIN:
+        cls = BUILTIN[method]
+    elif ":" in method:
+        module, _, attr = method.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"selection.method: cannot import '{method}': {err}") from err
+        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
+            raise ValueError(f"selection.method: '{method}' is not a clues_fl.scoring.scorers.Scorer subclass")
+    else:
+        raise ValueError(
+            f"selection.method: '{method}' is not one of {', '.join(BUILTIN)} or 'module:Class'"
+        )
+    try:
+        return cls(settings)
+    except TypeError:
+        return cls()

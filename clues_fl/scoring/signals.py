@@ -1,0 +1,282 @@
+"""Several per-sample quality signals and one anchor-calibrated score from them.
+
+Gradient alignment (CLUES) catches answers from another domain and little else: an
+exchanged, cut or garbled answer in the right domain aligns with the anchors like a
+clean one. Other signals see those, but each on its own is a poor ranker (fluent bad
+answers exist), so raw values are not summed: each is first put in units of what the clean anchor
+set looks like, and a sample scores its total shortfall below a typical anchor.
+
+Signals (all computed at the site from passes the engine already makes, plus one
+forward pass of the base model over the sample and one over its answer alone):
+
+==============  ==============================================  ========  ==========================
+name            what                                            good is   an outlier below means
+==============  ==============================================  ========  ==========================
+``clues``       CLUES alignment with the anchor gradient         high      off-domain
+``loss``        answer loss at the last trace checkpoint         low       garbled
+``learn``       loss drop first -> last checkpoint (learning)    high      garbled (not in the default:
+                                                                                    bad samples' loss drops MORE)
+``base-loss``   answer loss under the base model                 low       garbled
+``qinfo``       loss(answer alone) - loss(answer | question)     high      answer unrelated to question
+``eos``         loss of the end-of-answer token (base model)     low       truncated
+``dup``         max word-3-gram Jaccard with an earlier sample   low       duplicate
+                of the same site (text only, no model)
+==============  ==============================================  ========  ==========================
+
+The server computes every signal for the anchors (``clues`` leave-one-out as the
+engine does; ``dup`` within the anchor set) and sends per-signal robust location and
+spread (median, 1.4826 MAD). A site turns a sample's signals into one-sided standard
+deviations ``z_j = direction_j (s_j - median_j) / spread_j`` (0 = a typical anchor,
+-3 = three spreads on the bad side) and reports only ``min_j z_j``.
+
+Plain numpy/torch: no Flower imports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from clues_fl.model.forward import sample_losses
+
+# name -> (direction: +1 higher is better / -1 lower is better, reason when it is the worst)
+SIGNALS: dict[str, tuple[int, str]] = {
+    "clues": (+1, "off-domain"),
+    "loss": (-1, "garbled"),
+    "learn": (+1, "garbled"),
+    "base-loss": (-1, "garbled"),
+    "qinfo": (+1, "answer unrelated to question"),
+    "eos": (-1, "truncated"),
+    "dup": (-1, "duplicate"),
+}
+# Chosen on the quick measurement pool (benchmarks/signals.py, README "Selection signals
+# and the calibrated score"): the signals that add.
+DEFAULT_SIGNALS = ("clues", "loss", "base-loss", "qinfo", "eos", "dup")
+MAD_SCALE = 1.4826  # MAD -> sd for a normal distribution
+# Smallest spread per signal, in the signal's own units: anchors are (nearly) never
+# near-duplicates of each other, so their dup spread is ~0 and any shared phrase would
+# look like a many-sigma outlier; a 0.3 Jaccard spread puts a near-copy (Jaccard ~0.9)
+# at about -3 and a shared phrase (0.1) at about -0.3 (0.1 and 0.2 cost cross-domain AUC
+# on the quick pool: benchmarks/signals.py).
+MIN_SPREAD = {"dup": 0.3}
+Z_FLOOR = -50.0  # a signal cannot push a score below this (keeps histograms and plots readable)
+
+
+def parse_signals(spec) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip())
+    unknown = [n for n in names if n not in SIGNALS]
+    if unknown or not names:
+        raise ValueError(f"signals: unknown or empty {unknown or spec!r}; known: {', '.join(SIGNALS)}")
+    return names
+
+
+# --------------------------------------------------------------------------- model passes
+
+
+@torch.no_grad()
+def token_loss_stats(model, encoded: Sequence, first_layer: int, *, pad_id: int, batch_size: int = 8,
+                     cache=None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean answer-token loss, loss of the LAST answer token) of every sample.
+
+    ``data.encode_sample`` appends the end-of-turn token to every answer, so the last
+    answer token is the end of the answer, except for a sample cut at
+    ``data.max-length`` (``Encoded.truncated``), whose last-token loss is NaN here.
+    Both go through ``forward.sample_losses`` (whatever forward the model family uses);
+    the second with a target mask holding only the last answer position.
+    """
+    from clues_fl.scoring.alignment import iterate_batches
+
+    mean = np.zeros(len(encoded))
+    last = np.full(len(encoded), np.nan)
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+        mean[batch.rows] = sample_losses(model, batch, first_layer).double().cpu().numpy()
+        ends = batch.attention_mask.sum(1) - 2  # the position predicting the last real token
+        only_last = torch.zeros_like(batch.target_mask)
+        only_last[torch.arange(batch.size), ends.clamp(min=0)] = True
+        only_last &= batch.target_mask
+        end_loss = sample_losses(model, replace(batch, target_mask=only_last), first_layer).double().cpu().numpy()
+        for b, row in enumerate(batch.rows):
+            if only_last[b].any() and not encoded[row].truncated:
+                last[row] = end_loss[b]
+    return mean, last
+
+
+# --------------------------------------------------------------------------- text signal
+
+_TOKEN = re.compile(r"\w+")
+
+
+def _shingles(text: str, n: int = 3) -> frozenset:
+    words = _TOKEN.findall(text.lower())
+    if len(words) < n:
+        return frozenset([" ".join(words)]) if words else frozenset()
+    return frozenset(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def near_duplicate_scores(texts: Sequence[str]) -> np.ndarray:
+    """For each text, the largest Jaccard similarity of its word 3-grams with an EARLIER
+    text of the same set (0: unique, 1: an exact copy came before). The first of a group
+    of near-copies is not a duplicate, so a group keeps one member."""
+    sets = [_shingles(t) for t in texts]
+    out = np.zeros(len(sets))
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            a, b = sets[i], sets[j]
+            if not a or not b:
+                continue
+            inter = len(a & b)
+            if inter:
+                sim = inter / len(a | b)
+                out[j] = max(out[j], sim)
+    return out
+
+
+def sample_texts(samples) -> list[str]:
+    """The text the duplicate signal compares: the answer (a near-copy keeps it; the
+    server knows only the anchors' encoded answers)."""
+    return [s.answer for s in samples]
+
+
+# --------------------------------------------------------------------------- all signals
+
+
+def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, losses: np.ndarray,
+                    cache=None, names: Sequence[str] = tuple(SIGNALS), answers_only=None) -> dict[str, np.ndarray]:
+    """Every signal of `names` for these samples (a site's pool, or the anchors on the
+    server). `clues_scores` (N,) and `losses` (K, N) come from the scoring pass (the
+    engine's ScoreResult; for anchors the leave-one-out scores and their per-checkpoint
+    losses). Costs one base-model forward (with the prefix cache) and, for ``qinfo``,
+    one forward over the answers alone."""
+    from clues_fl.scoring.baselines import answer_losses_of, encode_answer_only
+    from clues_fl.model.loading import load_lora_state
+
+    names = tuple(names)
+    out: dict[str, np.ndarray] = {}
+    losses = np.atleast_2d(np.asarray(losses, dtype=float))
+    if "clues" in names:
+        out["clues"] = np.asarray(clues_scores, dtype=float)
+    if "loss" in names:
+        out["loss"] = losses[-1]
+    if "learn" in names:
+        out["learn"] = losses[0] - losses[-1]
+    bs = cfg["scoring.batch-size"]
+    if {"base-loss", "eos", "qinfo"} & set(names):
+        load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
+        base, last = token_loss_stats(bench.model, encoded, bench.first_layer, pad_id=bench.pad_id,
+                                      batch_size=bs, cache=cache)
+        if "base-loss" in names:
+            out["base-loss"] = base
+        if "eos" in names:
+            out["eos"] = last
+        if "qinfo" in names:
+            alone = answers_only or encode_answer_only(bench.tokenizer, samples, cfg["data.max-length"],
+                                                       cfg["data.system-prompt"] or None)
+            out["qinfo"] = answer_losses_of(bench.model, alone, bench.first_layer, pad_id=bench.pad_id,
+                                            batch_size=bs, desc="answer alone") - base
+    if "dup" in names:
+        out["dup"] = near_duplicate_scores(sample_texts(samples))
+    return {n: out[n] for n in names}
+
+
+def checkpoint_losses(bench, encoded, checkpoints, *, batch_size: int = 8, cache=None) -> np.ndarray:
+    """(K, N) answer losses at each checkpoint (the server's pass over the anchors; a
+    site gets them from its scoring pass)."""
+    from clues_fl.scoring.baselines import answer_losses_of
+    from clues_fl.model.loading import load_lora_state
+
+    out = np.zeros((len(checkpoints), len(encoded)))
+    for k, ckpt in enumerate(checkpoints):
+        load_lora_state(bench.model, ckpt.state)
+        out[k] = answer_losses_of(bench.model, encoded, bench.first_layer, pad_id=bench.pad_id,
+                                  batch_size=batch_size, cache=cache)
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    """Per-signal robust location and spread of the anchors' values."""
+
+    names: tuple[str, ...]
+    centre: np.ndarray
+    spread: np.ndarray
+
+    def to_config(self) -> dict:
+        return {"signals": list(self.names), "signal-centre": [float(x) for x in self.centre],
+                "signal-spread": [float(x) for x in self.spread]}
+
+    @classmethod
+    def from_config(cls, config) -> Calibration:
+        return cls(tuple(str(n) for n in config["signals"]),
+                   np.asarray([float(x) for x in config["signal-centre"]]),
+                   np.asarray([float(x) for x in config["signal-spread"]]))
+
+
+def _robust(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return 0.0, 1.0
+    centre = float(np.median(v))
+    spread = MAD_SCALE * float(np.median(np.abs(v - centre)))
+    if not spread > 0:  # ties (e.g. no anchor has a near-duplicate): fall back on the sd, then a floor
+        spread = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+    if not spread > 0:
+        spread = max(abs(centre) * 0.05, 1e-3)
+    return centre, max(spread, floor)
+
+
+def calibrate(anchor_signals: dict[str, np.ndarray]) -> Calibration:
+    names = tuple(anchor_signals)
+    stats = [_robust(np.asarray(anchor_signals[n], dtype=float), MIN_SPREAD.get(n, 0.0)) for n in names]
+    return Calibration(names, np.array([c for c, _ in stats]), np.array([s for _, s in stats]))
+
+
+def standardised(signals: dict[str, np.ndarray], cal: Calibration) -> np.ndarray:
+    """(S, N) one-sided standard deviations: 0 = a typical anchor, negative = worse.
+    A missing value (NaN, e.g. the end token of a sample cut at max-length) counts as
+    typical (0)."""
+    rows = []
+    for name, centre, spread in zip(cal.names, cal.centre, cal.spread):
+        direction = SIGNALS[name][0]
+        z = direction * (np.asarray(signals[name], dtype=float) - centre) / spread
+        rows.append(np.clip(np.nan_to_num(z, nan=0.0), Z_FLOOR, -Z_FLOOR))
+    return np.vstack(rows)
+
+
+def combine(z: np.ndarray) -> np.ndarray:
+    """How anchor-like each sample is: the sum of its one-sided shortfalls, sum_j min(z_j, 0)
+    (0 = nowhere worse than a typical anchor). On the quick pool this ranked better than the
+    single worst deviation (min_j z_j) for every pollution type: a clean sample is rarely
+    somewhat low on several signals at once, a bad one often is."""
+    return np.minimum(z, 0.0).sum(axis=0)
+
+
+def calibrated_scores(signals: dict[str, np.ndarray], cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """(combined score (N,), per-signal z (S, N))."""
+    z = standardised(signals, cal)
+    return combine(z), z
+
+
+def anchor_loo_scores(anchor_signals: dict[str, np.ndarray]) -> np.ndarray:
+    """The anchors' own combined scores, each against the calibration of the OTHER
+    anchors (an anchor inside its own median/MAD would look more typical than it is)."""
+    names = tuple(anchor_signals)
+    n = len(next(iter(anchor_signals.values())))
+    out = np.zeros(n)
+    for i in range(n):
+        others = {k: np.delete(np.asarray(v, dtype=float), i) for k, v in anchor_signals.items()}
+        one = {k: np.asarray(v, dtype=float)[i : i + 1] for k, v in anchor_signals.items()}
+        out[i] = combine(standardised(one, calibrate({k: others[k] for k in names})))[0]
+    return out
+
+
+def reasons(z: np.ndarray, names: Sequence[str]) -> list[str]:
+    """Per sample, the reason named by its worst signal."""
+    worst = np.argmin(z, axis=0)
+    return [SIGNALS[names[j]][1] for j in worst]
