@@ -174,7 +174,7 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
     10/30/50/80% bad, and four sites with 80/20/10/50% bad (mixed types). A pool of `size`
     is drawn (with replacement) from one scored pool's samples, `draws` times; per cell the
     mean F1 of each rule, of keeping everything and of the best threshold on the same scores
-    (an oracle threshold), and the clean-share estimate (selection.clean_share) with how
+    (an oracle threshold), and the clean-share estimate (selection.rules.clean_share) with how
     often its 90% bootstrap interval covered the truth (on the first `intervals` draws)."""
     from clues_fl.selection.rules import clean_share
 
