@@ -95,6 +95,18 @@ def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_
     assert "estimated-clean-share" in metrics["selection"]
 
 
+@pytest.mark.parametrize("report", ["scores", "histogram"])
+def test_clues_plus_with_the_anchor_f1_rule_runs_end_to_end(tiny_model_dir, tmp_path, report):
+    """The rule reads the pooled scores: the sites' exact scores, or pseudo-scores of their
+    binned counts under privacy.report=histogram."""
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "clues+", "selection.threshold": "anchor-f1",
+                                                   "privacy.report": report})
+    _, _, _, metrics = drive(raw)
+    assert metrics["threshold"]["rule"] == "anchor-f1"
+    share = metrics["selection"]["estimated-clean-share"]
+    assert 0.0 <= share["low"] <= share["estimate"] <= share["high"] <= 1.0
+
+
 def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path, capsys):
     base = run_config(tiny_model_dir, tmp_path)
     from clues_fl.config import parse_config
