@@ -346,7 +346,12 @@ class PrivacySection(Section):
                               f"{self.adapter_noise} and {self.adapter_clip}")
 
 
-MERGE_RULES = ("fedavg", "linear", "weighted", "ties")
+def merge_rule_names() -> tuple[str, ...]:
+    """`fedavg` and the one-shot rules registered in aggregation/merging.py MERGE_RULES (the
+    one place a rule is added). Imported only when a run asks for merging: it loads torch."""
+    from clues_fl.aggregation.merging import MERGE_RULES
+
+    return ("fedavg", *MERGE_RULES)
 
 
 @dataclass(frozen=True)
@@ -368,8 +373,8 @@ class MergeSection(Section):
                               f"fed.strategy='{value}' (with aggregation='fedavg', the default: "
                               "retraining in rounds); aggregation is 'fedavg' or a one-shot merge rule "
                               "(linear, weighted, ties, module:function)")
-        if value not in MERGE_RULES and not _module_attr(value):
-            raise ConfigError(f"aggregation: '{value}' is not one of {', '.join(MERGE_RULES)} "
+        if value != "fedavg" and not _module_attr(value) and value not in (names := merge_rule_names()):
+            raise ConfigError(f"aggregation: '{value}' is not one of {', '.join(names)} "
                               "or module:function (your merge rule)")
 
 
@@ -470,7 +475,7 @@ DEFAULTS: dict[str, Any] = RunConfig().values
 CHOICES: dict[str, tuple[str, ...]] = {
     cls.key(f.name): f.metadata["choices"]
     for cls in sections().values() for f in fields(cls) if f.metadata["choices"]
-} | {"aggregation": MERGE_RULES}  # or module:function (a merge rule)
+}  # aggregation: merge_rule_names() or module:function (a merge rule)
 
 POSITIVE_INTS = tuple(cls.key(f.name) for cls in sections().values() for f in fields(cls)
                       if f.metadata["bound"] == ">= 1")

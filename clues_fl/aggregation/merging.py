@@ -32,12 +32,13 @@ rules compute the same result through peft's ``add_weighted_adapter`` in low ran
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -162,6 +163,61 @@ def merge_weights(
     if rule.site_weights is score_weights:
         return score_weights(kept_counts, mean_scores, temperature=temperature)
     return rule.site_weights(kept_counts, mean_scores)
+
+
+@dataclass
+class FinalAdapter:
+    """What the aggregate phase produced: the adapter the report evaluates and saves.
+
+    Either one adapter `state` (retraining in rounds of fed.strategy: the last global
+    adapter), or the sites' retrained `site_states` with the merge `rule` and each site's
+    merge `weights` (one-shot merging; peft builds the merged adapter when it is used,
+    :func:`merge_adapters`). `sites` names the sites in merge order."""
+
+    state: dict[str, torch.Tensor] | None = None
+    rule: str | None = None
+    sites: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    site_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    density: float = 0.5  # merge.density (ties, and your rules that take it)
+
+    @property
+    def merged(self) -> bool:
+        return self.rule is not None
+
+    @property
+    def merge_weights(self) -> dict[str, float]:
+        """Site name -> its merge weight (empty for a single adapter state)."""
+        return dict(zip(self.sites, self.weights))
+
+    @contextlib.contextmanager
+    def active(self, model: PeftModel, base_state: dict[str, torch.Tensor]):
+        """`model` with this adapter active: its state loaded into the 'default' adapter
+        (`base_state` when it has none), or the one-shot merge of the site states as
+        adapter 'merged' (merge_adapters), removed after."""
+        if not self.merged:
+            from clues_fl.model.loading import load_lora_state
+
+            load_lora_state(model, self.state if self.state is not None else base_state)
+            yield model
+            return
+        merge_adapters(model, self.site_states, self.weights, self.rule, density=self.density)
+        try:
+            yield model
+        finally:
+            model.set_adapter("default")
+            model.delete_adapter("merged")
+
+
+def plan_merge(rule: str, sites: list[tuple[str, int, float, dict[str, torch.Tensor]]],
+               density: float = 0.5) -> FinalAdapter:
+    """The one-shot merge of `sites` given as (name, kept samples, mean kept score,
+    retrained state): ordered by name (node ids are drawn anew when a run restarts, and
+    the merge order must not change with them), weighted as the rule says (merge_weights)."""
+    ordered = sorted(sites, key=lambda s: s[0])
+    weights = merge_weights(rule, [s[1] for s in ordered], [s[2] for s in ordered])
+    return FinalAdapter(rule=rule, sites=[s[0] for s in ordered], weights=list(weights),
+                        site_states=[s[3] for s in ordered], density=density)
 
 
 def lora_deltas(model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -22,10 +22,11 @@ from clues_fl import client_app
 from clues_fl.config import parse_config
 from clues_fl.federation.inmemory_grid import InMemoryGrid
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
-from clues_fl.reporting.results import evaluate_and_report, read_manifests, read_run
+from clues_fl.reporting.results import read_manifests, read_run
 from clues_fl.data.scenario import server_sets
 from clues_fl.selection.rules import global_threshold, keep_mask
 from clues_fl.strategies.clues import Clues
+from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
 from clues_fl.model.runtime import workbench
 
 FIQA = {
@@ -38,6 +39,7 @@ PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/
 }
 SLOW = {8: 20, 11: 25}  # experiments left out of the default --quick run: minutes at the quick size
 TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
+TRACE_OUTPUTS = ("checkpoint-lrs", "sites", "round-losses")  # what a shared trace hands on (Clues.to_state's keys)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Lab:
         self.base = dict(base)
         self.out = out
         self.fresh = fresh  # rerun runs that already finished with the same run-config
-        self.traces: dict[str, Clues] = {}
+        self.traces: dict[str, tuple[dict, dict]] = {}  # the trace phase's outputs (Clues.to_state), by trace config
 
     def run(self, name: str, **overrides) -> Outcome:
         raw = {**self.base, **overrides, "run-name": name, "output-dir": str(self.out / "runs")}
@@ -73,26 +75,21 @@ class Lab:
         bench = workbench(cfg)
         anchor, val, test, skipped = server_sets(cfg)
         clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test)
-        federated = cfg["mode"] == "federated"
-        start = time.time()
-        if clues.scorer.needs_trace:
-            key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
-            if key not in self.traces:
-                clues.trace_federated(grid) if federated else clues.trace_local(grid, sorted(nodes))
-                clues.record_time("trace", start)
-                self.traces[key] = clues
-            else:
-                traced = self.traces[key]
-                clues.checkpoints, clues.round_losses = traced.checkpoints, dict(traced.round_losses)
-                for node, site in traced.sites.items():
-                    clues.sites[node] = type(site)(node, site.name, checkpoints=site.checkpoints,
-                                                   trace_state=site.trace_state)
-        clues.score(grid, sorted(nodes), federated)
-        clues.decide_threshold(federated)
-        clues.select(grid)
-        final = ({"state": clues.retrain_federated(grid)} if cfg["aggregation"] == "fedavg"
-                 else {"site-states": clues.retrain_local(grid)})
-        evaluate_and_report(cfg, clues, final, skipped=skipped, started=start)
+        # The same phases as server_app, without the equal-budget all-data reference; a
+        # trace another method already ran with the same trace config is taken as done.
+        key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
+        traced = clues.scorer.needs_trace
+        journal = MemoryJournal()
+        if traced and key in self.traces:
+            clues.from_state(*self.traces[key])
+            journal.complete("trace")
+        run = ProtocolRun(cfg, clues, grid, journal, nodes=sorted(nodes), skipped=skipped, reference=False)
+        run_phases(run, until="trace")
+        if traced and key not in self.traces:
+            values, arrays = clues.to_state()
+            self.traces[key] = ({k: values[k] for k in TRACE_OUTPUTS},
+                                {k: v for k, v in arrays.items() if not k.startswith("rounds/")})
+        run_phases(run)
         outcome = self.finished(name, cfg)
         if outcome is None:
             raise RuntimeError(f"{name}: no manifest for every site; see {self.out / 'runs' / name / 'metrics.json'} "

@@ -13,7 +13,6 @@ outputs/<run-name>/
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -26,8 +25,7 @@ import numpy as np
 from clues_fl.federation import console
 from clues_fl.config import RunConfig, parse_config
 from clues_fl.reporting.evaluation import generation_quality
-from clues_fl.aggregation.merging import merge_adapters, merge_weights
-from clues_fl.model.loading import load_lora_state
+from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
 from clues_fl.model.training import mean_loss
@@ -46,23 +44,6 @@ def output_dir(cfg: RunConfig) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def adapter_active(bench, clues, *, state=None, merge: tuple | None = None):
-    """The workbench model with a FedAvg state loaded, or with a one-shot merge of
-    site adapters (states, weights, method) as its active adapter, removed after."""
-    if merge is None:
-        load_lora_state(bench.model, state if state is not None else bench.initial_state)
-        yield bench.model
-        return
-    states, weights, method = merge
-    model = merge_adapters(bench.model, states, weights, method, density=clues.cfg["merge.density"])
-    try:
-        yield model
-    finally:
-        model.set_adapter("default")
-        model.delete_adapter("merged")
-
-
 def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
     """Clean validation loss, answer quality on the test set (greedy generation,
     ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
@@ -74,7 +55,10 @@ def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
     return out
 
 
-def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started: float) -> dict:
+def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, started: float,
+                        resumed_from: str | None = None) -> dict:
+    """Evaluate `final` (the aggregate phase's adapter) and the references on the server's
+    sets, and write the run's outputs (see the module's docstring)."""
     bench = clues.bench
     out = output_dir(cfg)
     t = time.time()
@@ -94,23 +78,15 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         else:
             traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
             if traced:
-                with adapter_active(bench, clues, merge=(traced, [1 / len(traced)] * len(traced), "linear")) as model:
+                reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
+                                         density=cfg["merge.density"])
+                with reference.active(bench.model, bench.initial_state) as model:
                     losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
                                                    cache=clues.val_cache)
     adapter_dir = out / "adapter"
-    if "state" in final:
-        context = adapter_active(bench, clues, state=final["state"])
-    else:
-        # By site name, not node id: node ids are drawn anew when a run restarts, and the
-        # merge order must not change with them.
-        nodes = sorted(final["site-states"], key=lambda n: (clues.sites[n].name, n))
-        sites = [clues.sites[n] for n in nodes]
-        weights = merge_weights(cfg["aggregation"], [s.kept for s in sites], [s.mean_kept_score for s in sites])
-        clues.threshold["merge-weights"] = {s.name: w for s, w in zip(sites, weights)}
-        context = adapter_active(bench, clues, merge=([final["site-states"][n] for n in nodes], weights, cfg["aggregation"]))
-    with context as model:
+    with final.active(bench.model, bench.initial_state) as model:
         quality = model_quality(cfg, bench, model, clues)
-        model.save_pretrained(str(adapter_dir), **({} if "state" in final else {"selected_adapters": ["merged"]}))
+        model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
     clues.record_time("evaluate", t)
@@ -134,12 +110,13 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
                 writer.writerow([i, f"{s:.8g}", int(k), *([f"{readable[row]:.3f}"] if readable is not None else [])])
 
     selection = clues.selection_summary()
+    threshold = {**clues.threshold, **({"merge-weights": final.merge_weights} if final.merged else {})}
     metrics = {
         "run-name": cfg["run-name"],
         "mode": cfg["mode"],
         "aggregation": cfg["aggregation"],
         "selection": selection,
-        "threshold": {k: v for k, v in clues.threshold.items() if k != "anchor-scores"},
+        "threshold": {k: v for k, v in threshold.items() if k != "anchor-scores"},
         "validation-loss": losses,
         "model-quality": quality,
         "round-losses": clues.round_losses,
@@ -148,11 +125,11 @@ def evaluate_and_report(cfg: RunConfig, clues, final: dict, *, skipped, started:
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
         "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
-        **({"resumed-from": clues.resumed_from} if getattr(clues, "resumed_from", None) else {}),
+        **({"resumed-from": resumed_from} if resumed_from else {}),
         "config": cfg.values,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    (out / "thresholds.json").write_text(json.dumps(clues.threshold, indent=2, default=float))
+    (out / "thresholds.json").write_text(json.dumps(threshold, indent=2, default=float))
     from clues_fl.reporting.run_report import describe_adapter, write_run_report
 
     describe_adapter(adapter_dir, cfg, metrics)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from clues_fl.aggregation import strategies as aggregation
+from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.selection import privacy
 from clues_fl.config import RunConfig
 from clues_fl.model.device import peak_memory_mib
@@ -47,6 +48,15 @@ from clues_fl.selection.metrics import add_counts, selection_metrics
 from clues_fl.scoring.scorers import make_scorer
 from clues_fl.selection.rules import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
 from clues_fl.federation.site_errors import summarise
+from clues_fl.federation.state import (
+    Arrays,
+    arrays_checkpoint,
+    checkpoint_arrays,
+    decode,
+    encode,
+    prefixed,
+    unprefixed,
+)
 from clues_fl.model.runtime import score_settings
 from clues_fl.strategies.rounds import (  # noqa: F401 (SiteFedAvg, SiteDPFedAvg, SitesFailed, sort_replies, ...: re-exported)
     GPU_PEAK_KEY,
@@ -91,6 +101,32 @@ class SiteReport:
     @property
     def reported(self) -> bool:
         return bool(self.scores.size) or self.histogram is not None
+
+    # -- state (resume.py, the suite's shared traces) ------------------------------------
+    # anchor_grads are not kept: they are only used while scoring.
+    TENSOR_FIELDS = ("checkpoints", "trace_state", "final_state", "anchor_grads")
+
+    def to_state(self) -> tuple[dict, Arrays]:
+        """(JSON-able fields, named tensor dicts: checkpoint-<k>[/adam-m, /adam-v], trace, final)."""
+        values = {f.name: encode(getattr(self, f.name)) for f in fields(self) if f.name not in self.TENSOR_FIELDS}
+        values["checkpoint-lrs"] = [c.lr for c in self.checkpoints]
+        arrays: Arrays = {}
+        for k, ckpt in enumerate(self.checkpoints):
+            arrays.update(checkpoint_arrays(f"checkpoint-{k}", ckpt))
+        if self.trace_state is not None:
+            arrays["trace"] = self.trace_state
+        if self.final_state is not None:
+            arrays["final"] = self.final_state
+        return values, arrays
+
+    @classmethod
+    def from_state(cls, values: dict, arrays: Arrays) -> SiteReport:
+        known = {f.name for f in fields(cls)} - set(cls.TENSOR_FIELDS)
+        site = cls(**{k: decode(v) for k, v in values.items() if k in known})
+        site.checkpoints = [arrays_checkpoint(arrays, f"checkpoint-{k}", lr)
+                            for k, lr in enumerate(values.get("checkpoint-lrs", []))]
+        site.trace_state, site.final_state = arrays.get("trace"), arrays.get("final")
+        return site
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: float = 30.0,
@@ -140,13 +176,15 @@ class Clues:
         self.threshold: dict = {}
         self.scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
         self.global_state: dict | None = None  # federated retraining: the final global adapter
+        self.final: FinalAdapter | None = None  # the aggregate phase's output: what the report evaluates
         self.all_data_state: dict | None = None  # the all-data reference at the selection's budget
-        # Resumption (resume.py): the FedAvg rounds a phase already did, as (rounds, the
-        # global arrays after them, whether any round aggregated), and a hook called with
-        # (phase, round, global arrays, aggregated) after every round (it saves them).
+        # The rounds each phase has done, as (rounds, the global arrays after them, whether
+        # any round aggregated): `rounds` as they go, `resumed_rounds` what a resumed run
+        # continues from (from_state); a hook called with (phase, round) after every round
+        # (resume.py: it saves the state).
+        self.rounds: dict[str, tuple[int, ArrayRecord, bool]] = {}
         self.resumed_rounds: dict[str, tuple[int, ArrayRecord, bool]] = {}
-        self.on_round: Callable[[str, int, ArrayRecord, bool], None] | None = None
-        self.resumed_from: str | None = None
+        self.on_round: Callable[[str, int], None] | None = None
 
     # -- helpers ----------------------------------------------------------------
     def _strategy(self, phase: str, only: set[int] | None = None, offset: int = 0,
@@ -176,9 +214,10 @@ class Clues:
         """The rounds of `phase` (fed.strategy, FedAvg by default) for `rounds` rounds from
         the initial adapter or, in a resumed run, for the rounds left from the saved global
         arrays. Keeps the mean client training loss of each round; after each round calls
-        keep(round, arrays) and the on_round hook with the global adapter and, while
-        tracing, its averaged Adam moments in one record. Returns the last aggregated
-        record (None: none aggregated)."""
+        keep(round, arrays) with the global adapter and, while tracing, its averaged Adam
+        moments in one record, keeps them as the phase's rounds so far (`rounds`, part of
+        to_state), and calls the on_round hook. Returns the last aggregated record (None:
+        none aggregated)."""
         done, arrays, aggregated = self.resumed_rounds.pop(phase, (0, self._initial_record(phase), False))
         losses = self.round_losses[phase] = list(self.round_losses.get(phase, []))[:done] if done else []
         adapter, moments = split_moments(arrays)
@@ -199,8 +238,9 @@ class Clues:
             current = strategy.with_moments(true_round, current)
             if keep is not None:
                 keep(true_round, current)
+            self.rounds[phase] = (true_round, current, aggregated or bool(strategy.aggregated))
             if self.on_round is not None:
-                self.on_round(phase, true_round, current, aggregated or bool(strategy.aggregated))
+                self.on_round(phase, true_round)
 
         runner = strategy
         if self.cfg["privacy.adapter-noise"] > 0:
@@ -468,11 +508,76 @@ class Clues:
             self.sites[node].final_state = states[node]
         return states
 
-    def final_adapters(self) -> dict:
-        """What retraining produced, as the report takes it."""
-        if self.cfg["aggregation"] == "fedavg":
-            return {"state": self.global_state}
-        return {"site-states": {n: s.final_state for n, s in self.sites.items() if s.final_state is not None}}
+    # -- state (resume.py, the suite's shared traces) -------------------------------------
+    ROUND_PHASES = ("trace", "retrain")  # the phases whose rounds a resumed run continues
+
+    def to_state(self) -> tuple[dict, Arrays]:
+        """What the protocol has learnt so far, as (JSON-able values, named tensor dicts)
+        (federation/state.py): missing sites, timings, round losses, the anchor side, the
+        threshold, the shared checkpoints, every site (SiteReport.to_state), the rounds
+        of the phases in ROUND_PHASES so far, and the aggregate phase's final adapter.
+        from_state takes it back into a protocol built from the same run-config."""
+        values: dict = {
+            "missing": encode(self.missing),
+            "timings": encode(self.timings),
+            "round-losses": encode(self.round_losses),
+            "anchor": encode(self.anchor),
+            "threshold": encode(self.threshold),
+            "checkpoint-lrs": [c.lr for c in self.checkpoints],
+            "sites": [],
+            "rounds": {},
+        }
+        arrays: Arrays = {}
+        for k, ckpt in enumerate(self.checkpoints):
+            arrays.update(checkpoint_arrays(f"checkpoint-{k}", ckpt))
+        for i, site in enumerate(self.sites.values()):
+            site_values, site_arrays = site.to_state()
+            values["sites"].append(site_values)
+            arrays.update(prefixed(f"site-{i}", site_arrays))
+        for phase, (done, record, aggregated) in self.rounds.items():
+            if phase in self.ROUND_PHASES:
+                values["rounds"][phase] = {"done": done, "aggregated": aggregated}
+                arrays[f"rounds/{phase}"] = record.to_torch_state_dict()
+        if self.final is not None:
+            values["final"] = {"rule": self.final.rule, "sites": list(self.final.sites),
+                               "weights": [float(w) for w in self.final.weights], "density": self.final.density}
+            if self.final.state is not None:
+                arrays["final"] = self.final.state
+        return values, arrays
+
+    def from_state(self, values: dict, arrays: Arrays) -> None:
+        """Take back what to_state gave (or a part of it: a missing entry stays as it is).
+        The rounds it holds are where their phases continue (resumed_rounds)."""
+        if "missing" in values:
+            self.missing = decode(values["missing"])
+        if "timings" in values:
+            self.timings = decode(values["timings"])
+        if "round-losses" in values:
+            self.round_losses = decode(values["round-losses"])
+        if "anchor" in values:
+            self.anchor = decode(values["anchor"])
+        if "threshold" in values:
+            self.threshold = decode(values["threshold"])
+        if "checkpoint-lrs" in values:
+            self.checkpoints = [arrays_checkpoint(arrays, f"checkpoint-{k}", lr)
+                                for k, lr in enumerate(values["checkpoint-lrs"])]
+        if "sites" in values:
+            self.sites = {}
+            for i, entry in enumerate(values["sites"]):
+                site = SiteReport.from_state(entry, unprefixed(f"site-{i}", arrays))
+                self.sites[site.node_id] = site
+        for phase, rounds in values.get("rounds", {}).items():
+            self.rounds[phase] = (int(rounds["done"]), ArrayRecord(torch_state_dict=arrays[f"rounds/{phase}"]),
+                                  bool(rounds["aggregated"]))
+            self.resumed_rounds[phase] = self.rounds[phase]
+        if "final" in values:
+            final = values["final"]
+            by_name = {s.name: s for s in self.sites.values()}
+            self.final = FinalAdapter(state=arrays.get("final"), rule=final["rule"], sites=list(final["sites"]),
+                                      weights=list(final["weights"]), density=float(final["density"]),
+                                      site_states=[by_name[n].final_state for n in final["sites"]])
+            if self.final.state is not None:
+                self.global_state = self.final.state
 
     # -- resumption ---------------------------------------------------------------------
     @property
