@@ -7,6 +7,7 @@ the anchors, saves them (npz) and prints the AUC table.
 
     python benchmarks/signals.py --out outputs/signals-quick.npz            # measure + table
     python benchmarks/signals.py --out outputs/signals-quick.npz --table    # table from a saved file
+    python benchmarks/signals.py --out outputs/signals-quick.npz --table --grid   # + the threshold-rule grid
 """
 
 from __future__ import annotations
@@ -122,6 +123,30 @@ def print_grid(rows: list[dict], method: str) -> None:
     print(grid_table(rows))
 
 
+def combined_grid(d: dict, draws: int = 20) -> str:
+    """One markdown table of both methods' grids: the default candidates side by side, keep-all
+    and the best threshold (an oracle) beside them, and clues+'s clean-share estimate."""
+    from clues_fl.experiments.suite import _table
+
+    rows = {m: grid(d, m, draws=draws, intervals=draws) for m in ("clues", "clues+")}
+    cols = [("clues", "mixture"), ("clues", "anchor-f1"), ("clues", "best threshold"), ("clues+", "anchor-f1"),
+            ("clues+", "mixture"), ("clues+", "anchor-quantile q=0.1"), ("clues+", "anchor-mean"),
+            ("clues+", "best threshold"), ("clues+", "keep-all")]
+    body = []
+    for i, r in enumerate(rows["clues+"]):
+        share = r["bad"] if isinstance(r["bad"], str) else f"{r['bad']:.0%}"
+        cov = f"{round(r['covered'] * r['intervals'])}/{r['intervals']}"
+        body.append([r["type"], share, *[rows[m][i][c] for m, c in cols],
+                     f"{r['true']:.2f} / {r['estimated']:.2f} ({cov})"])
+    body.append(["worst cell", "", *[min(x[c] for x in rows[m]) for m, c in cols], ""])
+    covered = {m: sum(round(x["covered"] * x["intervals"]) for x in rows[m]) for m in rows}
+    total = sum(x["intervals"] for x in rows["clues+"])
+    body.append(["mean", "", *[float(np.mean([x[c] for x in rows[m]])) for m, c in cols],
+                 f"covered {covered['clues+']}/{total} (CLUES: {covered['clues']}/{total})"])
+    return _table(["pollution", "bad share", *[f"{m}, {c}" for m, c in cols],
+                   "clues+ clean share: true / estimated (90% interval covers)"], body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="outputs/signals-quick.npz")
@@ -134,14 +159,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--grid", action="store_true", help="also the threshold-rule grid (resampled pools)")
+    ap.add_argument("--draws", type=int, default=20, help="pools drawn per grid cell")
     args = ap.parse_args()
     if not args.table:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.out, **measure(args))
     table(load(args.out))
     if args.grid:
-        for method in ("clues", "clues+"):
-            print_grid(grid(load(args.out), method), method)
+        print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (README table):")
+        print(combined_grid(load(args.out), args.draws))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_run
-from clues_fl.selection.rules import global_threshold, mixture_threshold
+from clues_fl.selection.rules import clean_share, global_threshold, mixture_threshold
 
 
 def main(run_dir: str) -> None:
@@ -29,13 +29,15 @@ def main(run_dir: str) -> None:
     print(f"{'rule':<24}{'threshold':>12}{'precision':>10}{'recall':>8}{'F1':>7}{'acc':>7}")
     rules = [("anchor-mean", {}), ("anchor-quantile q=0.05", {"quantile": 0.05}),
              ("anchor-quantile q=0.1", {"quantile": 0.1}), ("anchor-quantile q=0.2", {"quantile": 0.2}),
-             ("mixture", {})]
+             ("mixture", {}), ("anchor-f1", {})]
     for name, kwargs in rules:
         t = global_threshold(name.split()[0], anchors, scores, **kwargs)
         m = selection_metrics(confusion_counts(scores >= t, polluted))
         print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
     _, alpha = mixture_threshold(anchors, scores)
     print(f"mixture: estimated clean share {alpha:.3f}, true {1 - polluted.mean():.3f}")
+    share = clean_share(anchors, scores)
+    print(f"clean_share (metrics.json): {share['estimate']:.3f}, 90% interval {share['low']:.3f}-{share['high']:.3f}")
 
 
 if __name__ == "__main__":

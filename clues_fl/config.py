@@ -293,7 +293,7 @@ class SelectionSection(Section):
     method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
                          "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
     threshold: str = option("mixture", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
-                            choices=("anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
+                            choices=("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
     quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
                              bound="in [0, 1)")
     ratio: float = option(0.5, "`ratio` (and the methods without an anchor threshold): share of the pooled "

@@ -46,7 +46,7 @@ def test_every_scenario_is_a_valid_run_config(scenario):
 @pytest.mark.parametrize(
     "raw,message",
     [
-        ({"selection.threshold": "median"}, "selection.threshold: 'median' is not one of anchor-mean"),
+        ({"selection.threshold": "median"}, "selection.threshold: 'median' is not one of anchor-f1"),
         ({"lora.r": 0}, "lora.r: must be >= 1"),
         ({"train.lr": "fast"}, "train.lr: expected float"),
         ({"lora.rank": 8}, "unknown run-config key(s) ['lora.rank']"),

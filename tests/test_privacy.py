@@ -115,7 +115,7 @@ def test_histogram_threshold_matches_the_raw_threshold():
     0.77 to 0.96. So the criterion is required on most seeds (40 seeds simulated:
     80% within one bin, 97.5% with >= 98% agreement, seed 3 the only one below 95%).
     """
-    good = []
+    good, good_f1 = [], []
     for seed in range(8):
         anchors, scores, _ = synthetic(seed)
         edges = histogram_edges(anchors, bins=64)
@@ -131,7 +131,12 @@ def test_histogram_threshold_matches_the_raw_threshold():
         hist = threshold_from_histograms("mixture", anchors, counts, edges)
         agree = np.mean(keep_mask(scores, threshold=raw) == keep_mask(scores, threshold=hist))
         good.append(abs(hist - raw) <= width and agree >= 0.98)
+        # anchor-f1 reads the pooled scores too (pseudo-scores from the counts)
+        raw = global_threshold("anchor-f1", anchors, scores)
+        hist = threshold_from_histograms("anchor-f1", anchors, counts, edges)
+        good_f1.append(np.mean(keep_mask(scores, threshold=raw) == keep_mask(scores, threshold=hist)) >= 0.95)
     assert sum(good) >= 6, good
+    assert sum(good_f1) >= 6, good_f1
 
 
 def test_histogram_threshold_checks_its_inputs():

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.special import log_ndtr, ndtr
 
 from clues_fl.selection.metrics import confusion_counts, selection_metrics
-from clues_fl.selection.rules import global_threshold, keep
+from clues_fl.selection.rules import global_threshold, keep, threshold_rule
 
 REPORT_MODES = ("scores", "histogram")
 
@@ -167,16 +167,16 @@ def threshold_from_histograms(
 ) -> float:
     """Server side: :func:`clues_fl.selection.rules.global_threshold` from sites' histograms.
 
-    The sites' counts are summed; a rule that needs the pooled scores (``mixture``)
+    The sites' counts are summed; a rule that needs the pooled scores (``mixture``, ``anchor-f1``)
     gets :func:`pseudo_scores` of the pooled histogram in their place. Anchor-only
     rules (``anchor-mean``, ``anchor-quantile``) and ``static`` ignore the counts,
     and ``ratio`` raises exactly as in ``global_threshold``.
     """
     e = _check_edges(edges)
-    if rule != "mixture":
+    if rule == "ratio" or not threshold_rule(rule).uses_pool:
         return global_threshold(rule, anchor_scores, None, quantile=quantile, static=static)
     if not counts_per_site:
-        raise ValueError("threshold rule 'mixture' needs at least one site's histogram counts")
+        raise ValueError(f"threshold rule '{rule}' needs at least one site's histogram counts")
     pooled = np.zeros(e.size - 1, dtype=np.int64)
     for counts in counts_per_site:
         c = np.asarray(counts).ravel()

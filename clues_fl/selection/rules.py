@@ -19,7 +19,19 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import norm
 
-THRESHOLD_RULES = ("anchor-mean", "anchor-quantile", "mixture", "ratio", "static")
+THRESHOLD_RULES = ("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static")
+
+# Anchor quantiles at which the clean share is read off (clean_share_estimate): at each,
+# the pooled share scoring at least that high over the anchors' share doing so bounds the
+# clean share from above; the smallest of these ratios is the estimate. On the threshold
+# grid of the seed-0 signal pool (README "Threshold rules on a grid of pools": 25 cells x 20
+# pools, clues+) the middle quantiles 0.3-0.7 had a mean error of +0.02 (rmse 0.12); a single
+# cut at 0.5 +0.10, at 0.7 +0.22 (anchors are few, and polluted samples that look clean
+# push the higher cuts up).
+SHARE_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7)
+# Bandwidth of the anchors' kernel density (anchor-f1), as a fraction of Scott's rule
+# (sd * n^-1/5). 0.25, 0.5 and 1.0 gave the same grid F1 within 0.006.
+KDE_BANDWIDTH = 0.5
 
 # Anchor quantiles used as censoring points by the mixture rule: polluted data is
 # assumed to rarely score above them. Simulated over several polluted-score shapes
@@ -61,9 +73,25 @@ class ThresholdRule:
     each site's own scores). Chosen by name (:func:`threshold_rule`)."""
 
     name = ""
+    uses_pool = False  # reads the pooled scores of all samples (histogram privacy mode: pseudo-scores)
 
     def decide(self, anchor_scores, all_scores, settings: ThresholdSettings) -> dict:
         raise NotImplementedError
+
+
+class AnchorF1(ThresholdRule):
+    """Expected-F1-optimal threshold with the clean share estimated from the pool
+    (:func:`clean_share_estimate`) and the clean score distribution from the anchors
+    (kernel-smoothed): :func:`anchor_f1_threshold`. Strict when most of the pool looks
+    polluted, loose when little does; assumes nothing about the polluted scores' shape."""
+
+    name = "anchor-f1"
+    uses_pool = True
+
+    def decide(self, anchor_scores, all_scores, settings):
+        if all_scores is None:
+            raise ValueError("threshold rule 'anchor-f1' needs all_scores (the scores of all samples)")
+        return {"threshold": anchor_f1_threshold(_anchors(anchor_scores), all_scores)[0]}
 
 
 class AnchorMean(ThresholdRule):
@@ -91,6 +119,7 @@ class Mixture(ThresholdRule):
     """Expected-F1-optimal threshold under a clean/polluted mixture (:func:`mixture_threshold`)."""
 
     name = "mixture"
+    uses_pool = True
 
     def decide(self, anchor_scores, all_scores, settings):
         anchors = _anchors(anchor_scores)
@@ -138,7 +167,7 @@ class Fixed(ThresholdRule):
         return {"threshold": 0.5}
 
 
-RULES: dict[str, ThresholdRule] = {r.name: r for r in (AnchorMean(), AnchorQuantile(), Mixture(), Static(),
+RULES: dict[str, ThresholdRule] = {r.name: r for r in (AnchorF1(), AnchorMean(), AnchorQuantile(), Mixture(), Static(),
                                                         SiteRatio(), GlobalRatio(), Fixed())}
 
 
@@ -158,6 +187,8 @@ def global_threshold(
 ) -> float:
     """One threshold for every client (keep samples with ``score >= threshold``).
 
+    - ``anchor-f1``: expected-F1-optimal threshold from the estimated clean share and
+      the anchors' smoothed score distribution (see :func:`anchor_f1_threshold`).
     - ``anchor-mean``: mean of the anchors' scores (keeps roughly half of the clean
       data, so it trades recall for precision).
     - ``anchor-quantile``: the ``quantile`` of the anchors' scores, so about
@@ -281,6 +312,71 @@ def mixture_threshold(
     return float(candidates[int(np.argmax(f1))]), alpha
 
 
+def clean_share_estimate(anchor_scores, all_scores, *, quantiles: tuple[float, ...] = SHARE_QUANTILES,
+                         upper: bool = False) -> float:
+    """The clean share of the pooled scores, from the anchors alone as the picture of clean data.
+
+    At a cut ``t``, clean pooled samples score ``>= t`` about as often as the anchors do,
+    and polluted ones can only add to the pooled count, so
+    ``P_pool(s >= t) / P_anchor(s >= t)`` is at least the clean share. The estimate is
+    the smallest of these ratios over cuts at the anchors' ``quantiles`` (the middle
+    ones: the anchors' share above a cut is a count out of ~16), capped at 1: mixture
+    proportion estimation (Blanchard, Lee & Scott 2010) with no model of either score
+    distribution. Polluted samples that score like clean ones (undetectable by this
+    score) make it an overestimate; sampling noise of the few anchors makes the
+    minimum lean low. ``upper=True``: the mean of the ratios instead, which leans high
+    (the interval's upper end, :func:`clean_share`). Equivariant under ``s -> a s + b`` (a > 0).
+    """
+    anchors = _anchors(anchor_scores)
+    scores = _finite(all_scores, "all_scores", 1)
+    if not quantiles or not all(0.0 < q < 1.0 for q in quantiles):
+        raise ValueError(f"clean-share quantiles must be in (0, 1), got {quantiles}")
+    ratios = []
+    for q in quantiles:
+        cut = np.quantile(anchors, q)
+        ratios.append(np.mean(scores >= cut) / np.mean(anchors >= cut))  # >= 1 anchor is >= its quantile
+    return float(min(1.0, np.mean(ratios) if upper else min(ratios)))
+
+
+def _anchor_sf(anchors: np.ndarray, scale: float):
+    """P(clean score >= t): a Gaussian kernel density on the anchors (bandwidth
+    KDE_BANDWIDTH x Scott's rule), smooth where 16 anchors leave a coarse step."""
+    width = KDE_BANDWIDTH * scale * anchors.size ** (-0.2)
+    if not width > 0:
+        width = 1e-12
+    return lambda t: norm.sf((np.asarray(t, dtype=float)[:, None] - anchors[None, :]) / width).mean(axis=1)
+
+
+def anchor_f1_threshold(anchor_scores, all_scores) -> tuple[float, float]:
+    """``(threshold, clean share)`` of the ``anchor-f1`` rule.
+
+    The clean share ``alpha`` is :func:`clean_share_estimate`; the clean scores'
+    survival function ``G(t)`` is a kernel density on the anchors. Every pooled score
+    is a candidate ``t``: ``TP = alpha N G(t)``, ``FP = #(s >= t) - TP`` (at least 0),
+    ``FN = alpha N - TP``; the threshold maximises ``F1 = 2TP / (2TP + FP + FN)``, ties
+    to the lowest (keep more). Unlike ``mixture`` it fits no shape to either score
+    distribution: what is not clean is simply the pool minus the clean share's
+    expected count above ``t``. ``alpha == 0`` gives ``inf`` (keep nothing).
+    Equivariant under ``s -> a s + b`` (a > 0).
+    """
+    anchors = _anchors(anchor_scores)
+    scores = _finite(all_scores, "all_scores", 1)
+    alpha = clean_share_estimate(anchors, scores)
+    if alpha <= 0.0:
+        return math.inf, 0.0
+    scale = float(anchors.std(ddof=1))
+    if not scale > 0:
+        scale = float(np.std(scores))
+    n = scores.size
+    candidates = np.unique(scores)  # sorted; real score values, so keep_mask keeps the sample scoring t
+    kept = n - np.searchsorted(np.sort(scores), candidates, side="left")
+    tp = alpha * n * _anchor_sf(anchors, scale)(candidates)
+    fp = np.maximum(0.0, kept - tp)
+    fn = alpha * n - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
+    return float(candidates[int(np.argmax(f1))]), alpha
+
+
 def keep_mask(scores, *, threshold: float | None = None, ratio: float | None = None) -> np.ndarray:
     """Boolean mask of kept samples: ``score >= threshold``, or this client's top ``ratio``.
 
@@ -332,24 +428,36 @@ def standardise(scores, anchor_scores) -> np.ndarray:
     return out / std if std > 0 else out
 
 
-def clean_share(anchor_scores, all_scores, *, reps: int = 100, level: float = 0.9, seed: int = 0) -> dict:
-    """The mixture model's estimate of the clean share of the pooled scores, with a
-    bootstrap interval (anchors and pooled scores resampled together, `reps` times):
-    ``{"estimate", "low", "high", "level"}``. Needs no quality labels."""
+def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.9, seed: int = 0) -> dict:
+    """The estimated clean share of the pooled scores (:func:`clean_share_estimate`) with a
+    bootstrap interval: ``{"estimate", "low", "high", "level", "method"}``. Anchors and pooled
+    scores are resampled together `reps` times; the low end is the lower percentile of the
+    estimate (the minimum of the ratios, which leans low), the high end the upper percentile
+    of the mean of the ratios (which leans high). Needs no quality labels.
+
+    Measured (README "Threshold rules on a grid of pools"): the 90% interval covered the
+    true share in 472 and 467 of 500 resampled pools of the clues+ grids of two seeds (width
+    about 0.5: 16 anchors say little more) and in 43 of 50 simulated pools. It misses where
+    many polluted samples score like clean ones (near-duplicates at 80% bad: the estimate is
+    then too high); for plain CLUES, whose scores do not see pollution in the right domain
+    (exchanged, cut, garbled answers), the estimate is about 1 whatever the truth (309 and
+    104 of 500)."""
     anchors = _anchors(anchor_scores)
     scores = _finite(all_scores, "all_scores", 1)
-    _, alpha = mixture_threshold(anchors, scores)
+    alpha = clean_share_estimate(anchors, scores)
     rng = np.random.default_rng(seed)
-    draws = []
+    lows, highs = [], []
     for _ in range(reps):
         a = rng.choice(anchors, anchors.size)
         if np.ptp(a) == 0:
             continue
-        draws.append(mixture_threshold(a, rng.choice(scores, scores.size))[1])
+        pool = rng.choice(scores, scores.size)
+        lows.append(clean_share_estimate(a, pool))
+        highs.append(clean_share_estimate(a, pool, upper=True))
     tail = (1 - level) / 2
-    low, high = (np.quantile(draws, [tail, 1 - tail]) if draws else (alpha, alpha))
+    low, high = ((np.quantile(lows, tail), np.quantile(highs, 1 - tail)) if lows else (alpha, alpha))
     return {"estimate": float(alpha), "low": float(min(low, alpha)), "high": float(max(high, alpha)),
-            "level": level}
+            "level": level, "method": "anchor-quantile ratios, bootstrap"}
 
 
 def score_distribution(scores) -> dict:
