@@ -23,9 +23,9 @@ import torch
 
 from clues_fl.config import parse_config
 from clues_fl.data.scenario import build_scenario
-from clues_fl.model.runtime import score_settings, workbench
+from clues_fl.runtime import score_settings, workbench
 from clues_fl.scoring import signals as sg
-from clues_fl.scoring.alignment import Checkpoint
+from clues_fl.model.training import Checkpoint
 from clues_fl.scoring.scorers import CluesPlusScorer
 
 

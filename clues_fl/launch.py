@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="TLS on every connection, with a throw-away CA and server certificate for 127.0.0.1 "
                              "written to the launch's Flower home (loopback testing only)")
     args = parser.parse_args(argv)
-    if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/federation/console.py)
+    if args.verbose:  # inherited by the SuperLink, the apps and Ray's workers (clues_fl/console.py)
         os.environ["CLUES_FL_VERBOSE"] = "1"
     return run(args.scenario, args.run_config, args.num_supernodes, args.cpus_per_client, deploy=args.deploy,
                data_dir=args.data_dir, tls=args.tls, gpus_per_site=args.gpus_per_site)
