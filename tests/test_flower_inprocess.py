@@ -41,6 +41,10 @@ def run_config(model_dir: str, out_dir, **overrides) -> dict:
         "retrain.rounds": 1,
         "fed.min-nodes": 2,
         "scoring.prefix-cache": True,
+        # the pipeline's tests run CLUES with the mixture rule (their numbers predate the
+        # clues+ / anchor-f1 default, which tests/test_signals.py and test_selection.py cover)
+        "selection.method": "clues",
+        "selection.threshold": "mixture",
     }
     cfg.update(overrides)
     return cfg
