@@ -299,3 +299,27 @@ def test_f1_curve_histogram_mode_and_anchor_rules():
     assert all(r["f1_mean"] == r["f1_raw"] and r["f1_std"] == 0.0 for r in rows)
     with pytest.raises(ValueError, match="privacy.report"):
         selection_f1_under_noise(scores, polluted, anchors, [1.0], 1e-5, "mixture", [0], report="bins")
+
+
+def test_the_server_pools_histograms_once_as_threshold_from_histograms_does():
+    """Two sites' histograms give the server's pooled scores exactly as the offline path
+    pools them (summed counts, spread once), not each site's bins spread on their own."""
+    from types import SimpleNamespace
+
+    from clues_fl.config import parse_config
+    from clues_fl.selection import privacy
+    from clues_fl.strategies.clues import Clues
+
+    rng = np.random.default_rng(3)
+    anchors = rng.normal(0.5, 0.1, 16)
+    edges = privacy.histogram_edges(anchors, bins=16)
+    counts = [privacy.histogram_counts(rng.normal(0.4, 0.2, n), edges) for n in (7, 13)]
+    clues = Clues.__new__(Clues)
+    clues.cfg, clues.anchor = parse_config({"privacy.report": "histogram", "privacy.bins": 16}), {"scores": anchors.tolist()}
+    sites = [SimpleNamespace(histogram=c, scores=np.array([])) for c in counts]
+    pooled = clues._pooled_scores(sites)
+    np.testing.assert_array_equal(pooled, privacy.pooled_pseudo_scores(counts, edges))
+    assert privacy.histogram_counts(pooled, edges).tolist() == (counts[0] + counts[1]).tolist()
+    for rule in ("mixture", "anchor-f1"):
+        expected = privacy.threshold_from_histograms(rule, anchors, counts, edges)
+        assert global_threshold(rule, anchors, pooled) == expected

@@ -115,7 +115,7 @@ def _site_panels(clues) -> list[dict]:
     for site in sorted(clues.sites.values(), key=lambda s: s.name):
         if not site.reported:
             continue
-        scores = np.asarray(clues._reported_scores(site), dtype=float)
+        scores = np.asarray(clues.site_scores(site), dtype=float)
         anchors = site.anchor_scores if info.get("standardised") else clues.anchor.get("scores")
         threshold = None
         if info.get("rule") == "ratio":

@@ -177,13 +177,22 @@ def threshold_from_histograms(
         return global_threshold(rule, anchor_scores, None, quantile=quantile, static=static)
     if not counts_per_site:
         raise ValueError(f"threshold rule '{rule}' needs at least one site's histogram counts")
+    return global_threshold(rule, anchor_scores, pooled_pseudo_scores(counts_per_site, e),
+                            quantile=quantile, static=static)
+
+
+def pooled_pseudo_scores(counts_per_site: Sequence[np.ndarray], edges) -> np.ndarray:
+    """:func:`pseudo_scores` of the sites' summed counts: the one way the server turns
+    histograms into pooled scores (threshold rules, clean-share estimate). Spreading each
+    site's bin on its own instead would place the same counts at other points."""
+    e = _check_edges(edges)
     pooled = np.zeros(e.size - 1, dtype=np.int64)
     for counts in counts_per_site:
         c = np.asarray(counts).ravel()
         if c.size != pooled.size:
             raise ValueError(f"a site reported {c.size} bins but edges define {pooled.size}")
         pooled += np.rint(c).astype(np.int64)
-    return global_threshold(rule, anchor_scores, pseudo_scores(pooled, e), quantile=quantile, static=static)
+    return pseudo_scores(pooled, e)
 
 
 # -- 2. differential privacy: the Gaussian mechanism ------------------------------

@@ -408,12 +408,22 @@ class Clues:
             settings.clip_lo, settings.clip_hi = float(lo), float(hi)
         return settings.to_config()
 
-    def _reported_scores(self, site: SiteReport) -> np.ndarray:
-        """A site's scores, or stand-ins reproducing its histogram (privacy.report)."""
+    def site_scores(self, site: SiteReport) -> np.ndarray:
+        """One site's scores, or stand-ins reproducing its histogram (its plot in the report)."""
         if site.histogram is None:
             return site.scores
         edges = privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
         return privacy.pseudo_scores(site.histogram, edges)
+
+    def _pooled_scores(self, sites: list[SiteReport]) -> np.ndarray:
+        """The sites' scores pooled, or (privacy.report = histogram) stand-ins reproducing
+        their summed histograms, as privacy.threshold_from_histograms computes them."""
+        if all(s.histogram is None for s in sites):
+            return np.concatenate([s.scores for s in sites])
+        if any(s.histogram is None for s in sites):
+            raise RuntimeError("some sites reported scores and others histograms: privacy.report differs between them")
+        edges = privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
+        return privacy.pooled_pseudo_scores([s.histogram for s in sites], edges)
 
     def decide_threshold(self, federated: bool) -> dict:
         scored = [s for s in self.sites.values() if s.reported]
@@ -423,7 +433,7 @@ class Clues:
             info = self._anchor_threshold(scored, federated)
         else:  # "fixed": selection flags; "ratio": the top selection.ratio of all pooled scores
             rule = threshold_rule("global-ratio" if self.scorer.selection == "ratio" else "fixed")
-            pooled = np.concatenate([self._reported_scores(s) for s in scored])
+            pooled = self._pooled_scores(scored)
             info = {"rule": rule.name, **rule.decide(None, pooled, self._threshold_settings()), "standardised": False}
         info["method"] = self.cfg["selection.method"]
         self.threshold = info
@@ -433,7 +443,7 @@ class Clues:
         rule = self.cfg["selection.threshold"]
         if federated:
             anchor_scores = np.asarray(self.anchor["scores"])
-            all_scores = np.concatenate([self._reported_scores(s) for s in scored])
+            all_scores = self._pooled_scores(scored)
         else:
             # Local checkpoints give each site its own score scale: express every score
             # in units of that site's anchor-score spread (z-scores), then pool.
@@ -659,7 +669,7 @@ class Clues:
                 pooled = np.concatenate([standardise(s.scores, s.anchor_scores) for s in reported])
             else:
                 anchors = np.asarray(self.anchor["scores"])
-                pooled = np.concatenate([self._reported_scores(s) for s in reported])
+                pooled = self._pooled_scores(reported)
             out["estimated-clean-share"] = clean_share(anchors, pooled, seed=self.cfg["seed"])
             out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
         except ValueError as err:  # too few finite scores
