@@ -24,7 +24,7 @@ from clues_fl.federation.inmemory_grid import InMemoryGrid
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_manifests, read_run
 from clues_fl.data.scenario import server_sets
-from clues_fl.selection.rules import global_threshold, keep_mask
+from clues_fl.selection.rules import global_threshold, keep, keep_mask
 from clues_fl.strategies.clues import Clues
 from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
 from clues_fl.runtime import workbench
@@ -197,7 +197,7 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
             for name, kw in GRID_RULES:
                 res[name].append(_f1(s >= global_threshold(name.split()[0], anchors, s, **kw), c))
             res["keep-all"].append(_f1(np.ones_like(c), c))
-            res["best threshold"].append(max(_f1(s >= t, c) for t in np.unique(s)))
+            res["best threshold"].append(max(_f1(keep(s, {"threshold": t}), c) for t in np.unique(s)))
             res["true"].append(float(c.mean()))
             if draw < intervals:
                 est = clean_share(anchors, s, seed=int(rng.integers(1 << 30)))
@@ -245,7 +245,7 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
     fig, axes = plt.subplots(1, len(clues_run.per_site), figsize=(3.6 * len(clues_run.per_site) + 0.6, 3.2),
                              squeeze=False)
     for i, (ax, (scores, polluted)) in enumerate(zip(axes[0], clues_run.per_site)):
-        kept = f"{int((scores >= threshold).sum())}/{len(scores)}" if threshold is not None else "?"
+        kept = f"{int(keep(scores, {'threshold': threshold}).sum())}/{len(scores)}" if threshold is not None else "?"
         score_axis(ax, [("clean", scores[~polluted]), ("polluted", scores[polluted])], anchors=anchors,
                    threshold=threshold, bins=bins, method="CLUES score", title=f"client-{i}: kept {kept}")
     axes[0][0].legend(fontsize=7)
