@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clues_fl.config import output_dir
 from clues_fl.model.loading import lora_state
 from clues_fl.scoring.scorers import ScorePayload, SiteData, site_clusters
 from clues_fl.selection import privacy
@@ -198,8 +199,6 @@ def has_quality_labels(cfg, node_config) -> bool:
 def site_report_dir(cfg, node_config) -> Path:
     """Where a site writes its local report: its node config's `report-dir`, else (in
     simulation) <output-dir>/<run-name>/site-reports/client-<partition-id>."""
-    from clues_fl.config import output_dir
-
     if node_config.get("report-dir"):
         return Path(str(node_config["report-dir"])).expanduser()
     return output_dir(cfg) / "site-reports" / f"client-{int(node_config.get('partition-id', 0))}"

@@ -27,7 +27,7 @@ import os
 import secrets
 from pathlib import Path
 
-from clues_fl.config import RunConfig
+from clues_fl.config import RunConfig, output_dir
 
 SALT_FILE = "id-salt"
 MAP_FILE = "ids.csv"
@@ -47,8 +47,6 @@ def site_dir(cfg: RunConfig, node_config: dict) -> Path:
     if node_config.get("site-dir"):
         path = Path(str(node_config["site-dir"])).expanduser()
     else:
-        from clues_fl.config import output_dir
-
         path = output_dir(cfg) / "sites" / site_name(node_config)
     path.mkdir(parents=True, exist_ok=True)
     return path

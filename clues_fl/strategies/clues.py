@@ -412,8 +412,7 @@ class Clues:
         """One site's scores, or stand-ins reproducing its histogram (its plot in the report)."""
         if site.histogram is None:
             return site.scores
-        edges = privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
-        return privacy.pseudo_scores(site.histogram, edges)
+        return privacy.pseudo_scores(site.histogram, self._histogram_edges())
 
     def _pooled_scores(self, sites: list[SiteReport]) -> np.ndarray:
         """The sites' scores pooled, or (privacy.report = histogram) stand-ins reproducing
@@ -422,8 +421,11 @@ class Clues:
             return np.concatenate([s.scores for s in sites])
         if any(s.histogram is None for s in sites):
             raise RuntimeError("some sites reported scores and others histograms: privacy.report differs between them")
-        edges = privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
-        return privacy.pooled_pseudo_scores([s.histogram for s in sites], edges)
+        return privacy.pooled_pseudo_scores([s.histogram for s in sites], self._histogram_edges())
+
+    def _histogram_edges(self) -> np.ndarray:
+        """The bins the sites counted in (privacy.report = histogram), from the anchor scores."""
+        return privacy.histogram_edges(np.asarray(self.anchor["scores"]), bins=self.cfg["privacy.bins"])
 
     def decide_threshold(self, federated: bool) -> dict:
         scored = [s for s in self.sites.values() if s.reported]
