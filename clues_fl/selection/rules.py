@@ -300,16 +300,24 @@ def mixture_threshold(
     if alpha <= 0.0:
         return math.inf, 0.0
 
-    # Candidates are the original score values (not z round-tripped through float
-    # arithmetic), so keep_mask(scores, threshold=t) keeps the sample scoring t.
+    return _expected_f1_threshold(scores, alpha, lambda t: norm.sf((t - centre) / scale, mu, sd)), alpha
+
+
+def _expected_f1_threshold(scores: np.ndarray, alpha: float, clean_sf) -> float:
+    """The pooled score ``t`` maximising the expected F1 of keeping clean data, given the
+    clean share ``alpha`` and the clean scores' survival function ``clean_sf(t)``:
+    ``TP = alpha N clean_sf(t)``, ``FP = max(0, #(s >= t) - TP)``, ``FN = alpha N - TP``;
+    ties go to the lowest threshold (keep more). Candidates are the original score
+    values (not round-tripped through float arithmetic), so keep_mask(scores,
+    threshold=t) keeps the sample scoring t."""
     n = scores.size
     candidates = np.unique(scores)  # sorted
     kept = n - np.searchsorted(np.sort(scores), candidates, side="left")  # #(s >= t)
-    tp = alpha * n * norm.sf((candidates - centre) / scale, mu, sd)
+    tp = alpha * n * clean_sf(candidates)
     fp = np.maximum(0.0, kept - tp)
     fn = alpha * n - tp
     f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
-    return float(candidates[int(np.argmax(f1))]), alpha
+    return float(candidates[int(np.argmax(f1))])
 
 
 def clean_share_estimate(anchor_scores, all_scores, *, quantiles: tuple[float, ...] = SHARE_QUANTILES,
@@ -367,14 +375,7 @@ def anchor_f1_threshold(anchor_scores, all_scores) -> tuple[float, float]:
     scale = float(anchors.std(ddof=1))
     if not scale > 0:
         scale = float(np.std(scores))
-    n = scores.size
-    candidates = np.unique(scores)  # sorted; real score values, so keep_mask keeps the sample scoring t
-    kept = n - np.searchsorted(np.sort(scores), candidates, side="left")
-    tp = alpha * n * _anchor_sf(anchors, scale)(candidates)
-    fp = np.maximum(0.0, kept - tp)
-    fn = alpha * n - tp
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1e-300)
-    return float(candidates[int(np.argmax(f1))]), alpha
+    return _expected_f1_threshold(scores, alpha, _anchor_sf(anchors, scale)), alpha
 
 
 def keep_mask(scores, *, threshold: float | None = None, ratio: float | None = None) -> np.ndarray:
