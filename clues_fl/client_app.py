@@ -125,11 +125,6 @@ def _partition(context: Context, default: int = 0) -> int:
     return int(context.node_config.get("partition-id", default))
 
 
-def _gpu_peak() -> float | None:
-    """The peak GPU memory (MiB) since the last reply on a GPU, None on the CPU."""
-    return peak_memory_mib()
-
-
 @app.train()
 @_ids_hidden
 def train(message: Message, context: Context) -> Message:
@@ -138,16 +133,16 @@ def train(message: Message, context: Context) -> Message:
     and go in their own record; FedProx's proximal-mu adds its proximal term."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
     request = TrainRequest.from_record(message.content)
-    everything = request.phase in ("trace", "retrain-all")
-    rows = list(range(len(encoded))) if everything else _kept_rows(context)
+    kept = None if request.phase == "trace" else _kept_rows(context)
+    rows = list(range(len(encoded))) if request.phase in ("trace", "retrain-all") else kept
     result = site.train_round(
         bench, cfg, encoded, cache, rows, request.state, request.moments, phase=request.phase,
         server_round=request.server_round, proximal_mu=request.proximal_mu, partition_id=_partition(context),
-        kept=len(_kept_rows(context)) if request.phase == "retrain-all" else None,
+        kept=len(kept) if request.phase == "retrain-all" else None,
     )
     return _reply(message, TrainReply(
         result.state, result.num_examples, result.loss, result.steps, result.seconds,
-        moments=result.moments if request.phase == "trace" else None, gpu_peak_mib=_gpu_peak(),
+        moments=result.moments if request.phase == "trace" else None, gpu_peak_mib=peak_memory_mib(),
     ).to_record())
 
 
@@ -162,7 +157,7 @@ def train_local(message: Message, context: Context) -> Message:
     return _reply(message, LocalTrainReply(
         run.state, run.num_examples, run.loss, run.checkpoints,
         ids_digest=ids_digest(_wire_ids(context)),  # resume: who this is
-        gpu_peak_mib=_gpu_peak(),
+        gpu_peak_mib=peak_memory_mib(),
     ).to_record())
 
 
@@ -186,7 +181,7 @@ def score(message: Message, context: Context) -> Message:
         histogram=histogram, partition_id=_partition(context, -1), score_seconds=result.seconds,
         skipped_rows=len(skipped), truncated=sum(int(e.truncated) for e in encoded),
         scored=int(extras.pop("scored", len(encoded))),  # a scorer that scores fewer (Quad) says so
-        extras=extras, gpu_peak_mib=_gpu_peak(),
+        extras=extras, gpu_peak_mib=peak_memory_mib(),
     ).to_record())
 
 
