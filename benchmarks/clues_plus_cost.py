@@ -5,13 +5,14 @@ LoRA r=16 on q,v of layers 22-29). Checkpoint adapters are random (timings do no
 on values), so there is no trace. Timed, each with its own prefix-cache build:
 
   site, CLUES:   the scoring pass (bench.score over the 3 checkpoints)
-  site, extra:   clues+'s signals on top of it (one base-model forward with the
-                 end-token loss, one over the answers alone, near-duplicates)
+  site, extra:   clues+'s signals on top of it (base-model forwards over the samples,
+                 the answers alone and the answers' ends; near-duplicates and
+                 question overlap from the text)
   server, CLUES: the anchors' leave-one-out scores
-  server, extra: the anchors' signals (their losses at each checkpoint, the two
+  server, extra: the anchors' signals (their losses at each checkpoint, the three
                  base-model forwards)
 
-    python benchmarks/clues_plus_cost.py [--samples 80] [--k 3]
+    python benchmarks/clues_plus_cost.py [--samples 80] [--k 3] [--max-length 128]
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=80)
     ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=128)
     args = ap.parse_args()
-    cfg = parse_config({"lora.layers": "22-29", "lora.r": 16, "lora.alpha": 16, "data.max-length": 128,
+    cfg = parse_config({"lora.layers": "22-29", "lora.r": 16, "lora.alpha": 16, "data.max-length": args.max_length,
                         "data.anchor-size": 16, "data.samples-per-client": args.samples,
                         "pollution.ratios": "0.5", "pollution.types": "cross-domain,exchange,cut,delete"})
     data = build_scenario(cfg, 1)
@@ -51,7 +53,8 @@ def main() -> None:
     side = bench.anchor_scores(anchors, ckpts, cfg, cache=a_cache)
     times["server, CLUES (anchors' leave-one-out scores)"] = time.perf_counter() - t
     t = time.perf_counter()
-    CluesPlusScorer(score_settings(cfg)).anchor_signals(bench, anchors, ckpts, cfg, side.scores, a_cache)
+    CluesPlusScorer(score_settings(cfg)).anchor_signals(bench, anchors, ckpts, cfg, side.scores, data.anchor,
+                                                    a_cache)
     times["server, clues+ extra (anchors' signals)"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -63,6 +66,8 @@ def main() -> None:
                        names=sg.DEFAULT_SIGNALS)
     times["site, clues+ extra (signals)"] = time.perf_counter() - t
 
+    cut = sum(e.truncated for e in enc)
+    print(f"{len(enc)} samples, {cut} cut at data.max-length={args.max_length}")
     for name, sec in times.items():
         print(f"{name:<52}{sec:>8.1f} s")
     clues = sum(v for k, v in times.items() if "CLUES" in k)

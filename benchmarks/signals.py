@@ -8,6 +8,11 @@ the anchors, saves them (npz) and prints the AUC table.
     python benchmarks/signals.py --out outputs/signals-quick.npz            # measure + table
     python benchmarks/signals.py --out outputs/signals-quick.npz --table    # table from a saved file
     python benchmarks/signals.py --out outputs/signals-quick.npz --table --grid   # + the threshold-rule grid
+    python benchmarks/signals.py --from-run outputs/fiqa-quality-heterogeneity --out outputs/sig-demo.npz
+
+`--from-run` takes a finished (or scored) run's saved state instead: its run-config and
+its FedAvg trace checkpoints, so the signals are those of the real federated run
+(e.g. `make demo`'s), not of a central trace.
 """
 
 from __future__ import annotations
@@ -37,26 +42,54 @@ def measure(args) -> dict:
     data = build_scenario(cfg, args.sites)
     bench = workbench(cfg)
     t0 = time.time()
-    enc_sites = [bench.encode(s, cfg) for s in data.clients]
-    enc_all = [e for enc in enc_sites for e in enc]
-    anchors = bench.encode(data.anchor, cfg)
-    cache_all = bench.cache(enc_all, cfg)
-    trace = bench.train(enc_all, cfg, None, epochs=args.rounds, num_checkpoints=args.rounds, cache=cache_all)
+    enc_all = [e for samples in data.clients for e in bench.encode(samples, cfg)]
+    trace = bench.train(enc_all, cfg, None, epochs=args.rounds, num_checkpoints=args.rounds,
+                        cache=bench.cache(enc_all, cfg))
     print(f"trace {time.time() - t0:.0f}s", flush=True)
+    return _signals(cfg, bench, data, trace.checkpoints)
+
+
+def measure_run(run_dir: Path) -> dict:
+    """Every signal of a saved run's sites and anchors at the run's own trace checkpoints."""
+    import json
+
+    from clues_fl.config import parse_config
+    from clues_fl.data.scenario import build_scenario
+    from clues_fl.federation.state import arrays_checkpoint
+    from clues_fl.runtime import workbench
+    from safetensors.torch import load_file
+
+    state = run_dir / "state"
+    index = json.loads((state / "run.json").read_text())
+    saved = index["clues"]
+    if not saved or "checkpoint-lrs" not in saved["values"]:
+        raise SystemExit(f"{state}: no trace checkpoints saved (has the run traced?)")
+    cfg = parse_config(index["config"])
+    arrays = {n: load_file(str(state / p)) for n, p in saved["arrays"].items() if n.startswith("checkpoint-")}
+    checkpoints = [arrays_checkpoint(arrays, f"checkpoint-{k}", lr)
+                   for k, lr in enumerate(saved["values"]["checkpoint-lrs"])]
+    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    return _signals(cfg, workbench(cfg), data, checkpoints)
+
+
+def _signals(cfg, bench, data, checkpoints) -> dict:
+    t0 = time.time()
+    anchors = bench.encode(data.anchor, cfg)
     a_cache = bench.cache(anchors, cfg)
-    side = bench.anchor_scores(anchors, trace.checkpoints, cfg, cache=a_cache)
-    a_losses = sg.checkpoint_losses(bench, anchors, trace.checkpoints, cache=a_cache)
+    side = bench.anchor_scores(anchors, checkpoints, cfg, cache=a_cache)
+    a_losses = sg.checkpoint_losses(bench, anchors, checkpoints, cache=a_cache)
     a_sig = sg.compute_signals(bench, data.anchor, anchors, cfg, clues_scores=side.scores, losses=a_losses,
                                cache=a_cache)
     out = {f"anchor/{k}": v for k, v in a_sig.items()}
     site_sig: dict[str, list] = {k: [] for k in sg.SIGNALS}
-    for samples, enc in zip(data.clients, enc_sites):
+    for i, samples in enumerate(data.clients):
+        enc = bench.encode(samples, cfg)
         cache = bench.cache(enc, cfg)
-        res = bench.score(enc, trace.checkpoints, side.gradients, cfg, cache=cache)
+        res = bench.score(enc, checkpoints, side.gradients, cfg, cache=cache)
         sig = sg.compute_signals(bench, samples, enc, cfg, clues_scores=res.scores, losses=res.losses, cache=cache)
         for k, v in sig.items():
             site_sig[k].append(v)
-    print(f"signals {time.time() - t0:.0f}s", flush=True)
+        print(f"site {i + 1}/{len(data.clients)} signals {time.time() - t0:.0f}s", flush=True)
     out.update({f"site/{k}": np.concatenate(v) for k, v in site_sig.items()})
     samples = [s for site in data.clients for s in site]
     out["kinds"] = np.array([s.pollution for s in samples])
@@ -86,23 +119,22 @@ def table(d: dict) -> None:
     clean = np.array([k == "" for k in kinds])
     print(f"{len(kinds)} samples, {clean.mean():.0%} clean; n per type: "
           + ", ".join(f"{t} {kinds.count(t)}" for t in types))
-    head = f"{'signal':<34}{'all':>7}" + "".join(f"{t[:12]:>14}" for t in types)
+    head = f"{'signal':<44}{'all':>7}" + "".join(f"{t[:12]:>14}" for t in types)
     print(head)
 
     def row(name, score):
         per = per_type_auc(score, kinds)
-        print(f"{name:<34}{roc_auc(score, clean):>7.3f}" + "".join(f"{per[t]:>14.3f}" for t in types))
+        print(f"{name:<44}{roc_auc(score, clean):>7.3f}" + "".join(f"{per[t]:>14.3f}" for t in types))
 
     for n in sg.SIGNALS:
         s = d[f"site/{n}"]
         row(f"{n} (raw, oriented)", sg.SIGNALS[n][0] * np.nan_to_num(s, nan=np.nanmedian(s)))
-    combos = [sg.DEFAULT_SIGNALS, tuple(sg.SIGNALS), ("clues", "base-loss"), ("clues", "qinfo"),
-              ("clues", "base-loss", "qinfo"), ("clues", "base-loss", "qinfo", "eos"),
-              ("clues", "base-loss", "qinfo", "dup"), ("clues", "loss", "qinfo", "eos", "dup"),
-              ("clues", "base-loss", "loss", "qinfo", "eos", "dup"),
-              ("clues", "base-loss", "qinfo", "learn", "eos", "dup")]
-    for names in dict.fromkeys(combos):
-        row("calibrated: " + "+".join(names), combined(d, names)[0])
+    default = sg.DEFAULT_SIGNALS  # then the default without each of its signals, and with each other one
+    combos = [("calibrated: clues", ("clues",)), ("clues+ (default signals)", default),
+              *[(f"clues+ without {n}", tuple(m for m in default if m != n)) for n in default[1:]],
+              *[(f"clues+ with {n}", default + (n,)) for n in sg.SIGNALS if n not in default]]
+    for label, names in combos:
+        row(label, combined(d, names)[0])
 
 
 def grid(d: dict, method: str, **kw) -> list[dict]:
@@ -150,6 +182,7 @@ def combined_grid(d: dict, draws: int = 20) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="outputs/signals-quick.npz")
+    ap.add_argument("--from-run", type=Path, help="a saved run's output folder: its config and trace checkpoints")
     ap.add_argument("--table", action="store_true", help="only print the table of a saved file")
     ap.add_argument("--sites", type=int, default=4)
     ap.add_argument("--per-site", type=int, default=40)
@@ -163,7 +196,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.table:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.out, **measure(args))
+        np.savez(args.out, **(measure_run(args.from_run) if args.from_run else measure(args)))
     table(load(args.out))
     if args.grid:
         print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (README table):")

@@ -164,7 +164,7 @@ def train_local(message: Message, context: Context) -> Message:
 @app.query("score")
 @_ids_hidden
 def score(message: Message, context: Context) -> Message:
-    """Per-sample scores of the configured selection method (CLUES by default)."""
+    """Per-sample scores of the configured selection method (clues+ by default)."""
     cfg, bench, samples, encoded, cache, skipped = _load(context)
     request = ScoreRequest.from_record(message.content)
     scorer = make_scorer(request.method, score_settings(cfg))

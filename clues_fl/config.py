@@ -290,9 +290,9 @@ class SelectionSection(Section):
 
     PREFIX = "selection"
 
-    method: str = option("clues", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
+    method: str = option("clues+", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
                          "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
-    threshold: str = option("mixture", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
+    threshold: str = option("anchor-f1", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
                             choices=("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
     quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
                              bound="in [0, 1)")

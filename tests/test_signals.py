@@ -15,12 +15,25 @@ from clues_fl.selection.rules import clean_share
 from test_flower_inprocess import _strings_in, drive, run_config
 
 
-def test_near_duplicates_flag_later_copies_only():
-    texts = ["the cost of a mortgage depends on the rate and the term",
+def test_near_duplicates_flag_the_less_complete_copies_only():
+    texts = ["the cost of a mortgage depends on the rate and term",  # a near-copy (a word lost) of the 3rd
              "an index fund tracks a market index at low cost for investors",
-             "the cost of a mortgage depends on the rate and term"]  # near-copy of the first
+             "the cost of a mortgage depends on the rate and the term",
+             "an index fund tracks a market index at low cost for investors"]  # an exact copy of the 2nd
     d = sg.near_duplicate_scores(texts)
-    assert d[0] == 0.0 and d[1] == 0.0 and d[2] > 0.5
+    assert d[1] == 0.0 and d[2] == 0.0  # the most complete (or first of equals) member stays
+    assert d[0] > 0.5 and d[3] == 1.0
+
+
+def test_question_overlap_is_the_share_of_the_questions_content_words_in_the_answer():
+    from clues_fl.data.sources import Sample
+
+    rows = [Sample("a", "How do mortgage rates affect my monthly payment?",
+                   "Higher mortgage rates raise the monthly payment."),  # mortgage, rates, monthly, payment
+            Sample("b", "How do mortgage rates affect my monthly payment?", "Index funds track a market."),
+            Sample("c", "Why?", "Because.")]  # no content word in the question
+    o = sg.question_overlap(rows)
+    assert o[0] == pytest.approx(4 / 5) and o[1] == 0.0 and np.isnan(o[2])  # 'affect' is not used
 
 
 def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
@@ -59,6 +72,59 @@ def test_end_of_answer_token_is_the_last_target(tiny_model_dir):
     mean, last = sg.token_loss_stats(bench.model, enc, bench.first_layer, pad_id=bench.pad_id)
     assert np.isfinite(mean).all()
     assert all(np.isfinite(v) != e.truncated for v, e in zip(last, enc))
+
+
+def test_end_of_answer_signal_reads_the_answer_end_also_past_max_length(tiny_model_dir):
+    """The eos signal scores the end token after the answer's LAST tokens: an answer longer
+    than data.max-length still gets a value (the training encoding cuts it before its
+    end), the end token is the last target, and the question plays no part."""
+    from clues_fl.config import parse_config
+    from clues_fl.data.sources import Sample, _end_token_id
+    from clues_fl.runtime import workbench
+
+    cfg = parse_config({**run_config(tiny_model_dir, "/tmp"), "data.max-length": 40})
+    bench = workbench(cfg)
+    long = " ".join(f"word{i}" for i in range(200)) + " the end."
+    samples = [Sample("a", "q one", "A short answer."), Sample("b", "a much longer question " * 30, long),
+               Sample("c", "another question", long)]
+    assert bench.encode(samples, cfg)[1].truncated  # the training encoding loses the end
+    ends = sg.encode_answer_ends(bench.tokenizer, samples, 40, cfg["data.system-prompt"] or None)
+    end = _end_token_id(bench.tokenizer)
+    for e in ends:
+        assert len(e.input_ids) <= 40 and e.input_ids[-1] == end and not e.truncated
+    assert ends[1].input_ids == ends[2].input_ids  # the same answer end, whatever the question
+    _, last = sg.token_loss_stats(bench.model, ends, bench.first_layer, pad_id=bench.pad_id)
+    assert np.isfinite(last).all() and last[1] == pytest.approx(last[2])
+
+
+def test_the_server_computes_anchor_signals_from_the_anchors_records(tiny_model_dir):
+    """The server reads the anchors' records (server_app and the suite pass them to Clues):
+    a long anchor's end-of-answer value is its real end (its encoding is cut before it),
+    and the question-overlap signal needs the questions."""
+    from clues_fl.config import parse_config
+    from clues_fl.data.sources import Sample
+    from clues_fl.model.loading import load_lora_state
+    from clues_fl.model.training import Checkpoint
+    from clues_fl.runtime import workbench
+    from clues_fl.scoring.alignment import ScoreSettings
+    from clues_fl.scoring.scorers import CluesPlusScorer
+
+    cfg = parse_config({**run_config(tiny_model_dir, "/tmp"), "data.max-length": 40})
+    bench = workbench(cfg)
+    anchors = [Sample(f"a{i}", f"question {i}", " ".join(f"w{i}{j}" for j in range(60 + i)) + " done.")
+               for i in range(4)] + [Sample("short", "a question", "A short answer.")]  # cut, and one that fits
+    enc = bench.encode(anchors, cfg)
+    ckpt = [Checkpoint(dict(bench.initial_state), 1e-4)]
+    scorer = CluesPlusScorer(ScoreSettings("cosine", "sgd", 4))
+    values = scorer.anchor_signals(bench, enc, ckpt, cfg, np.zeros(5), anchors)
+    assert [e.truncated for e in enc] == [True] * 4 + [False]
+    ends = sg.encode_answer_ends(bench.tokenizer, anchors, 40, cfg["data.system-prompt"] or None)
+    load_lora_state(bench.model, bench.initial_state)
+    _, expected = sg.token_loss_stats(bench.model, ends, bench.first_layer, pad_id=bench.pad_id)
+    assert np.allclose(values["eos"], expected, atol=1e-5) and np.isfinite(values["eos"]).all()
+    assert np.allclose(values["overlap"], sg.question_overlap(anchors))
+    with pytest.raises(ValueError, match="anchors' text"):
+        scorer.anchor_side(bench, enc, ckpt, cfg)
 
 
 def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_model_dir, tmp_path):

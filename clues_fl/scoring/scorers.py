@@ -31,7 +31,6 @@ from clues_fl.scoring.baselines import (
     ppl_scores,
     random_scores,
 )
-from clues_fl.data.sources import Encoded, Sample, encode_sample
 from clues_fl.scoring.alignment import ScoreSettings
 from clues_fl.model.training import Checkpoint
 from clues_fl.model.loading import load_lora_state
@@ -82,9 +81,10 @@ class Scorer:
     def score(self, site: SiteData, payload: ScorePayload) -> np.ndarray:
         raise NotImplementedError
 
-    def anchor_side(self, bench, anchors, checkpoints: list[Checkpoint], cfg, cache=None) -> AnchorSide:
+    def anchor_side(self, bench, anchors, checkpoints: list[Checkpoint], cfg, cache=None, samples=None) -> AnchorSide:
         """Server side (needs_anchor_gradients): mean anchor gradient per checkpoint and
-        each anchor's leave-one-out score."""
+        each anchor's leave-one-out score. `anchors` are encoded; `samples` are the same
+        anchors' raw records (their full text) where the server has them."""
         side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
         return AnchorSide(side.scores, side.gradients)
 
@@ -110,10 +110,11 @@ class CluesScorer(Scorer):
 
 
 class CluesPlusScorer(CluesScorer):
-    """CLUES+ : CLUES alignment plus loss, question-information, end-of-answer and
-    near-duplicate signals (clues_fl/scoring/signals.py), each in units of the anchors' robust
-    spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere worse
-    than a typical anchor, -3 = three spreads on the bad side in all). The server calibrates on the anchors
+    """CLUES+ (the default method): CLUES alignment plus base-model loss, question
+    information, end-of-answer, near-duplicate and question-overlap signals
+    (clues_fl/scoring/signals.py), each in units of the anchors' robust spread; a sample's
+    score is the sum of its one-sided shortfalls (0 = nowhere worse than a typical anchor,
+    -3 = three spreads on the bad side in all). The server calibrates on the anchors
     (leave-one-out) and the sites report only that one number per sample."""
 
     name = "clues+"
@@ -123,21 +124,21 @@ class CluesPlusScorer(CluesScorer):
         super().__init__(settings)
         self.details: dict = {}  # the last score() call's per-signal values: stay on the site
 
-    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None, samples=None):
+        if samples is None:
+            raise ValueError("selection.method='clues+': the server needs the anchors' text (their "
+                             "records) to compute their signals; pass anchor_samples to Clues")
         side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
-        values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, cache)
+        values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, samples, cache)
         cal = signals.calibrate(values)
         return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())
 
-    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, cache=None) -> dict:
-        """Every signal of the public anchors (the server holds their text)."""
-        texts = [_answer_text(bench.tokenizer, e) for e in anchors]
-        samples = [Sample(e.id, "", t) for e, t in zip(anchors, texts)]
+    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None) -> dict:
+        """Every signal of the public anchors (`samples`: their records; `anchors`: their encodings)."""
         losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
                                            cache=cache)
         return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
-                                       cache=cache, names=self.signal_names,
-                                       answers_only=_answer_only_encoding(bench.tokenizer, anchors, cfg))
+                                       cache=cache, names=self.signal_names)
 
     def score(self, site, payload):
         result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
@@ -148,17 +149,6 @@ class CluesPlusScorer(CluesScorer):
         combined, z = signals.calibrated_scores(raw, cal)
         self.details = {"names": list(cal.names), "z": z, "raw": raw}
         return combined
-
-
-def _answer_text(tokenizer, encoded) -> str:
-    return tokenizer.decode(encoded.input_ids[encoded.prompt_len:], skip_special_tokens=True)
-
-
-def _answer_only_encoding(tokenizer, encoded: list, cfg) -> list:
-    """The answers alone (after an empty user turn), from their full encodings."""
-    probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, cfg["data.system-prompt"] or None)
-    header = list(probe.input_ids[: probe.prompt_len])
-    return [Encoded(e.id, header + list(e.input_ids[e.prompt_len:]), len(header), e.truncated) for e in encoded]
 
 
 class LessScorer(CluesScorer):
@@ -228,7 +218,7 @@ class QuadScorer(Scorer):
         self.settings = ScoreSettings(settings.similarity, "sgd", settings.batch_size)
         self._extras: dict = {}
 
-    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None):
+    def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None, samples=None):
         side = quad.anchor_influence(bench, anchors, checkpoints, cfg, self.settings, cache=cache)
         tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["quad.tau-quantile"],
                                static=cfg["selection.static"])

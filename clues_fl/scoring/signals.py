@@ -6,28 +6,37 @@ clean one. Other signals see those, but each on its own is a poor ranker (fluent
 answers exist), so raw values are not summed: each is first put in units of what the clean anchor
 set looks like, and a sample scores its total shortfall below a typical anchor.
 
-Signals (all computed at the site from passes the engine already makes, plus one
-forward pass of the base model over the sample and one over its answer alone):
+Signals (computed at the site from the scoring pass it already makes, three forward
+passes of the base model (over the sample, its answer alone, its answer's end) and the
+text; ``DEFAULT_SIGNALS`` are the ones ``clues+`` uses):
 
 ==============  ==============================================  ========  ==========================
 name            what                                            good is   an outlier below means
 ==============  ==============================================  ========  ==========================
 ``clues``       CLUES alignment with the anchor gradient         high      off-domain
-``loss``        answer loss at the last trace checkpoint         low       garbled
+``loss``        answer loss at the last trace checkpoint         low       garbled (not in the default:
+                                                                            it moves with base-loss)
 ``learn``       loss drop first -> last checkpoint (learning)    high      garbled (not in the default:
-                                                                                    bad samples' loss drops MORE)
+                                                                            bad samples' loss drops MORE)
 ``base-loss``   answer loss under the base model                 low       garbled
 ``qinfo``       loss(answer alone) - loss(answer | question)     high      answer unrelated to question
-``eos``         loss of the end-of-answer token (base model)     low       truncated
-``dup``         max word-3-gram Jaccard with an earlier sample   low       duplicate
-                of the same site (text only, no model)
+``eos``         loss of the end-of-answer token (base model),    low       truncated
+                given the answer's last tokens (so an answer
+                longer than data.max-length has one too)
+``dup``         max word-3-gram Jaccard with a more complete     low       duplicate
+                (longer, or equal and earlier) sample of the
+                same site (text only, no model)
+``overlap``     share of the question's content words (3+        high      answer unrelated to question
+                letters, not a common English function word)
+                that the answer uses (text only, no model)
 ==============  ==============================================  ========  ==========================
 
-The server computes every signal for the anchors (``clues`` leave-one-out as the
-engine does; ``dup`` within the anchor set) and sends per-signal robust location and
-spread (median, 1.4826 MAD). A site turns a sample's signals into one-sided standard
-deviations ``z_j = direction_j (s_j - median_j) / spread_j`` (0 = a typical anchor,
--3 = three spreads on the bad side) and reports only ``min_j z_j``.
+The server computes every signal for the anchors from their records (``clues``
+leave-one-out as the engine does; ``dup`` within the anchor set) and sends per-signal
+robust location and spread (median, 1.4826 MAD). A site turns a sample's signals into
+one-sided standard deviations ``z_j = direction_j (s_j - median_j) / spread_j`` (0 = a
+typical anchor, -3 = three spreads on the bad side) and reports only its total
+shortfall ``sum_j min(z_j, 0)`` (``combine``).
 
 Plain numpy/torch: no Flower imports.
 """
@@ -52,17 +61,22 @@ SIGNALS: dict[str, tuple[int, str]] = {
     "qinfo": (+1, "answer unrelated to question"),
     "eos": (-1, "truncated"),
     "dup": (-1, "duplicate"),
+    "overlap": (+1, "answer unrelated to question"),
 }
-# Chosen on the quick measurement pool (benchmarks/signals.py, README "Selection signals
-# and the calibrated score"): the signals that add.
-DEFAULT_SIGNALS = ("clues", "loss", "base-loss", "qinfo", "eos", "dup")
+# Chosen on the quick measurement pools and the demo's FedAvg checkpoints
+# (benchmarks/signals.py, README "Selection signals and the calibrated score"): the
+# signals that add. "loss" (the last checkpoint's) is left out: it moves with base-loss
+# (the LoRA barely changes answer losses), so the two would count one shortfall twice.
+DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup", "overlap")
 MAD_SCALE = 1.4826  # MAD -> sd for a normal distribution
 # Smallest spread per signal, in the signal's own units: anchors are (nearly) never
 # near-duplicates of each other, so their dup spread is ~0 and any shared phrase would
-# look like a many-sigma outlier; a 0.3 Jaccard spread puts a near-copy (Jaccard ~0.9)
-# at about -3 and a shared phrase (0.1) at about -0.3 (0.1 and 0.2 cost cross-domain AUC
-# on the quick pool: benchmarks/signals.py).
-MIN_SPREAD = {"dup": 0.3}
+# look like a many-sigma outlier; a 0.15 Jaccard spread puts a near-copy (Jaccard ~0.9)
+# at about -6 and a shared phrase (0.1) at about -0.7. Measured on the two quick pools
+# (benchmarks/signals.py): 0.3 -> near-duplicate AUC 0.88/0.89, 0.15 -> 0.96/0.95 at a cost
+# of at most 0.007 on any other kind; 0.1 ranks near-copies a little better still, but
+# makes a clean answer that shares a stock phrase with another one a 1-2 sigma outlier.
+MIN_SPREAD = {"dup": 0.15}
 Z_FLOOR = -50.0  # a signal cannot push a score below this (keeps histograms and plots readable)
 
 
@@ -88,21 +102,38 @@ def token_loss_stats(model, encoded: Sequence, first_layer: int, *, pad_id: int,
     Both go through ``forward.sample_losses`` (whatever forward the model family uses);
     the second with a target mask holding only the last answer position.
     """
+    from clues_fl.model.device import device_of
     from clues_fl.model.forward import iterate_batches
 
     mean = np.zeros(len(encoded))
     last = np.full(len(encoded), np.nan)
-    for batch in iterate_batches(encoded, batch_size, pad_id, cache):
+    for batch in iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)):
         mean[batch.rows] = sample_losses(model, batch, first_layer).double().cpu().numpy()
         ends = batch.attention_mask.sum(1) - 2  # the position predicting the last real token
         only_last = torch.zeros_like(batch.target_mask)
-        only_last[torch.arange(batch.size), ends.clamp(min=0)] = True
+        only_last[torch.arange(batch.size, device=only_last.device), ends.clamp(min=0)] = True
         only_last &= batch.target_mask
         end_loss = sample_losses(model, replace(batch, target_mask=only_last), first_layer).double().cpu().numpy()
         for b, row in enumerate(batch.rows):
             if only_last[b].any() and not encoded[row].truncated:
                 last[row] = end_loss[b]
     return mean, last
+
+
+def encode_answer_ends(tokenizer, samples, max_length: int, system_prompt: str | None = None) -> list:
+    """Each answer's END after an empty user turn: the chat header, then the answer's last
+    tokens up to `max_length` with the end-of-turn token. The end-of-answer signal reads the
+    loss of that last token; taking the end (not the start, as the training encoding does
+    when it cuts) gives every sample and anchor a value, also when its answer is long."""
+    from clues_fl.data.sources import Encoded, Sample, encode_sample
+
+    out = []
+    for s in samples:
+        full = encode_sample(tokenizer, Sample(s.id, "", s.answer), 10**9, system_prompt)
+        header, answer = full.input_ids[: full.prompt_len], full.input_ids[full.prompt_len :]
+        answer = answer[-max(1, max_length - len(header)) :]
+        out.append(Encoded(s.id, list(header) + list(answer), len(header), False))
+    return out
 
 
 # --------------------------------------------------------------------------- text signal
@@ -118,10 +149,12 @@ def _shingles(text: str, n: int = 3) -> frozenset:
 
 
 def near_duplicate_scores(texts: Sequence[str]) -> np.ndarray:
-    """For each text, the largest Jaccard similarity of its word 3-grams with an EARLIER
-    text of the same set (0: unique, 1: an exact copy came before). The first of a group
-    of near-copies is not a duplicate, so a group keeps one member."""
+    """For each text, the largest Jaccard similarity of its word 3-grams with a text of
+    the same set that is kept before it: a longer one (more complete: a near-copy that
+    lost words is the copy), or an equally long earlier one (an exact copy). 0: no such
+    text. So a group of near-copies keeps its most complete member."""
     sets = [_shingles(t) for t in texts]
+    sizes = [len(_TOKEN.findall(t)) for t in texts]
     out = np.zeros(len(sets))
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
@@ -131,7 +164,26 @@ def near_duplicate_scores(texts: Sequence[str]) -> np.ndarray:
             inter = len(a & b)
             if inter:
                 sim = inter / len(a | b)
-                out[j] = max(out[j], sim)
+                later = i if sizes[i] < sizes[j] else j  # the shorter one, or the later of two equal
+                out[later] = max(out[later], sim)
+    return out
+
+
+_FUNCTION_WORDS = frozenset(
+    "the and for are you your that this with from not but can does will would should could have has had "
+    "was were what how why when which who".split())
+
+
+def question_overlap(samples) -> np.ndarray:
+    """Share of each question's content words (3+ letters, not a common English function
+    word) that its answer uses; NaN for a question without any (it then counts as typical).
+    An answer written for another question shares few of them."""
+    out = np.full(len(samples), np.nan)
+    for i, s in enumerate(samples):
+        question = {w for w in _TOKEN.findall(s.question.lower()) if len(w) >= 3 and w not in _FUNCTION_WORDS}
+        if question:
+            answer = set(_TOKEN.findall(s.answer.lower()))
+            out[i] = len(question & answer) / len(question)
     return out
 
 
@@ -145,12 +197,12 @@ def sample_texts(samples) -> list[str]:
 
 
 def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, losses: np.ndarray,
-                    cache=None, names: Sequence[str] = tuple(SIGNALS), answers_only=None) -> dict[str, np.ndarray]:
+                    cache=None, names: Sequence[str] = tuple(SIGNALS)) -> dict[str, np.ndarray]:
     """Every signal of `names` for these samples (a site's pool, or the anchors on the
     server). `clues_scores` (N,) and `losses` (K, N) come from the scoring pass (the
     engine's ScoreResult; for anchors the leave-one-out scores and their per-checkpoint
-    losses). Costs one base-model forward (with the prefix cache) and, for ``qinfo``,
-    one forward over the answers alone."""
+    losses). Costs one base-model forward (with the prefix cache), for ``qinfo`` one over
+    the answers alone, and for ``eos`` one over the answers' ends."""
     from clues_fl.scoring.baselines import answer_losses_of, encode_answer_only
     from clues_fl.model.loading import load_lora_state
 
@@ -164,21 +216,32 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
     if "learn" in names:
         out["learn"] = losses[0] - losses[-1]
     bs = cfg["scoring.batch-size"]
-    if {"base-loss", "eos", "qinfo"} & set(names):
+    if {"base-loss", "qinfo", "eos"} & set(names):
         load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
-        base, last = token_loss_stats(bench.model, encoded, bench.first_layer, pad_id=bench.pad_id,
-                                      batch_size=bs, cache=cache)
-        if "base-loss" in names:
-            out["base-loss"] = base
-        if "eos" in names:
-            out["eos"] = last
+    system = cfg["data.system-prompt"] or None
+    end_loss = np.full(len(samples), np.nan)
+    if {"base-loss", "qinfo"} & set(names):
+        base = answer_losses_of(bench.model, encoded, bench.first_layer, pad_id=bench.pad_id, batch_size=bs,
+                                cache=cache, desc="base model")
+        out["base-loss"] = base
         if "qinfo" in names:
-            alone = answers_only or encode_answer_only(bench.tokenizer, samples, cfg["data.max-length"],
-                                                       cfg["data.system-prompt"] or None)
-            out["qinfo"] = answer_losses_of(bench.model, alone, bench.first_layer, pad_id=bench.pad_id,
-                                            batch_size=bs, desc="answer alone") - base
+            alone = encode_answer_only(bench.tokenizer, samples, cfg["data.max-length"], system)
+            # An answer that fits is the same sequence as its end encoding, so this pass
+            # also gives its end-token loss (NaN for the cut ones).
+            alone_loss, end_loss = token_loss_stats(bench.model, alone, bench.first_layer, pad_id=bench.pad_id,
+                                                    batch_size=bs)
+            out["qinfo"] = alone_loss - base
+    if "eos" in names:
+        rows = np.flatnonzero(np.isnan(end_loss))
+        if rows.size:
+            ends = encode_answer_ends(bench.tokenizer, [samples[i] for i in rows], cfg["data.max-length"], system)
+            end_loss[rows] = token_loss_stats(bench.model, ends, bench.first_layer, pad_id=bench.pad_id,
+                                              batch_size=bs)[1]
+        out["eos"] = end_loss
     if "dup" in names:
         out["dup"] = near_duplicate_scores(sample_texts(samples))
+    if "overlap" in names:
+        out["overlap"] = question_overlap(samples)
     return {n: out[n] for n in names}
 
 

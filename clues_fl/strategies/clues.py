@@ -157,10 +157,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: floa
 class Clues:
     """The CLUES protocol over a Flower Grid. `bench` is the server's Workbench."""
 
-    def __init__(self, cfg: RunConfig, bench, anchor_encoded, val_encoded, test_samples=None):
+    def __init__(self, cfg: RunConfig, bench, anchor_encoded, val_encoded, test_samples=None, anchor_samples=None):
         self.cfg = cfg
         self.bench = bench
         self.anchors = anchor_encoded
+        self.anchor_samples = list(anchor_samples) if anchor_samples is not None else None  # their full text
         self.val = val_encoded
         self.test = list(test_samples or [])  # raw samples: answers are generated for them
         self.anchor_cache = bench.cache(anchor_encoded, cfg, desc="anchor prefix cache")
@@ -341,7 +342,8 @@ class Clues:
 
     # -- phase 2: score ---------------------------------------------------------
     def _anchor_side(self, checkpoints: list[Checkpoint]):
-        return self.scorer.anchor_side(self.bench, self.anchors, checkpoints, self.cfg, cache=self.anchor_cache)
+        return self.scorer.anchor_side(self.bench, self.anchors, checkpoints, self.cfg, cache=self.anchor_cache,
+                                       samples=self.anchor_samples)
 
     def score(self, grid: Grid, nodes: list[int], federated: bool) -> None:
         contents: dict[int, RecordDict] = {}
