@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 # A second, smaller smoke run: one trace round, no evaluation.
 QUICK = "trace.rounds=1 eval.validation=false eval.max-samples=0 eval.mc-items=0"
+# The default method and rule (the smoke scenario names CLUES with the mixture rule).
+DEFAULT_METHOD = "selection.method='clues+' selection.threshold='anchor-f1'"
 
 
 def launch_cmd(extra: str) -> list[str]:
@@ -70,7 +72,7 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     user_config = '[superlink]\ndefault = "supergrid"\n\n[superlink.supergrid]\naddress = "10.9.9.9:9093"\n'
     (home / "config.toml").write_text(user_config)
     env = dict(os.environ, FLWR_HOME=str(home))
-    runs = {"cli-smoke": "", "cli-smoke-b": QUICK}
+    runs = {"cli-smoke": "", "cli-smoke-b": f"{QUICK} {DEFAULT_METHOD}"}
     procs = {name: subprocess.Popen(launch_cmd(f"output-dir='{out}' run-name='{name}' {extra}"), cwd=REPO, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, extra in runs.items()}
@@ -90,6 +92,13 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     assert metrics["validation-loss"]["selected"] > 0
     assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "cli-smoke" / "report.md").exists() and (out / "cli-smoke" / "score_histograms.png").exists()
+    # the default method on the real model: clues+ with anchor-f1, each site's local report
+    b = json.loads((out / "cli-smoke-b" / "metrics.json").read_text())
+    assert b["config"]["selection.method"] == "clues+" and b["threshold"]["rule"] == "anchor-f1"
+    assert 0.0 <= b["selection"]["estimated-clean-share"]["estimate"] <= 1.0
+    for site in ("client-0", "client-1"):
+        summary = json.loads((out / "cli-smoke-b" / "site-reports" / site / "summary.json").read_text())
+        assert summary["kept"] == b["selection"]["per-client"][site]["kept"]
     # the console: a line when each phase starts and ends, no per-phase Flower banner, no library warnings
     console = stdout["cli-smoke"]  # stderr merged
     for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
