@@ -14,7 +14,8 @@ scores with the loop's; at the 1B shape bf16 vs float32 Spearman of the same wei
 (dot, cosine); at the 8B shape the engine (dot) on the model loaded in 4-bit nf4 through
 the product's loader (saved once to a temporary folder). `--smoke` (default on CUDA) runs
 scenarios/smoke.toml in-process with model.device=cuda and with model.device=cpu
-(float32 both) and reports whether they keep the same samples.
+(float32 both), with CLUES and with the default clues+, and reports whether they keep
+the same samples.
 
     python benchmarks/gpu.py                 # CUDA: --shapes 1b 8b --smoke
     python benchmarks/gpu.py --shapes tiny   # the CPU, about a minute
@@ -225,7 +226,8 @@ def four_bit(shape, device, batch_size):
 
 
 def smoke(device: str) -> dict:
-    """scenarios/smoke.toml in-process (InMemoryGrid) on `device` and on the CPU, float32."""
+    """scenarios/smoke.toml in-process (InMemoryGrid) on `device` and on the CPU, float32,
+    with the scenario's CLUES + mixture and with the default clues+ + anchor-f1."""
     import tomllib
 
     from flwr.common.config import flatten_dict
@@ -238,26 +240,29 @@ def smoke(device: str) -> dict:
 
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
-    kept, seconds = {}, {}
-    with tempfile.TemporaryDirectory() as out:
-        for where in dict.fromkeys((device, "cpu")):  # once when --device is the CPU
-            run = {**raw, "run-name": f"smoke-{where.replace(':', '')}", "output-dir": out, "model.device": where,
-                   "model.dtype": "float32", "resume": False}
-            _cached.cache_clear()
-            free_memory()
-            t = time.perf_counter()
-            clues, metrics = run_protocol(InMemoryGrid(client_app.app, nodes, run), parse_config(run))
-            seconds[where] = time.perf_counter() - t
-            kept[where] = {s.name: s.kept for s in clues.sites.values()}
-            kept[where]["scores"] = np.concatenate([clues.sites[n].scores for n in sorted(clues.sites)])
-    same_scores = rho(kept[device]["scores"], kept["cpu"]["scores"])
-    same = {k: v for k, v in kept[device].items() if k != "scores"} == {
-        k: v for k, v in kept["cpu"].items() if k != "scores"}
-    print(f"\nsmoke in-process: {device} {seconds[device]:.1f} s, cpu {seconds['cpu']:.1f} s; kept per site "
-          f"{ {k: v for k, v in kept[device].items() if k != 'scores'} } vs cpu "
-          f"{ {k: v for k, v in kept['cpu'].items() if k != 'scores'} }; score Spearman {same_scores:.4f}")
-    return {"smoke_same_kept_counts": int(same), "smoke_score_spearman": round(same_scores, 4),
-            "smoke_device_s": round(seconds[device], 1)}
+    figures = {}
+    for method, rule in (("clues", "mixture"), ("clues+", "anchor-f1")):
+        kept, seconds = {}, {}
+        with tempfile.TemporaryDirectory() as out:
+            for where in dict.fromkeys((device, "cpu")):  # once when --device is the CPU
+                run = {**raw, "run-name": f"smoke-{where.replace(':', '')}", "output-dir": out, "model.device": where,
+                       "model.dtype": "float32", "resume": False, "selection.method": method,
+                       "selection.threshold": rule}
+                _cached.cache_clear()
+                free_memory()
+                t = time.perf_counter()
+                clues, metrics = run_protocol(InMemoryGrid(client_app.app, nodes, run), parse_config(run))
+                seconds[where] = time.perf_counter() - t
+                kept[where] = {s.name: s.kept for s in clues.sites.values()}
+                kept[where]["scores"] = np.concatenate([clues.sites[n].scores for n in sorted(clues.sites)])
+        same_scores = rho(kept[device]["scores"], kept["cpu"]["scores"])
+        counts = {w: {k: v for k, v in kept[w].items() if k != "scores"} for w in kept}
+        print(f"\nsmoke in-process, {method} + {rule}: {device} {seconds[device]:.1f} s, cpu {seconds['cpu']:.1f} s; "
+              f"kept per site {counts[device]} vs cpu {counts['cpu']}; score Spearman {same_scores:.4f}")
+        tag = "smoke" if method == "clues" else "smoke_clues_plus"
+        figures.update({f"{tag}_same_kept_counts": int(counts[device] == counts["cpu"]),
+                        f"{tag}_score_spearman": round(same_scores, 4), f"{tag}_device_s": round(seconds[device], 1)})
+    return figures
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """On a CUDA device (skipped without one): the engine's scores equal the naive batch-1
-reference (float32, 1e-4), and one in-process federation runs with model.device=cuda."""
+reference (float32, 1e-4), and an in-process federation runs with model.device=cuda (CLUES,
+and the default clues+ whose signals make their own forward passes)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ def test_engine_exact_on_cuda_float32(preconditioner, use_cache, tmp_path):
         rel_close(got.scores, want, tol=1e-4)
 
 
-def test_inprocess_federation_on_cuda(tiny_model_dir, tmp_path):
-    raw = run_config(tiny_model_dir, tmp_path, **{"model.device": "cuda"})
+@pytest.mark.parametrize("method,rule", [("clues", "mixture"), ("clues+", "anchor-f1")])
+def test_inprocess_federation_on_cuda(tiny_model_dir, tmp_path, method, rule):
+    chosen = {"selection.method": method, "selection.threshold": rule}
+    raw = run_config(tiny_model_dir, tmp_path, **{"model.device": "cuda", **chosen})
     cfg, grid, clues, metrics = drive(raw)
     assert all(not ex.reply.has_error() for ex in grid.log)
     assert next(clues.bench.model.parameters()).is_cuda
     assert metrics["gpu-peak-mib"]  # measured per phase on CUDA
-    cpu = drive(run_config(tiny_model_dir, tmp_path / "cpu", **{"model.device": "cpu"}))[3]
+    cpu = drive(run_config(tiny_model_dir, tmp_path / "cpu", **{"model.device": "cpu", **chosen}))[3]
     assert np.isclose(metrics["selection"]["f1"], cpu["selection"]["f1"])
