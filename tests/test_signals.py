@@ -36,7 +36,7 @@ def test_question_overlap_is_the_share_of_the_questions_content_words_in_the_ans
     assert o[0] == pytest.approx(4 / 5) and o[1] == 0.0 and np.isnan(o[2])  # 'affect' is not used
 
 
-def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
+def test_calibrated_score_is_the_total_one_sided_shortfall_in_anchor_units():
     rng = np.random.default_rng(0)
     anchors = {"clues": rng.normal(1.0, 0.1, 40), "base-loss": rng.normal(3.0, 0.5, 40)}
     cal = sg.calibrate(anchors)
@@ -47,6 +47,9 @@ def test_calibrated_score_is_worst_one_sided_deviation_in_anchor_units():
     assert score[1] < -3 and score[2] < -3  # far below on one signal is enough
     assert score[3] > -0.5  # better than the anchors on both: not penalised (one-sided)
     assert sg.reasons(z, cal.names)[1:3] == ["off-domain", "garbled"]
+    assert np.allclose(z[0], (sites["clues"] - cal.centre[0]) / cal.spread[0])  # higher is better
+    assert np.allclose(z[1], -(sites["base-loss"] - cal.centre[1]) / cal.spread[1])  # lower is better
+    assert np.allclose(score, np.minimum(z, 0).sum(axis=0))
     # round trip through the message config
     again = sg.Calibration.from_config(cal.to_config())
     assert again.names == cal.names and np.allclose(again.spread, cal.spread)
