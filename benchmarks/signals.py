@@ -137,6 +137,39 @@ def table(d: dict) -> None:
         row(label, combined(d, names)[0])
 
 
+EXPECTED_REASON = {"cross-domain": "off-domain", "exchange": "answer unrelated to question", "cut": "truncated",
+                   "delete": "garbled", "near-duplicate": "duplicate"}
+
+
+def reason_table(d: dict) -> None:
+    """How often the site report's reason (clues_fl.scoring.signals.reasons, per site)
+    names a dropped bad sample's pollution kind, with the default signals and the
+    anchor-f1 threshold."""
+    from clues_fl.selection.rules import global_threshold
+
+    names = sg.DEFAULT_SIGNALS
+    anchors, sites = split(d, names)
+    score, z = sg.calibrated_scores(sites, sg.calibrate(anchors))
+    threshold = global_threshold("anchor-f1", sg.anchor_loo_scores(anchors), score)
+    named = np.empty(len(score), dtype=object)
+    for site in np.unique(d["site"]):
+        at = np.flatnonzero(d["site"] == site)
+        named[at] = [sg.SIGNALS[n][1] for n in sg.reasons(z[:, at], names)]
+    kinds = np.array([str(k) for k in d["kinds"]])
+    dropped = score < threshold
+    print("\nreasons of the dropped samples (anchor-f1 threshold), share naming the pollution kind:")
+    for kind, expected in EXPECTED_REASON.items():
+        at = dropped & (kinds == kind)
+        if at.any():
+            counts = dict(zip(*np.unique(named[at].astype(str), return_counts=True)))
+            print(f"  {kind:<15} {np.mean(named[at] == expected):.2f} of {at.sum()}: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    at = dropped & (kinds == "")
+    if at.any():
+        counts = dict(zip(*np.unique(named[at].astype(str), return_counts=True)))
+        print(f"  {'clean (dropped)':<15} {at.sum()}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
 def grid(d: dict, method: str, **kw) -> list[dict]:
     """The threshold-rule grid (clues_fl.experiments.suite.threshold_grid) on this pool's scores."""
     from clues_fl.experiments.suite import threshold_grid
@@ -198,6 +231,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.out, **(measure_run(args.from_run) if args.from_run else measure(args)))
     table(load(args.out))
+    reason_table(load(args.out))
     if args.grid:
         print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (README table):")
         print(combined_grid(load(args.out), args.draws))

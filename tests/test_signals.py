@@ -46,7 +46,7 @@ def test_calibrated_score_is_the_total_one_sided_shortfall_in_anchor_units():
     assert abs(score[0]) < 0.6  # a typical anchor: about 0
     assert score[1] < -3 and score[2] < -3  # far below on one signal is enough
     assert score[3] > -0.5  # better than the anchors on both: not penalised (one-sided)
-    assert sg.reasons(z, cal.names)[1:3] == ["off-domain", "garbled"]
+    assert sg.reasons(z, cal.names)[1:3] == ["clues", "base-loss"]
     assert np.allclose(z[0], (sites["clues"] - cal.centre[0]) / cal.spread[0])  # higher is better
     assert np.allclose(z[1], -(sites["base-loss"] - cal.centre[1]) / cal.spread[1])  # lower is better
     assert np.allclose(score, np.minimum(z, 0).sum(axis=0))
@@ -55,6 +55,22 @@ def test_calibrated_score_is_the_total_one_sided_shortfall_in_anchor_units():
     assert again.names == cal.names and np.allclose(again.spread, cal.spread)
     loo = sg.anchor_loo_scores(anchors)
     assert loo.shape == (40,) and np.median(loo) < 0  # min of two deviations sits below 0
+
+
+def test_reason_is_off_domain_below_the_gradient_cut_else_the_rarest_shortfall_in_the_site():
+    names = ["clues", "eos", "overlap"]
+    # 6 samples of one site; eos is heavy-tailed (many samples far below the anchors' end)
+    z = np.array([[-2.0, 0.0, -0.5, 0.3, -1.0, 0.0],   # clues
+                  [-9.0, -8.0, -9.5, -6.0, 0.0, -20.0],  # eos
+                  [0.0, -1.0, 0.0, 0.0, 0.0, 0.0]])      # overlap
+    assert sg.reasons(z, names) == [
+        "clues",    # gradient alignment <= OFF_DOMAIN_Z: off-domain, whatever its end token says
+        "overlap",  # -1 overlap: the only such sample in the site; -8 eos: 4 of 6 are as low
+        "eos",      # -9.5 eos: 2 of 6 as low; -0.5 clues: 3 of 6
+        "eos",      # nothing else is low
+        "clues",    # -1 clues: 2 of 6 as low (and not off-domain: above -1.5)
+        "eos"]      # the lowest eos (1 of 6)
+    assert sg.SIGNALS["clues"][1] == "off-domain" and sg.OFF_DOMAIN_Z == -1.5
 
 
 def test_end_of_answer_token_is_the_last_target(tiny_model_dir):

@@ -207,12 +207,14 @@ def site_report_dir(cfg, node_config) -> Path:
 def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float,
                       signal_names: list[str] | None = None, signal_z=None) -> None:
     """The data owner's audit of the drop, on this site's disk only: every dropped sample
-    with its text, its score and which signal put it below the threshold (`signal_z`:
-    the per-signal standardised values, one row per name)."""
-    from clues_fl.scoring.signals import SIGNALS
+    with its text, its score and which signal put it below the threshold
+    (clues_fl.scoring.signals.reasons; `signal_z`: the per-signal standardised values,
+    one row per name, for every sample of the site)."""
+    from clues_fl.scoring.signals import SIGNALS, reasons
 
     names = list(signal_names or [])
     z = None if signal_z is None else np.asarray(signal_z, dtype=float).reshape(len(names), len(samples))
+    worst = None if z is None else reasons(z, names)
     folder.mkdir(parents=True, exist_ok=True)
     reasons: dict[str, int] = {}
     with open(folder / "dropped.jsonl", "w") as fh:
@@ -220,9 +222,8 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
                    "score": float(scores[i]), "threshold": threshold}
             if z is not None:
-                worst = int(np.argmin(z[:, i]))
-                row["reason"] = SIGNALS[names[worst]][1]
-                row["worst-signal"] = names[worst]
+                row["reason"] = SIGNALS[worst[i]][1]
+                row["worst-signal"] = worst[i]
                 row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
             else:
                 row["reason"] = f"{cfg['selection.method']} score below the threshold"
