@@ -52,7 +52,7 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
         return None, state.metrics()
     bench = workbench(cfg)
     anchor, val, test, skipped = server_sets(cfg)
-    clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test, anchor_samples=anchor)
+    clues = Clues(cfg, bench, anchor, val, test)
     run = ProtocolRun(cfg, clues, grid, state, skipped=skipped, started=started)
     if state.done("score") and not state.done("retrain") and not clues.holds_exact_scores:
         log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back to "

@@ -157,6 +157,9 @@ class FakeBench:
     def cache(self, *args, **kwargs):
         return None
 
+    def encode(self, samples, cfg):
+        return list(samples)
+
 
 def a_protocol(**overrides) -> Clues:
     return Clues(parse_config({"mode": "merging", "aggregation": "weighted", **overrides}), FakeBench(), [], [], [])

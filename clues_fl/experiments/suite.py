@@ -76,7 +76,7 @@ class Lab:
         grid = InMemoryGrid(client_app.app, nodes, raw)
         bench = workbench(cfg)
         anchor, val, test, skipped = server_sets(cfg)
-        clues = Clues(cfg, bench, bench.encode(anchor, cfg), bench.encode(val, cfg), test, anchor_samples=anchor)
+        clues = Clues(cfg, bench, anchor, val, test)
         # The same phases as server_app, without the equal-budget all-data reference; a
         # trace another method already ran with the same trace config is taken as done.
         key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)

@@ -127,7 +127,7 @@ class CluesPlusScorer(CluesScorer):
     def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None, samples=None):
         if samples is None:
             raise ValueError("selection.method='clues+': the server needs the anchors' text (their "
-                             "records) to compute their signals; pass anchor_samples to Clues")
+                             "records) to compute their signals; pass them as `samples`")
         side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
         values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, samples, cache)
         cal = signals.calibrate(values)

@@ -157,15 +157,15 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 180.0, every: floa
 class Clues:
     """The CLUES protocol over a Flower Grid. `bench` is the server's Workbench."""
 
-    def __init__(self, cfg: RunConfig, bench, anchor_encoded, val_encoded, test_samples=None, anchor_samples=None):
+    def __init__(self, cfg: RunConfig, bench, anchor_samples, val_samples, test_samples=None):
         self.cfg = cfg
         self.bench = bench
-        self.anchors = anchor_encoded
-        self.anchor_samples = list(anchor_samples) if anchor_samples is not None else None  # their full text
-        self.val = val_encoded
+        self.anchor_samples = list(anchor_samples)  # their full text: clues+ computes text signals from it
+        self.anchors = bench.encode(self.anchor_samples, cfg)
+        self.val = bench.encode(list(val_samples), cfg)
         self.test = list(test_samples or [])  # raw samples: answers are generated for them
-        self.anchor_cache = bench.cache(anchor_encoded, cfg, desc="anchor prefix cache")
-        self.val_cache = bench.cache(val_encoded, cfg, desc="validation prefix cache")
+        self.anchor_cache = bench.cache(self.anchors, cfg, desc="anchor prefix cache")
+        self.val_cache = bench.cache(self.val, cfg, desc="validation prefix cache")
         self.sites: dict[int, SiteReport] = {}
         self.missing: list[dict] = []
         self.site_info: dict[int, dict] = {}  # node -> its name, partition id, data file (query.site)
