@@ -150,7 +150,7 @@ def test_encode_answer_only_keeps_the_answer_tokens():
     tok = load_tokenizer()
     samples = [Sample("a", "What is two plus two?", "Four."), Sample("b", "word " * 200, "A long answer " * 30)]
     full = encode_samples(tok, samples, 64)
-    alone = baselines.encode_answer_only(tok, samples, 64)
+    alone = baselines.encode_answer_only(tok, full)
     assert full[1].truncated and alone[1].truncated
     header = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
     for f, a in zip(full, alone):

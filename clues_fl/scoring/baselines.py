@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from clues_fl.console import progress as tqdm
 
-from clues_fl.data.sources import Encoded, Sample, encode_sample, encode_samples
+from clues_fl.data.sources import Encoded, Sample, encode_sample
 from clues_fl.model.device import device_of, to_host
 from clues_fl.scoring.alignment import ScoreSettings, per_sample_gradients, score_batch, score_samples
 from clues_fl.model.training import Checkpoint
@@ -64,25 +64,23 @@ def ppl_scores(model, encoded: Sequence, first_layer: int, *, pad_id: int, batch
 # --------------------------------------------------------------------------- IFD
 
 
-def encode_answer_only(tokenizer, samples: Sequence[Sample], max_length: int,
-                       system_prompt: str | None = None) -> list[Encoded]:
-    """The answers alone, for IFD's denominator loss(answer).
+def empty_turn_header(tokenizer, system_prompt: str | None = None) -> list[int]:
+    """The token ids of the chat header around an EMPTY user turn (plain tokenizers:
+    ``"Question: \\nAnswer: "``): the only context of an answer scored alone. The prompt
+    is tokenised apart from the answer (encode_sample), so it is the same for every answer."""
+    probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, system_prompt)
+    return list(probe.input_ids[: probe.prompt_len])
 
-    Each answer is put after the chat template with an EMPTY user turn (plain
-    tokenizers: ``"Question: \\nAnswer: "``), so the assistant header is the only
-    context. The answer token ids are copied from the full encoding
-    (`encode_sample` with the same `max_length`), so numerator and denominator
-    average the loss over exactly the same tokens, also for truncated samples.
+
+def encode_answer_only(tokenizer, encoded: Sequence[Encoded], system_prompt: str | None = None) -> list[Encoded]:
+    """The answers alone, for IFD's denominator loss(answer): each encoding's answer
+    tokens after empty_turn_header, so numerator and denominator average the loss over
+    exactly the same tokens, also for truncated samples.
     The IFD paper conditions on nothing at all; with a chat model the bare header is
     the nearest "no instruction" context and it lets the first answer token be scored.
     """
-    probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, system_prompt)
-    header = list(probe.input_ids[: probe.prompt_len])
-    out = []
-    for sample, full in zip(samples, encode_samples(tokenizer, samples, max_length, system_prompt)):
-        answer = list(full.input_ids[full.prompt_len :])
-        out.append(Encoded(sample.id, header + answer, len(header), full.truncated))
-    return out
+    header = empty_turn_header(tokenizer, system_prompt)
+    return [Encoded(e.id, header + list(e.input_ids[e.prompt_len :]), len(header), e.truncated) for e in encoded]
 
 
 def ifd_values(model, encoded_with_question: Sequence, encoded_answer_only: Sequence, first_layer: int, *,

@@ -197,9 +197,7 @@ class IfdScorer(Scorer):
     def score(self, site, payload):
         bench, cfg = site.bench, site.cfg
         load_lora_state(bench.model, bench.initial_state)
-        answer_only = encode_answer_only(
-            bench.tokenizer, site.samples, cfg["data.max-length"], cfg["data.system-prompt"] or None
-        )
+        answer_only = encode_answer_only(bench.tokenizer, site.encoded, cfg["data.system-prompt"] or None)
         return ifd_scores(bench.model, site.encoded, answer_only, bench.first_layer, pad_id=bench.pad_id,
                           batch_size=cfg["scoring.batch-size"], cache=site.cache)
 

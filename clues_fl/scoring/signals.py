@@ -126,13 +126,14 @@ def encode_answer_ends(tokenizer, samples, max_length: int, system_prompt: str |
     loss of that last token; taking the end (not the start, as the training encoding does
     when it cuts) gives every sample and anchor a value, also when its answer is long."""
     from clues_fl.data.sources import Encoded, Sample, encode_sample
+    from clues_fl.scoring.baselines import empty_turn_header
 
+    header = empty_turn_header(tokenizer, system_prompt)
     out = []
     for s in samples:
-        full = encode_sample(tokenizer, Sample(s.id, "", s.answer), 10**9, system_prompt)
-        header, answer = full.input_ids[: full.prompt_len], full.input_ids[full.prompt_len :]
-        answer = answer[-max(1, max_length - len(header)) :]
-        out.append(Encoded(s.id, list(header) + list(answer), len(header), False))
+        full = encode_sample(tokenizer, Sample(s.id, "", s.answer), 10**9, system_prompt)  # the whole answer + end
+        answer = list(full.input_ids[full.prompt_len :])[-max(1, max_length - len(header)) :]
+        out.append(Encoded(s.id, header + answer, len(header), False))
     return out
 
 
@@ -225,7 +226,7 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
                                 cache=cache, desc="base model")
         out["base-loss"] = base
         if "qinfo" in names:
-            alone = encode_answer_only(bench.tokenizer, samples, cfg["data.max-length"], system)
+            alone = encode_answer_only(bench.tokenizer, encoded, system)
             # An answer that fits is the same sequence as its end encoding, so this pass
             # also gives its end-token loss (NaN for the cut ones).
             alone_loss, end_loss = token_loss_stats(bench.model, alone, bench.first_layer, pad_id=bench.pad_id,
