@@ -50,7 +50,8 @@ def measure(args) -> dict:
 
 
 def measure_run(run_dir: Path) -> dict:
-    """Every signal of a saved run's sites and anchors at the run's own trace checkpoints."""
+    """Every signal of a saved run's sites and anchors at the run's own trace checkpoints
+    (read from the folder itself, which may have been moved since the run)."""
     import json
 
     from clues_fl.config import parse_config
@@ -73,19 +74,24 @@ def measure_run(run_dir: Path) -> dict:
 
 
 def _signals(cfg, bench, data, checkpoints) -> dict:
+    """Every signal (not only the default's) of the anchors, as the server computes them,
+    and of each site's samples, as the site does."""
+    from clues_fl.runtime import score_settings
+    from clues_fl.scoring.scorers import CluesPlusScorer
+
     t0 = time.time()
+    scorer = CluesPlusScorer(score_settings(cfg))
     anchors = bench.encode(data.anchor, cfg)
     a_cache = bench.cache(anchors, cfg)
-    side = bench.anchor_scores(anchors, checkpoints, cfg, cache=a_cache)
-    a_losses = sg.checkpoint_losses(bench, anchors, checkpoints, cache=a_cache)
-    a_sig = sg.compute_signals(bench, data.anchor, anchors, cfg, clues_scores=side.scores, losses=a_losses,
-                               cache=a_cache)
+    side = bench.anchor_scores(anchors, checkpoints, cfg, cache=a_cache, settings=scorer.settings)
+    a_sig = scorer.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, data.anchor, a_cache,
+                                  names=tuple(sg.SIGNALS))
     out = {f"anchor/{k}": v for k, v in a_sig.items()}
     site_sig: dict[str, list] = {k: [] for k in sg.SIGNALS}
     for i, samples in enumerate(data.clients):
         enc = bench.encode(samples, cfg)
         cache = bench.cache(enc, cfg)
-        res = bench.score(enc, checkpoints, side.gradients, cfg, cache=cache)
+        res = bench.score(enc, checkpoints, side.gradients, cfg, cache=cache, settings=scorer.settings)
         sig = sg.compute_signals(bench, samples, enc, cfg, clues_scores=res.scores, losses=res.losses, cache=cache)
         for k, v in sig.items():
             site_sig[k].append(v)

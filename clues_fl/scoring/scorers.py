@@ -133,12 +133,14 @@ class CluesPlusScorer(CluesScorer):
         cal = signals.calibrate(values)
         return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())
 
-    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None) -> dict:
-        """Every signal of the public anchors (`samples`: their records; `anchors`: their encodings)."""
+    def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None,
+                       names=None) -> dict:
+        """The signals (`names`, default the method's) of the public anchors (`samples`:
+        their records; `anchors`: their encodings)."""
         losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
                                            cache=cache)
         return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
-                                       cache=cache, names=self.signal_names)
+                                       cache=cache, names=names or self.signal_names)
 
     def score(self, site, payload):
         result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
