@@ -437,10 +437,10 @@ def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.
     of the mean of the ratios (which leans high). Needs no quality labels.
 
     Measured (README "Threshold rules on a grid of pools"): the 90% interval covered the
-    true share in 472 and 467 of 500 resampled pools of the clues+ grids of two seeds (width
-    about 0.5: 16 anchors say little more) and in 43 of 50 simulated pools. It misses where
-    many polluted samples score like clean ones (near-duplicates at 80% bad: the estimate is
-    then too high); for plain CLUES, whose scores do not see pollution in the right domain
+    true share in 500 and 465 of 500 resampled pools of the clues+ grids of two seeds (width
+    about 0.4: 16 anchors say little more) and in 43 of 50 simulated pools. It misses where
+    many polluted samples score like clean ones (exchanged answers at 50-80% bad: 13-14 of
+    20 pools, the estimate is then too high); for plain CLUES, whose scores do not see pollution in the right domain
     (exchanged, cut, garbled answers), the estimate is about 1 whatever the truth (309 and
     104 of 500)."""
     anchors = _anchors(anchor_scores)
