@@ -80,14 +80,6 @@ MIN_SPREAD = {"dup": 0.15}
 Z_FLOOR = -50.0  # a signal cannot push a score below this (keeps histograms and plots readable)
 
 
-def parse_signals(spec) -> tuple[str, ...]:
-    names = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip())
-    unknown = [n for n in names if n not in SIGNALS]
-    if unknown or not names:
-        raise ValueError(f"signals: unknown or empty {unknown or spec!r}; known: {', '.join(SIGNALS)}")
-    return names
-
-
 # --------------------------------------------------------------------------- model passes
 
 
