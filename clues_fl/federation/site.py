@@ -216,7 +216,7 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
     z = None if signal_z is None else np.asarray(signal_z, dtype=float).reshape(len(names), len(samples))
     worst = None if z is None else reasons(z, names)
     folder.mkdir(parents=True, exist_ok=True)
-    reasons: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
     with open(folder / "dropped.jsonl", "w") as fh:
         for i in np.flatnonzero(~np.asarray(kept, dtype=bool)):
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
@@ -227,9 +227,9 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
                 row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
             else:
                 row["reason"] = f"{cfg['selection.method']} score below the threshold"
-            reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
             fh.write(json.dumps(row) + "\n")
     (folder / "summary.json").write_text(json.dumps({
         "samples": len(samples), "kept": int(np.sum(kept)), "dropped": int(len(samples) - np.sum(kept)),
-        "threshold": threshold, "dropped-by-reason": reasons,
+        "threshold": threshold, "dropped-by-reason": by_reason,
         "note": "written by this site for its own audit; nothing of it is sent to the server"}, indent=2))

@@ -336,7 +336,8 @@ def anchor_loo_scores(anchor_signals: dict[str, np.ndarray]) -> np.ndarray:
 # whatever else is low: a sample from another domain also ends, reads and relates to its
 # question unlike the anchors, and those shortfalls follow from it. Measured on the two
 # quick pools and the demo's checkpoints (benchmarks/signals.py, "reasons"): -1.5 named
-# the most dropped cross-domain samples right without naming clean ones off-domain.
+# more dropped cross-domain samples right than -2 or -2.5, at the cost of calling a few
+# wrongly dropped clean samples off-domain too.
 OFF_DOMAIN_Z = -1.5
 
 
