@@ -128,7 +128,7 @@ class CluesPlusScorer(CluesScorer):
         if samples is None:
             raise ValueError("selection.method='clues+': the server needs the anchors' text (their "
                              "records) to compute their signals; pass them as `samples`")
-        side = bench.anchor_scores(anchors, checkpoints, cfg, cache=cache, settings=self.settings)
+        side = super().anchor_side(bench, anchors, checkpoints, cfg, cache=cache)  # CLUES's: the gradients
         values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, samples, cache)
         cal = signals.calibrate(values)
         return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())

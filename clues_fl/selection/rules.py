@@ -440,9 +440,9 @@ def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.
     true share in 500 and 465 of 500 resampled pools of the clues+ grids of two seeds (width
     about 0.4: 16 anchors say little more) and in 43 of 50 simulated pools. It misses where
     many polluted samples score like clean ones (exchanged answers at 50-80% bad: 13-14 of
-    20 pools, the estimate is then too high); for plain CLUES, whose scores do not see pollution in the right domain
-    (exchanged, cut, garbled answers), the estimate is about 1 whatever the truth (309 and
-    104 of 500)."""
+    20 pools, the estimate is then too high); for plain CLUES, whose scores do not see
+    pollution in the right domain (exchanged, cut, garbled answers), the estimate is about 1
+    whatever the truth (309 and 104 of 500)."""
     anchors = _anchors(anchor_scores)
     scores = _finite(all_scores, "all_scores", 1)
     alpha = clean_share_estimate(anchors, scores)
