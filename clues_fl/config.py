@@ -284,6 +284,16 @@ SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd",
 """The built-in selection methods (scoring/scorers.py BUILTIN; preflight checks a name against them)."""
 
 
+SIGNAL_NAMES = ("clues", "loss", "learn", "base-loss", "qinfo", "eos", "dup", "overlap", "qa-sim")
+"""The per-sample signals of `clues+` (scoring/signals.py SIGNALS, which checks it has these)."""
+# Chosen on the measurement pools and the demo's FedAvg checkpoints (benchmarks/signals.py,
+# README "Selection signals and the calibrated score"): the signals that add. "loss" (the last
+# checkpoint's) is left out: it moves with base-loss (the LoRA barely changes answer losses),
+# so the two would count one shortfall twice. "qa-sim" replaced "overlap": on the four
+# within-domain pools it ranked exchanged answers 0.94/0.93/0.89/0.94, overlap 0.88/0.86/0.85/0.80.
+DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup", "qa-sim")
+
+
 @dataclass(frozen=True)
 class SelectionSection(Section):
     """The selection method and its threshold rule (selection/, scoring/scorers.py)."""
@@ -299,6 +309,22 @@ class SelectionSection(Section):
     ratio: float = option(0.5, "`ratio` (and the methods without an anchor threshold): share of the pooled "
                           "scores kept", bound="in (0, 1]")
     static: float = option(0.0, "`static`: the fixed threshold")
+    signals: str = option(",".join(DEFAULT_SIGNALS), "`clues+`: the signals in the score, comma-separated; see "
+                          "\"Selection signals\" in [How it works](#how-it-works)",
+                          allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES))
+    embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` signal: the bundled "
+                                  "`all-MiniLM-L6-v2` or a local model folder")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = split_list(self.signals)
+        if not names:
+            raise ConfigError("selection.signals: name at least one signal")
+        for name in names:
+            if name not in SIGNAL_NAMES:
+                raise ConfigError(f"selection.signals: '{name}' is not one of {', '.join(SIGNAL_NAMES)}")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"selection.signals: '{self.signals}' names a signal twice")
 
 
 @dataclass(frozen=True)
@@ -309,7 +335,7 @@ class QuadSection(Section):
 
     clusters: int = option(0, "k-means clusters per site (0: elbow rule)", bound=">= 0", note=" (0: elbow rule)")
     embedding_model: str = option("", "empty: the base model's hidden states averaged over the answer tokens; "
-                                  "else a local embedding model folder")
+                                  "else a sentence encoder: `all-MiniLM-L6-v2` (bundled) or a local model folder")
     alpha: float = option(1.0, "UCB exploration weight")
     sampling_ratio: float = option(0.05, "share of a cluster scored each time it is pulled", bound="in (0, 1]")
     budget: float = option(0.5, "share of each site's samples to select (<= 1) or a count per site (> 1)",

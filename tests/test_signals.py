@@ -36,6 +36,50 @@ def test_question_overlap_is_the_share_of_the_questions_content_words_in_the_ans
     assert o[0] == pytest.approx(4 / 5) and o[1] == 0.0 and np.isnan(o[2])  # 'affect' is not used
 
 
+def test_question_answer_similarity_ranks_real_answers_above_answers_to_other_questions():
+    """qa-sim under the bundled sentence encoder: within one domain and vocabulary, every
+    question lies closer to its own answer than to the other questions' answers."""
+    from clues_fl.data.sources import Sample
+
+    pairs = [("How do mortgage rates affect my monthly payment?",
+              "When the rate goes up, each month you pay more interest on the loan."),
+             ("Should I pay off my credit card before investing?",
+              "Yes: card interest is usually far higher than what an investment returns."),
+             ("What is an index fund?", "A fund that holds every stock of a market index, at a low fee."),
+             ("How much should I keep in an emergency fund?",
+              "Keep three to six months of living expenses in cash for emergencies.")]
+    own = sg.question_answer_similarity([Sample(str(i), q, a) for i, (q, a) in enumerate(pairs)],
+                                        "all-MiniLM-L6-v2")
+    for shift in (1, 2, 3):
+        swapped = [Sample(str(i), q, pairs[(i + shift) % 4][1]) for i, (q, _) in enumerate(pairs)]
+        assert (own > sg.question_answer_similarity(swapped, "all-MiniLM-L6-v2")).all()
+    assert ((own > 0) & (own <= 1)).all()
+
+
+def test_sentence_embeddings_do_not_depend_on_the_batch_and_name_a_missing_model(tmp_path):
+    from clues_fl.model.sentence_encoder import embed_texts
+
+    texts = ["short", "a much longer text than the first one, so the batch needs padding", "mid length text"]
+    together = embed_texts(texts, batch_size=3)
+    alone = np.vstack([embed_texts([t], batch_size=1) for t in texts])
+    assert together.shape == (3, 384) and np.allclose(together, alone, atol=1e-6)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="selection.embedding-model: .*not available offline"):
+        embed_texts(["x"], str(tmp_path / "no-such-encoder"))
+
+
+def test_the_signal_list_is_configured_and_checked():
+    from clues_fl.config import SIGNAL_NAMES, ConfigError, parse_config
+
+    assert tuple(sg.SIGNALS) == SIGNAL_NAMES
+    assert tuple(parse_config({}).list("selection.signals")) == sg.DEFAULT_SIGNALS
+    assert parse_config({"selection.signals": "clues, overlap"}).list("selection.signals") == ["clues", "overlap"]
+    for bad, message in (("clues,perplexity", "'perplexity' is not one of clues, loss"),
+                         ("", "name at least one signal"), ("eos,eos", "'eos,eos' names a signal twice")):
+        with pytest.raises(ConfigError, match=f"selection.signals: {message}"):
+            parse_config({"selection.signals": bad})
+
+
 def test_calibrated_score_is_the_total_one_sided_shortfall_in_anchor_units():
     rng = np.random.default_rng(0)
     anchors = {"clues": rng.normal(1.0, 0.1, 40), "base-loss": rng.normal(3.0, 0.5, 40)}
@@ -119,7 +163,7 @@ def test_end_of_answer_signal_reads_the_answer_end_also_past_max_length(tiny_mod
 def test_the_server_computes_anchor_signals_from_the_anchors_records(tiny_model_dir):
     """The server reads the anchors' records (server_app and the suite pass them to Clues):
     a long anchor's end-of-answer value is its real end (its encoding is cut before it),
-    and the question-overlap signal needs the questions."""
+    and the question signals (qa-sim, overlap) need the questions."""
     from clues_fl.config import parse_config
     from clues_fl.data.sources import Sample
     from clues_fl.model.loading import load_lora_state
@@ -141,6 +185,9 @@ def test_the_server_computes_anchor_signals_from_the_anchors_records(tiny_model_
     load_lora_state(bench.model, bench.initial_state)
     _, expected = sg.token_loss_stats(bench.model, ends, bench.first_layer, pad_id=bench.pad_id)
     assert np.allclose(values["eos"], expected, atol=1e-5) and np.isfinite(values["eos"]).all()
+    assert list(values) == list(sg.DEFAULT_SIGNALS)  # selection.signals' default
+    assert np.allclose(values["qa-sim"], sg.question_answer_similarity(anchors, cfg["selection.embedding-model"]))
+    values = scorer.anchor_signals(bench, enc, ckpt, cfg, np.zeros(5), anchors, names=("overlap",))
     assert np.allclose(values["overlap"], sg.question_overlap(anchors))
     with pytest.raises(ValueError, match="anchors' text"):
         scorer.anchor_side(bench, enc, ckpt, cfg)
@@ -183,10 +230,13 @@ def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_
 @pytest.mark.parametrize("report", ["scores", "histogram"])
 def test_clues_plus_with_the_anchor_f1_rule_runs_end_to_end(tiny_model_dir, tmp_path, report):
     """The rule reads the pooled scores: the sites' exact scores, or pseudo-scores of their
-    binned counts under privacy.report=histogram."""
+    binned counts under privacy.report=histogram. The sites compute the signals the
+    server calibrated (selection.signals), no others."""
     raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "clues+", "selection.threshold": "anchor-f1",
-                                                   "privacy.report": report})
-    _, _, _, metrics = drive(raw)
+                                                   "privacy.report": report, "selection.signals": "clues,overlap,dup"})
+    _, grid, _, metrics = drive(raw)
+    sent = [ex.sent.content["scorer"] for ex in grid.log if ex.message_type == "query.score"]
+    assert sent and all(list(s["signals"]) == ["clues", "overlap", "dup"] for s in sent)
     assert metrics["threshold"]["rule"] == "anchor-f1"
     share = metrics["selection"]["estimated-clean-share"]
     assert 0.0 <= share["low"] <= share["estimate"] <= share["high"] <= 1.0

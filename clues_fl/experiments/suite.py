@@ -67,7 +67,7 @@ class Lab:
         self.traces: dict[str, tuple[dict, dict]] = {}  # the trace phase's outputs (Clues.to_state), by trace config
 
     def run(self, name: str, **overrides) -> Outcome:
-        raw = {**self.base, **overrides, "run-name": name, "output-dir": str(self.out / "runs")}
+        raw = {**self.base, **overrides, "run-name": name, "output-dir": str((self.out / "runs").resolve())}
         cfg = parse_config(raw)
         if not self.fresh and (done := self.finished(name, cfg)) is not None:
             print(f"suite: {name} already finished with this run-config, reusing {self.out / 'runs' / name}")

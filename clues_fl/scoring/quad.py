@@ -510,23 +510,8 @@ def anchor_influence(bench, anchors, checkpoints, quad: QuadSection | RunConfig,
 
 
 def embed_with_model(name: str, samples) -> np.ndarray:
-    """Mean-pooled last hidden states of a user-named embedding model that must be
-    available offline (a local folder or the Hugging Face cache)."""
-    from transformers import AutoModel, AutoTokenizer
+    """Unit sentence embeddings of each sample's question and answer under a user-named
+    embedding model that must be available offline (model/sentence_encoder.py)."""
+    from clues_fl.model.sentence_encoder import embed_texts
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        encoder = AutoModel.from_pretrained(name, local_files_only=True).eval()
-    except OSError as err:
-        raise ValueError(f"quad.embedding-model: '{name}' is not available offline ({err}); "
-                         "use a local folder or leave it empty for the base model's hidden states") from err
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(samples), 16):
-            texts = [f"{s.question}\n{s.answer}" for s in samples[start : start + 16]]
-            batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            hidden = encoder(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float())
-    emb = torch.cat(out).numpy()
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return embed_texts([f"{s.question}\n{s.answer}" for s in samples], name, key="quad.embedding-model")

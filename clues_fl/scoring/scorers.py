@@ -111,14 +111,14 @@ class CluesScorer(Scorer):
 
 class CluesPlusScorer(CluesScorer):
     """CLUES+ (the default method): CLUES alignment plus base-model loss, question
-    information, end-of-answer, near-duplicate and question-overlap signals
-    (clues_fl/scoring/signals.py), each in units of the anchors' robust spread; a sample's
-    score is the sum of its one-sided shortfalls (0 = nowhere worse than a typical anchor,
-    -3 = three spreads on the bad side in all). The server calibrates on the anchors
-    (leave-one-out) and the sites report only that one number per sample."""
+    information, end-of-answer, near-duplicate and question-answer similarity signals
+    (``selection.signals``; clues_fl/scoring/signals.py), each in units of the anchors'
+    robust spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere
+    worse than a typical anchor, -3 = three spreads on the bad side in all). The server
+    calibrates on the anchors (leave-one-out) and sends the signal names with the
+    calibration; the sites report only that one number per sample."""
 
     name = "clues+"
-    signal_names = signals.DEFAULT_SIGNALS
 
     def __init__(self, settings: ScoreSettings):
         super().__init__(settings)
@@ -135,12 +135,12 @@ class CluesPlusScorer(CluesScorer):
 
     def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None,
                        names=None) -> dict:
-        """The signals (`names`, default the method's) of the public anchors (`samples`:
-        their records; `anchors`: their encodings)."""
+        """The signals (`names`, default ``selection.signals``) of the public anchors
+        (`samples`: their records; `anchors`: their encodings)."""
         losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
                                            cache=cache)
         return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
-                                       cache=cache, names=names or self.signal_names)
+                                       cache=cache, names=names or tuple(cfg.list("selection.signals")))
 
     def score(self, site, payload):
         result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,

@@ -7,8 +7,9 @@ answers exist), so raw values are not summed: each is first put in units of what
 set looks like, and a sample scores its total shortfall below a typical anchor.
 
 Signals (computed at the site from the scoring pass it already makes, three forward
-passes of the base model (over the sample, its answer alone, its answer's end) and the
-text; ``DEFAULT_SIGNALS`` are the ones ``clues+`` uses):
+passes of the base model (over the sample, its answer alone, its answer's end), one of a
+small sentence encoder and the text; ``DEFAULT_SIGNALS`` are the ones ``clues+`` uses unless
+``selection.signals`` names others):
 
 ==============  ==============================================  ========  ==========================
 name            what                                            good is   an outlier below means
@@ -27,8 +28,12 @@ name            what                                            good is   an out
                 (longer, or equal and earlier) sample of the
                 same site (text only, no model)
 ``overlap``     share of the question's content words (3+        high      answer unrelated to question
-                letters, not a common English function word)
-                that the answer uses (text only, no model)
+                letters, not a common English function word)     (not in the default: qa-sim
+                that the answer uses (text only, no model)                 ranks it better)
+``qa-sim``      cosine of the question's and the answer's        high      answer unrelated to question
+                sentence embeddings (``selection.embedding-
+                model``, default all-MiniLM-L6-v2, a 22M
+                encoder trained on question-answer pairs)
 ==============  ==============================================  ========  ==========================
 
 The server computes every signal for the anchors from their records (``clues``
@@ -50,6 +55,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from clues_fl.config import DEFAULT_SIGNALS  # noqa: F401  (re-exported: the benchmarks and tests read it here)
 from clues_fl.model.forward import sample_losses
 
 # name -> (direction: +1 higher is better / -1 lower is better, reason when it is the worst)
@@ -62,12 +68,8 @@ SIGNALS: dict[str, tuple[int, str]] = {
     "eos": (-1, "truncated"),
     "dup": (-1, "duplicate"),
     "overlap": (+1, "answer unrelated to question"),
+    "qa-sim": (+1, "answer unrelated to question"),
 }
-# Chosen on the quick measurement pools and the demo's FedAvg checkpoints
-# (benchmarks/signals.py, README "Selection signals and the calibrated score"): the
-# signals that add. "loss" (the last checkpoint's) is left out: it moves with base-loss
-# (the LoRA barely changes answer losses), so the two would count one shortfall twice.
-DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup", "overlap")
 MAD_SCALE = 1.4826  # MAD -> sd for a normal distribution
 # Smallest spread per signal, in the signal's own units: anchors are (nearly) never
 # near-duplicates of each other, so their dup spread is ~0 and any shared phrase would
@@ -180,6 +182,18 @@ def question_overlap(samples) -> np.ndarray:
     return out
 
 
+def question_answer_similarity(samples, encoder: str, device=None) -> np.ndarray:
+    """Cosine of each sample's question and answer embeddings under the sentence encoder
+    `encoder` (model/sentence_encoder.py). An answer written for another question, even
+    one in the same domain and vocabulary, lies further from its question than a real
+    answer does; unlike ``overlap`` it also sees paraphrase and synonyms."""
+    from clues_fl.model.sentence_encoder import embed_texts
+
+    questions = embed_texts([s.question for s in samples], encoder, device=device)
+    answers = embed_texts([s.answer for s in samples], encoder, device=device)
+    return (questions.astype(np.float64) * answers).sum(axis=1)
+
+
 def sample_texts(samples) -> list[str]:
     """The text the duplicate signal compares: the answer (a near-copy keeps it; the
     server knows only the anchors' encoded answers)."""
@@ -195,9 +209,11 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
     server). `clues_scores` (N,) and `losses` (K, N) come from the scoring pass (the
     engine's ScoreResult; for anchors the leave-one-out scores and their per-checkpoint
     losses). Costs one base-model forward (with the prefix cache), for ``qinfo`` one over
-    the answers alone, and for ``eos`` one over the answers' ends."""
-    from clues_fl.scoring.baselines import answer_losses_of, encode_answer_only
+    the answers alone, for ``eos`` one over the answers' ends, and for ``qa-sim`` one of
+    the sentence encoder over the questions and the answers."""
+    from clues_fl.model.device import device_of
     from clues_fl.model.loading import load_lora_state
+    from clues_fl.scoring.baselines import answer_losses_of, encode_answer_only
 
     names = tuple(names)
     out: dict[str, np.ndarray] = {}
@@ -235,6 +251,8 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
         out["dup"] = near_duplicate_scores(sample_texts(samples))
     if "overlap" in names:
         out["overlap"] = question_overlap(samples)
+    if "qa-sim" in names:
+        out["qa-sim"] = question_answer_similarity(samples, cfg["selection.embedding-model"], device_of(bench.model))
     return {n: out[n] for n in names}
 
 
