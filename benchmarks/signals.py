@@ -9,6 +9,8 @@ the anchors, saves them (npz) and prints the AUC table.
     python benchmarks/signals.py --out outputs/signals-quick.npz --table    # table from a saved file
     python benchmarks/signals.py --out outputs/signals-quick.npz --table --grid   # + the threshold-rule grid
     python benchmarks/signals.py --from-run outputs/fiqa-quality-heterogeneity --out outputs/sig-demo.npz
+    python benchmarks/signals.py --out outputs/sig-a64.npz --anchors 64 --anchor-counts 16,32,48,64
+                                            # a pool with 64 anchors, then the threshold with fewer
 
 `--from-run` takes a finished (or scored) run's saved state instead: its run-config and
 its FedAvg trace checkpoints, so the signals are those of the real federated run
@@ -37,7 +39,7 @@ def measure(args) -> dict:
     cfg = parse_config({
         "data.samples-per-client": args.per_site, "pollution.ratios": ",".join([str(args.ratio)] * args.sites),
         "pollution.types": args.types, "trace.rounds": args.rounds, "seed": args.seed,
-        "data.max-length": args.max_length,
+        "data.max-length": args.max_length, "data.anchor-size": args.anchors,
     })
     data = build_scenario(cfg, args.sites)
     bench = workbench(cfg)
@@ -218,6 +220,49 @@ def combined_grid(d: dict, draws: int = 20) -> str:
                    "clues+ clean share: true / estimated (90% interval covers)"], body)
 
 
+def anchor_count_table(d: dict, counts, subsets: int = 20, draws: int = 5) -> str:
+    """How the default's threshold depends on the number of anchors: for each count, `subsets`
+    random subsets of this pool's anchors calibrate the default signals (the signals themselves,
+    CLUES's gradient alignment included, stay those computed with all the pool's anchors), and
+    the anchor-f1 rule runs on the pool and on the threshold grid (`draws` pools per cell).
+    Printed beside it: the clean-share estimate's error, anchor-f1 told the true share, and the
+    best threshold."""
+    from clues_fl.experiments.suite import _f1, _table, threshold_grid
+    from clues_fl.selection.rules import anchor_f1_threshold
+
+    kinds = np.array([str(k) for k in d["kinds"]])
+    clean = kinds == ""
+    anchors, sites = split(d, sg.DEFAULT_SIGNALS)
+    total = len(next(iter(anchors.values())))
+    wrong = [n for n in counts if not 2 <= n <= total]
+    if wrong:
+        raise SystemExit(f"--anchor-counts: {wrong} not between 2 and the pool's {total} anchors")
+    rng = np.random.default_rng(0)
+    body = []
+    for n in counts:
+        rows = []
+        for r in range(subsets if n < total else 1):
+            pick = rng.choice(total, n, replace=False)
+            sub = {k: v[pick] for k, v in anchors.items()}
+            score, _ = sg.calibrated_scores(sites, sg.calibrate(sub))
+            loo = sg.anchor_loo_scores(sub)
+            threshold, share = anchor_f1_threshold(loo, score)
+            known, _ = anchor_f1_threshold(loo, score, share=clean.mean())
+            cells = threshold_grid(score, loo, kinds, draws=draws, intervals=0, seed=r, rules=(("anchor-f1", {}),))
+            grid_f1 = np.array([c["anchor-f1"] for c in cells])
+            rows.append([share - clean.mean(), _f1(score >= threshold, clean), _f1(score >= known, clean),
+                         max(_f1(score >= t, clean) for t in np.unique(score)), grid_f1.mean(), grid_f1.min(),
+                         float(np.sum(grid_f1 >= 0.85)), np.mean([c["anchor-f1, true share"] for c in cells]),
+                         np.mean([c["best threshold"] for c in cells])])
+        m = np.array(rows)
+        body.append([n, len(rows), f"{m[:, 0].mean():+.3f} / {np.sqrt(np.mean(m[:, 0] ** 2)):.3f}",
+                     *m[:, 1:4].mean(axis=0), f"{m[:, 4].mean():.3f} / {m[:, 5].mean():.3f}",
+                     f"{m[:, 6].mean():.1f} of {len(cells)}", *m[:, 7:].mean(axis=0)])
+    return _table(["anchors", "subsets", "clean share error: mean / rms", "pool F1, anchor-f1",
+                   "pool F1, true share", "pool F1, best threshold", "grid anchor-f1: mean / worst",
+                   "grid cells >= 0.85", "grid, true share", "grid, best threshold"], body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="outputs/signals-quick.npz")
@@ -230,8 +275,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--anchors", type=int, default=16, help="anchor-set size (data.anchor-size)")
     ap.add_argument("--grid", action="store_true", help="also the threshold-rule grid (resampled pools)")
     ap.add_argument("--draws", type=int, default=20, help="pools drawn per grid cell")
+    ap.add_argument("--anchor-counts", help="comma-separated anchor counts: the threshold with that many of the "
+                    "pool's anchors (random subsets; see anchor_count_table)")
+    ap.add_argument("--subsets", type=int, default=20, help="anchor subsets per count (--anchor-counts)")
     args = ap.parse_args()
     if not args.table:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +290,10 @@ def main() -> None:
     if args.grid:
         print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (README table):")
         print(combined_grid(load(args.out), args.draws))
+    if args.anchor_counts:
+        counts = [int(x) for x in args.anchor_counts.split(",")]
+        print(f"\nThe anchor-f1 threshold with fewer anchors ({args.subsets} random subsets per count, 5 pools per grid cell):")
+        print(anchor_count_table(load(args.out), counts, args.subsets))
 
 
 if __name__ == "__main__":

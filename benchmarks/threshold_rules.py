@@ -1,7 +1,8 @@
 """Re-read a finished experiment run and print, against its pollution flags, the
 ROC-AUC per pollution type and source, and the selection every threshold rule would
 have made from the same scores (the scores and anchor scores come from the run's
-outputs; the flags are rebuilt from its run-config and seed).
+outputs; the flags are rebuilt from its run-config and seed), with two references that
+need the flags: anchor-f1 told the true clean share, and the best threshold.
 
     python benchmarks/threshold_rules.py outputs/<run-name>
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_run
-from clues_fl.selection.rules import clean_share, global_threshold, mixture_threshold
+from clues_fl.selection.rules import anchor_f1_threshold, clean_share, global_threshold, mixture_threshold
 
 
 def main(run_dir: str) -> None:
@@ -32,6 +35,13 @@ def main(run_dir: str) -> None:
              ("mixture", {}), ("anchor-f1", {})]
     for name, kwargs in rules:
         t = global_threshold(name.split()[0], anchors, scores, **kwargs)
+        m = selection_metrics(confusion_counts(scores >= t, polluted))
+        print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
+    told, _ = anchor_f1_threshold(anchors, scores, share=1 - polluted.mean())
+    references = [("anchor-f1, true share", told),  # what estimating the clean share costs
+                  ("best threshold", max(np.unique(scores), key=lambda x: selection_metrics(
+                      confusion_counts(scores >= x, polluted))["f1"]))]
+    for name, t in references:
         m = selection_metrics(confusion_counts(scores >= t, polluted))
         print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
     _, alpha = mixture_threshold(anchors, scores)

@@ -184,6 +184,22 @@ def test_anchor_f1_edge_cases_and_equivariance():
     assert math.isfinite(anchor_f1_threshold(np.ones(5), np.array([1.0, 1.0, 0.2, -1.0, np.nan]))[0])
 
 
+def test_anchor_f1_told_the_share():
+    """With the share given, the rule uses it instead of the estimate: the same threshold as
+    the default when given the estimate, and a lower one (keeps more) when given a larger
+    share. Told the true share it holds close to the best threshold (the benchmarks' reference
+    for what estimating the share costs)."""
+    anchors, scores, clean = polluted_pool(3, 0.5)
+    t, alpha = anchor_f1_threshold(anchors, scores)
+    assert anchor_f1_threshold(anchors, scores, share=alpha) == (t, alpha)
+    assert anchor_f1_threshold(anchors, scores, share=min(1.0, alpha + 0.2))[0] <= t
+    assert anchor_f1_threshold(anchors, scores, share=0.0) == (math.inf, 0.0)
+    told = [f1(scores >= anchor_f1_threshold(a, s, share=c.mean())[0], c) for a, s, c in
+            (polluted_pool(seed, 0.5) for seed in range(10))]
+    best = [max(f1(s >= x, c) for x in s) for _, s, c in (polluted_pool(seed, 0.5) for seed in range(10))]
+    assert np.mean(told) >= np.mean(best) - 0.03, (np.mean(told), np.mean(best))
+
+
 # --- other rules and validation -----------------------------------------------------
 
 

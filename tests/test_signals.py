@@ -303,3 +303,7 @@ def test_threshold_grid_has_every_cell_and_the_references():
     cut = [r for r in rows if r["type"] == "cut"]
     assert min(r["best threshold"] for r in cut) > 0.9  # well separated: the best threshold is near perfect
     assert "worst cell" in grid_table(rows)
+    for r in rows:  # anchor-f1 told the true share: between keep-all and the best threshold here
+        assert r["keep-all"] - 1e-12 <= r["anchor-f1, true share"] <= r["best threshold"] + 1e-12
+    only = threshold_grid(scores, rng.normal(0, 1, 16), kinds, draws=2, intervals=0, rules=(("anchor-f1", {}),))
+    assert "anchor-f1" in only[0] and "mixture" not in only[0]

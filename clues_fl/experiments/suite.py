@@ -169,14 +169,16 @@ def _f1(kept: np.ndarray, clean: np.ndarray) -> float:
 
 
 def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, intervals: int = 10,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, rules=GRID_RULES) -> list[dict]:
     """Every threshold rule on a grid of pools: each pollution type alone and all mixed, at
     10/30/50/80% bad, and four sites with 80/20/10/50% bad (mixed types). A pool of `size`
     is drawn (with replacement) from one scored pool's samples, `draws` times; per cell the
-    mean F1 of each rule, of keeping everything and of the best threshold on the same scores
-    (an oracle threshold), and the clean-share estimate (selection.rules.clean_share) with how
-    often its 90% bootstrap interval covered the truth (on the first `intervals` draws)."""
-    from clues_fl.selection.rules import clean_share
+    mean F1 of each rule, of keeping everything, of the best threshold on the same scores
+    (an oracle threshold) and of anchor-f1 told the true clean share ("anchor-f1, true
+    share": what the share estimate costs), and the clean-share estimate (selection.rules.clean_share) with how
+    often its 90% bootstrap interval covered the truth (on the first `intervals` draws).
+    `rules`: (name, keyword arguments) pairs, GRID_RULES unless given."""
+    from clues_fl.selection.rules import anchor_f1_threshold, clean_share
 
     scores, anchors = np.asarray(scores, dtype=float), np.asarray(anchors, dtype=float)
     kinds = np.array([str(k) for k in kinds])
@@ -187,18 +189,20 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
     out = []
     for kind, share in cells:
         bad_rows = np.flatnonzero(kinds != "") if kind == "mixed" else np.flatnonzero(kinds == kind)
-        res: dict[str, list] = {name: [] for name, _ in GRID_RULES}
-        res.update({"keep-all": [], "best threshold": [], "estimated": [], "covered": [], "width": [], "true": []})
+        res: dict[str, list] = {name: [] for name, _ in rules}
+        res.update({"keep-all": [], "best threshold": [], "anchor-f1, true share": [], "estimated": [], "covered": [],
+                    "width": [], "true": []})
         for draw in range(draws):
             shares = GRID_SITES if isinstance(share, str) else (share,)
             per = size // len(shares)
             rows = np.concatenate([np.concatenate([rng.choice(bad_rows, round(sh * per)),
                                                    rng.choice(clean_rows, per - round(sh * per))]) for sh in shares])
             s, c = scores[rows], kinds[rows] == ""
-            for name, kw in GRID_RULES:
+            for name, kw in rules:
                 res[name].append(_f1(s >= global_threshold(name.split()[0], anchors, s, **kw), c))
             res["keep-all"].append(_f1(np.ones_like(c), c))
             res["best threshold"].append(max(_f1(keep(s, {"threshold": t}), c) for t in np.unique(s)))
+            res["anchor-f1, true share"].append(_f1(s >= anchor_f1_threshold(anchors, s, share=c.mean())[0], c))
             res["true"].append(float(c.mean()))
             if draw < intervals:
                 est = clean_share(anchors, s, seed=int(rng.integers(1 << 30)))

@@ -355,10 +355,11 @@ def _anchor_sf(anchors: np.ndarray, scale: float):
     return lambda t: norm.sf((np.asarray(t, dtype=float)[:, None] - anchors[None, :]) / width).mean(axis=1)
 
 
-def anchor_f1_threshold(anchor_scores, all_scores) -> tuple[float, float]:
+def anchor_f1_threshold(anchor_scores, all_scores, share: float | None = None) -> tuple[float, float]:
     """``(threshold, clean share)`` of the ``anchor-f1`` rule.
 
-    The clean share ``alpha`` is :func:`clean_share_estimate`; the clean scores'
+    The clean share ``alpha`` is :func:`clean_share_estimate`, or ``share`` where given (a
+    known share: the benchmarks' reference for what the estimate costs); the clean scores'
     survival function ``G(t)`` is a kernel density on the anchors. Every pooled score
     is a candidate ``t``: ``TP = alpha N G(t)``, ``FP = #(s >= t) - TP`` (at least 0),
     ``FN = alpha N - TP``; the threshold maximises ``F1 = 2TP / (2TP + FP + FN)``, ties
@@ -369,7 +370,7 @@ def anchor_f1_threshold(anchor_scores, all_scores) -> tuple[float, float]:
     """
     anchors = _anchors(anchor_scores)
     scores = _finite(all_scores, "all_scores", 1)
-    alpha = clean_share_estimate(anchors, scores)
+    alpha = clean_share_estimate(anchors, scores) if share is None else float(share)
     if alpha <= 0.0:
         return math.inf, 0.0
     scale = float(anchors.std(ddof=1))
