@@ -33,15 +33,14 @@ def main(run_dir: str) -> None:
     rules = [("anchor-mean", {}), ("anchor-quantile q=0.05", {"quantile": 0.05}),
              ("anchor-quantile q=0.1", {"quantile": 0.1}), ("anchor-quantile q=0.2", {"quantile": 0.2}),
              ("mixture", {}), ("anchor-f1", {})]
-    for name, kwargs in rules:
-        t = global_threshold(name.split()[0], anchors, scores, **kwargs)
-        m = selection_metrics(confusion_counts(scores >= t, polluted))
-        print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
-    told, _ = anchor_f1_threshold(anchors, scores, share=1 - polluted.mean())
-    references = [("anchor-f1, true share", told),  # what estimating the clean share costs
-                  ("best threshold", max(np.unique(scores), key=lambda x: selection_metrics(
-                      confusion_counts(scores >= x, polluted))["f1"]))]
-    for name, t in references:
+    def f1(t: float) -> float:
+        return selection_metrics(confusion_counts(scores >= t, polluted))["f1"]
+
+    thresholds = [(name, global_threshold(name.split()[0], anchors, scores, **kwargs)) for name, kwargs in rules]
+    thresholds += [("anchor-f1, true share",  # what estimating the clean share costs
+                    anchor_f1_threshold(anchors, scores, share=1 - polluted.mean())[0]),
+                   ("best threshold", max(np.unique(scores), key=f1))]
+    for name, t in thresholds:
         m = selection_metrics(confusion_counts(scores >= t, polluted))
         print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
     _, alpha = mixture_threshold(anchors, scores)
