@@ -227,7 +227,7 @@ def anchor_count_table(d: dict, counts, subsets: int = 20, draws: int = 5) -> st
     the anchor-f1 rule runs on the pool and on the threshold grid (`draws` pools per cell).
     Printed beside it: the clean-share estimate's error, anchor-f1 told the true share, and the
     best threshold."""
-    from clues_fl.experiments.suite import _f1, _table, threshold_grid
+    from clues_fl.experiments.suite import _best_f1, _f1, _table, threshold_grid
     from clues_fl.selection.rules import anchor_f1_threshold
 
     kinds = np.array([str(k) for k in d["kinds"]])
@@ -251,7 +251,7 @@ def anchor_count_table(d: dict, counts, subsets: int = 20, draws: int = 5) -> st
             cells = threshold_grid(score, loo, kinds, draws=draws, intervals=0, seed=r, rules=(("anchor-f1", {}),))
             grid_f1 = np.array([c["anchor-f1"] for c in cells])
             rows.append([share - clean.mean(), _f1(score >= threshold, clean), _f1(score >= known, clean),
-                         max(_f1(score >= t, clean) for t in np.unique(score)), grid_f1.mean(), grid_f1.min(),
+                         _best_f1(score, clean), grid_f1.mean(), grid_f1.min(),
                          float(np.sum(grid_f1 >= 0.85)), np.mean([c["anchor-f1, true share"] for c in cells]),
                          np.mean([c["best threshold"] for c in cells])])
         m = np.array(rows)

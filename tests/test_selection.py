@@ -194,9 +194,9 @@ def test_anchor_f1_told_the_share():
     assert anchor_f1_threshold(anchors, scores, share=alpha) == (t, alpha)
     assert anchor_f1_threshold(anchors, scores, share=min(1.0, alpha + 0.2))[0] <= t
     assert anchor_f1_threshold(anchors, scores, share=0.0) == (math.inf, 0.0)
-    told = [f1(scores >= anchor_f1_threshold(a, s, share=c.mean())[0], c) for a, s, c in
-            (polluted_pool(seed, 0.5) for seed in range(10))]
-    best = [max(f1(s >= x, c) for x in s) for _, s, c in (polluted_pool(seed, 0.5) for seed in range(10))]
+    pools = [polluted_pool(seed, 0.5) for seed in range(10)]
+    told = [f1(s >= anchor_f1_threshold(a, s, share=c.mean())[0], c) for a, s, c in pools]
+    best = [max(f1(s >= x, c) for x in s) for _, s, c in pools]
     assert np.mean(told) >= np.mean(best) - 0.03, (np.mean(told), np.mean(best))
 
 

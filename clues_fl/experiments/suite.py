@@ -168,6 +168,11 @@ def _f1(kept: np.ndarray, clean: np.ndarray) -> float:
     return float(2 * np.sum(kept & clean) / max(1, np.sum(kept) + np.sum(clean)))
 
 
+def _best_f1(scores: np.ndarray, clean: np.ndarray) -> float:
+    """F1 of the best threshold on these scores (an oracle threshold)."""
+    return max(_f1(keep(scores, {"threshold": t}), clean) for t in np.unique(scores))
+
+
 def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, intervals: int = 10,
                    seed: int = 0, rules=GRID_RULES) -> list[dict]:
     """Every threshold rule on a grid of pools: each pollution type alone and all mixed, at
@@ -201,7 +206,7 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
             for name, kw in rules:
                 res[name].append(_f1(s >= global_threshold(name.split()[0], anchors, s, **kw), c))
             res["keep-all"].append(_f1(np.ones_like(c), c))
-            res["best threshold"].append(max(_f1(keep(s, {"threshold": t}), c) for t in np.unique(s)))
+            res["best threshold"].append(_best_f1(s, c))
             res["anchor-f1, true share"].append(_f1(s >= anchor_f1_threshold(anchors, s, share=c.mean())[0], c))
             res["true"].append(float(c.mean()))
             if draw < intervals:

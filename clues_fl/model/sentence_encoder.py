@@ -70,4 +70,3 @@ def embed_texts(texts: Sequence[str], name: str = BUNDLED, *, key: str = "select
         return np.zeros((0, model.config.hidden_size), dtype=np.float32)
     emb = torch.cat(out).numpy()
     return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
