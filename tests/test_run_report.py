@@ -50,3 +50,16 @@ def test_suite_plots_are_written(tmp_path):
     run = Outcome("clues", metrics, np.concatenate([s for s, _ in per]), np.concatenate([p for _, p in per]), [], per)
     assert _plots(tmp_path, run, [run]) == ["score_histograms.png", "selection_by_method.png", "loss_per_round.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("score_histograms.png", "loss_per_round.png"))
+
+
+def test_suite_anchors_option_sets_the_anchor_set_size(capsys):
+    import pytest
+
+    from clues_fl.experiments.suite import FIQA, main, suite_sizes
+
+    assert "data.anchor-size" not in suite_sizes(False)  # FIQA's 16 stand
+    assert suite_sizes(False, 64)["data.anchor-size"] == 64 and FIQA["data.anchor-size"] == 16
+    assert suite_sizes(True, 32)["data.samples-per-client"] == suite_sizes(True)["data.samples-per-client"]
+    with pytest.raises(SystemExit):
+        main(["--anchors", "1", "--only", "6"])
+    assert "--anchors: the anchor set needs at least 2 samples, got 1" in capsys.readouterr().err

@@ -266,6 +266,7 @@ def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path
     assert {m["kept"] for m in sel["per-client"].values()} and sel["n"] == 16
     share = sel["estimated-clean-share"]
     assert 0 <= share["low"] <= share["estimate"] <= share["high"] <= 1
+    assert share["anchors"] == len(data.anchor)
     assert "sites" in sel["score-distribution"]
     for ex in grid.log:
         if ex.message_type == "query.select":
@@ -274,6 +275,18 @@ def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path
     assert "f1" not in json.dumps(written["selection"])
     printed = capsys.readouterr().out
     assert "no quality labels" in printed and "F1" not in printed and "estimated clean share" in printed
+    assert f"rests on {len(data.anchor)} anchors" in printed  # few anchors: the summary says the share is rough
+
+
+def test_summary_says_when_few_anchors_make_the_share_rough():
+    from clues_fl.reporting.results import FEW_ANCHORS, unlabelled_lines
+
+    def lines(anchors):
+        share = {"estimate": 0.5, "low": 0.3, "high": 0.7, "level": 0.9, "anchors": anchors}
+        return "\n".join(unlabelled_lines({"kept": 5, "n": 10, "kept-share": 0.5, "estimated-clean-share": share}))
+
+    assert "rests on 16 anchors" in lines(16) and "README" in lines(16)
+    assert "rests on" not in lines(FEW_ANCHORS) and "rests on" not in lines(64)
 
 
 def test_clean_share_interval_covers_the_truth():

@@ -291,15 +291,22 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
 
 
 # -- experiments --------------------------------------------------------------------------
-def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False) -> Path:
-    out = Path("outputs") / name
-    out.mkdir(parents=True, exist_ok=True)
-    # The full size is half the demo's 80 samples per site so that the whole suite (about
-    # 25 federated runs) finishes in well under two hours on 2 CPU cores.
+def suite_sizes(quick: bool, anchors: int | None = None) -> dict:
+    """The run-config keys the suite sets on top of FIQA: its sizes, and `anchors` (the
+    anchor-set size) where given. The full size is half the demo's 80 samples per site so
+    that the whole suite (about 25 federated runs) finishes in well under two hours on 2
+    CPU cores."""
     size = {"data.samples-per-client": 24 if quick else 40, "data.max-length": 96 if quick else 128,
             "trace.rounds": 2 if quick else 3, "retrain.rounds": 1 if quick else 2,
             "data.val-size": 24 if quick else 48, "data.test-size": 16 if quick else 32,
             "eval.max-samples": 8 if quick else 16, "eval.mc-items": 16 if quick else 32}
+    return size if anchors is None else {**size, "data.anchor-size": anchors}
+
+
+def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False, anchors: int | None = None) -> Path:
+    out = Path("outputs") / name
+    out.mkdir(parents=True, exist_ok=True)
+    size = suite_sizes(quick, anchors)
     lab = Lab({**FIQA, **size}, out, fresh)
     report = [f"# Evaluation suite `{name}`{' (--quick)' if quick else ''}", "",
               f"SmolLM2-135M-Instruct, LoRA r=16 on q,v of layers 22-29. Sizes: {json.dumps(size)}.", ""]
@@ -606,9 +613,15 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="rerun every run; by default a run already finished under runs/ with the same "
                          "run-config is reused, so an interrupted suite continues where it stopped")
+    ap.add_argument("--anchors", type=int, default=None,
+                    help=f"anchor-set size (data.anchor-size) of every run but experiment 5's sweep and "
+                         f"experiment 7's; default {FIQA['data.anchor-size']}. Give --name too, so that the "
+                         f"16-anchor suite's runs and report stay apart")
     args = ap.parse_args(argv)
+    if args.anchors is not None and args.anchors < 2:
+        ap.error(f"--anchors: the anchor set needs at least 2 samples, got {args.anchors}")
     only = {int(x) for x in args.only.split(",") if x.strip()}
-    run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only, args.fresh)
+    run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only, args.fresh, args.anchors)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,11 @@ def anchor_units(clues, site):
     return standardise(site.scores, np.asarray(anchors, dtype=float))
 
 
+# Below this many anchors the summary says the clean-share estimate is rough: 16 anchors
+# misjudged it by 0.09-0.17 rms on the README's pools ("More anchors"), 48-64 by 0.01-0.12.
+FEW_ANCHORS = 32
+
+
 def unlabelled_lines(sel: dict) -> list[str]:
     """The summary of a selection on data without quality labels: no P/R/F1."""
     lines = [f"  selection (no quality labels, so no precision or recall): kept {sel['kept']}/{sel['n']} "
@@ -175,6 +180,9 @@ def unlabelled_lines(sel: dict) -> list[str]:
     if share:
         lines.append(f"  estimated clean share {share['estimate']:.2f} "
                      f"({share['level']:.0%} interval {share['low']:.2f}-{share['high']:.2f})")
+        if share.get("anchors", FEW_ANCHORS) < FEW_ANCHORS:
+            lines.append(f"    rests on {share['anchors']} anchors, which misjudge the clean share (and so the "
+                         f"threshold) by about 0.1; {FEW_ANCHORS}-64 anchors narrow it (README: How many anchors)")
     dist = sel.get("score-distribution", {})
     for who in ("sites", "anchors"):
         if dist.get(who):

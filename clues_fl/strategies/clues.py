@@ -661,8 +661,9 @@ class Clues:
                 **self._share_and_distribution(), "per-client": per_site}
 
     def _share_and_distribution(self) -> dict:
-        """Estimated clean share (mixture model on the anchor-based scores, bootstrap
-        interval) and the score distribution of the sites and of the anchors."""
+        """Estimated clean share (anchor-quantile ratios on the anchor-based scores,
+        bootstrap interval, and how many anchors it rests on) and the score distribution
+        of the sites and of the anchors."""
         out: dict = {}
         reported = [s for s in self.sites.values() if s.reported]
         if not reported or self.scorer.selection != "anchor":
@@ -671,10 +672,13 @@ class Clues:
             if self.threshold.get("standardised"):
                 anchors = np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in reported])
                 pooled = np.concatenate([standardise(s.scores, s.anchor_scores) for s in reported])
+                anchor_count = len(reported[0].anchor_scores)  # each site scored the same anchors
             else:
                 anchors = np.asarray(self.anchor["scores"])
                 pooled = self._pooled_scores(reported)
-            out["estimated-clean-share"] = clean_share(anchors, pooled, seed=self.cfg["seed"])
+                anchor_count = anchors.size
+            out["estimated-clean-share"] = {**clean_share(anchors, pooled, seed=self.cfg["seed"]),
+                                            "anchors": int(anchor_count)}
             out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
         except ValueError as err:  # too few finite scores
             log.warning("no clean-share estimate: %s", err)
