@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from clues_fl.reporting.run_report import anchor_scale, round_loss_axis, score_axis
 from clues_fl.experiments.suite import Outcome, _plots
@@ -53,8 +54,6 @@ def test_suite_plots_are_written(tmp_path):
 
 
 def test_suite_anchors_option_sets_the_anchor_set_size(capsys):
-    import pytest
-
     from clues_fl.experiments.suite import FIQA, main, suite_sizes
 
     assert "data.anchor-size" not in suite_sizes(False)  # FIQA's 16 stand
@@ -62,4 +61,4 @@ def test_suite_anchors_option_sets_the_anchor_set_size(capsys):
     assert suite_sizes(True, 32)["data.samples-per-client"] == suite_sizes(True)["data.samples-per-client"]
     with pytest.raises(SystemExit):
         main(["--anchors", "1", "--only", "6"])
-    assert "--anchors: the anchor set needs at least 2 samples, got 1" in capsys.readouterr().err
+    assert "data.anchor-size: the anchor set needs at least 2 samples, got 1" in capsys.readouterr().err

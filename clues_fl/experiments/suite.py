@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from clues_fl import client_app
-from clues_fl.config import parse_config
+from clues_fl.config import ConfigError, parse_config
 from clues_fl.federation.inmemory_grid import InMemoryGrid
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_manifests, read_run
@@ -618,8 +618,10 @@ def main(argv=None) -> None:
                          f"experiment 7's; default {FIQA['data.anchor-size']}. Give --name too, so that the "
                          f"16-anchor suite's runs and report stay apart")
     args = ap.parse_args(argv)
-    if args.anchors is not None and args.anchors < 2:
-        ap.error(f"--anchors: the anchor set needs at least 2 samples, got {args.anchors}")
+    try:  # the run-config's own checks (e.g. --anchors below 2), before any run starts
+        parse_config({**FIQA, **suite_sizes(args.quick, args.anchors)})
+    except ConfigError as err:
+        ap.error(str(err))
     only = {int(x) for x in args.only.split(",") if x.strip()}
     run_suite(args.name or ("suite-quick" if args.quick else "suite"), args.quick, only, args.fresh, args.anchors)
 
