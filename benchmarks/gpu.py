@@ -225,9 +225,10 @@ def four_bit(shape, device, batch_size):
     return out
 
 
-def smoke(device: str) -> dict:
+def smoke(device: str, overrides: dict | None = None) -> dict:
     """scenarios/smoke.toml in-process (InMemoryGrid) on `device` and on the CPU, float32,
-    with the scenario's CLUES + mixture and with the default clues+ + anchor-f1."""
+    with the scenario's CLUES + mixture and with the default clues+ + anchor-f1.
+    `overrides`: run-config values over the scenario's (--smoke-set)."""
     import tomllib
 
     from flwr.common.config import flatten_dict
@@ -239,6 +240,7 @@ def smoke(device: str) -> dict:
     from clues_fl.runtime import _cached
 
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw.update(overrides or {})
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
     figures = {}
     for method, rule in (("clues", "mixture"), ("clues+", "anchor-f1")):
@@ -268,13 +270,15 @@ def smoke(device: str) -> dict:
 def main() -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=["1b", "8b"] if cuda else ["tiny"], choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=["1b", "8b"] if cuda else ["tiny"], choices=list(SHAPES))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--skip-4bit", action="store_true")
     ap.add_argument("--smoke", action=argparse.BooleanOptionalAction, default=cuda,
                     help="the smoke scenario in-process on --device and on the CPU (default: on CUDA)")
+    ap.add_argument("--smoke-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="run-config values over the smoke scenario's, as TOML (e.g. model.name='PATH' lora.layers='2-3')")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" or "tiny" in args.shapes else torch.float32
@@ -296,7 +300,9 @@ def main() -> None:
             gc.collect()
             free_memory()
     if args.smoke:
-        figures.update(smoke(str(device)))
+        from flwr.common.config import parse_config_args
+
+        figures.update(smoke(str(device), parse_config_args([" ".join(args.smoke_set)]) if args.smoke_set else {}))
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
 
 

