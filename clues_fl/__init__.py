@@ -1,3 +1,2 @@
-from clues_fl.console import quiet_warnings as _quiet_warnings
-
-_quiet_warnings()  # before torch / transformers / Ray are imported (CLUES_FL_VERBOSE=1 keeps them)
+"""clues-fl: federated LLM fine-tuning on Flower that drops low-quality private data by
+gradient alignment with a public anchor set (CLUES, Quad)."""

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from clues_fl import console
 from clues_fl.config import parse_config
 from clues_fl.data.scenario import site_samples
 from clues_fl.federation import site
@@ -57,6 +58,7 @@ def _frozen(d: dict) -> str:
 def _site(run_config: str, node_config: str):
     """This site's samples, their encoding and prefix cache (cached per process)."""
     cfg = parse_config(json.loads(run_config))
+    console.setup(site.site_report_dir(cfg, json.loads(node_config)) / "site.log")
     samples, skipped = site_samples(cfg, json.loads(node_config))
     if not samples:
         raise ValueError("this site has no training samples (empty partition or file)")
@@ -128,17 +130,17 @@ def _partition(context: Context, default: int = 0) -> int:
 @app.train()
 @_ids_hidden
 def train(message: Message, context: Context) -> Message:
-    """One round of fed.strategy: 'trace' on all raw data, 'retrain' on the kept samples,
-    'retrain-all' on all at the kept samples' budget. The Adam moments (tracing) come
+    """One round of fed.strategy: 'trace' on all raw data, 'aggregate' on the kept samples,
+    'all-data' on all at the kept samples' budget. The Adam moments (tracing) come
     and go in their own record; FedProx's proximal-mu adds its proximal term."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
     request = TrainRequest.from_record(message.content)
     kept = None if request.phase == "trace" else _kept_rows(context)
-    rows = list(range(len(encoded))) if request.phase in ("trace", "retrain-all") else kept
+    rows = list(range(len(encoded))) if request.phase in ("trace", "all-data") else kept
     result = site.train_round(
         bench, cfg, encoded, cache, rows, request.state, request.moments, phase=request.phase,
         server_round=request.server_round, proximal_mu=request.proximal_mu, partition_id=_partition(context),
-        kept=len(kept) if request.phase == "retrain-all" else None,
+        kept=len(kept) if request.phase == "all-data" else None,
     )
     return _reply(message, TrainReply(
         result.state, result.num_examples, result.loss, result.steps, result.seconds,

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from clues_fl.aggregation.strategies import StrategyError, builtin_name, check_name, parse_args
+from clues_fl import names
+from clues_fl.plugins import is_reference
 
 
 class ConfigError(ValueError):
@@ -82,9 +83,31 @@ def split_list(value: Any) -> list[str]:
     return [p.strip() for p in str(value).split(",") if p.strip()]
 
 
-def _module_attr(value: str) -> bool:
-    module, sep, attr = str(value).partition(":")
-    return bool(sep and module and attr)
+STRATEGY_ARGS_KEY = "fed.strategy-args"
+
+
+def parse_strategy_args(text: str) -> dict[str, Any]:
+    """fed.strategy-args, 'name=value, name=value', as keyword arguments (values read as
+    TOML scalars: numbers, true/false, else text). Run-config values are scalars and
+    Flower accepts only the keys pyproject.toml declares, hence one string."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for part in str(text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, raw = part.partition("=")
+        name, raw = name.strip(), raw.strip()
+        if not sep or not name.isidentifier() or not raw:
+            raise ConfigError(f"{STRATEGY_ARGS_KEY}: '{part.strip()}' is not name=value "
+                              "(e.g. 'proximal_mu=0.01, eta=0.001')")
+        if name in out:
+            raise ConfigError(f"{STRATEGY_ARGS_KEY}: '{name}' given twice")
+        try:
+            out[name] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[name] = raw.strip("'\"")
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,7 +170,7 @@ class ModelSection(Section):
 
     PREFIX = "model"
 
-    name: str = option("smollm2-135m", "the bundled SmolLM2-135M-Instruct, a local model folder, or a Hugging "
+    name: str = option(names.DEFAULT_MODEL, "the bundled SmolLM2-135M-Instruct, a local model folder, or a Hugging "
                        "Face id in your local cache")
     quantization: str = option("none", "`4bit` (QLoRA: nf4, double quantisation, bf16 compute) / `8bit` through "
                                "bitsandbytes (`pip install 'clues-fl[quant]'`); see "
@@ -259,11 +282,14 @@ class TraceSection(Section):
 
 @dataclass(frozen=True)
 class RetrainSection(Section):
-    """Phase 5, retraining on the kept samples."""
+    """The aggregate step: the sites retrain on their kept samples."""
 
     PREFIX = "retrain"
 
-    rounds: int = option(2, "retraining rounds (FedAvg) or local epochs (merging)", bound=">= 1")
+    mode: str = option("rounds", "`rounds`: rounds of `fed.strategy` from the initial adapter; `merge`: each site "
+                       "retrains alone and the server merges the adapters once (`merge.rule`)",
+                       choices=("rounds", "merge"))
+    rounds: int = option(2, "rounds (`rounds`) or local epochs (`merge`)", bound=">= 1")
 
 
 @dataclass(frozen=True)
@@ -280,18 +306,9 @@ class ScoringSection(Section):
     prefix_cache: bool = option(True, "reuse the frozen layers' activations")
 
 
-SELECTION_METHODS = ("clues", "clues+", "quad", "less", "datainf", "ppl", "ifd", "random", "all", "oracle")
-"""The built-in selection methods (scoring/scorers.py BUILTIN; preflight checks a name against them)."""
-
-
-SIGNAL_NAMES = ("clues", "loss", "learn", "base-loss", "qinfo", "eos", "dup", "overlap", "qa-sim")
-"""The per-sample signals of `clues+` (scoring/signals.py SIGNALS, which checks it has these)."""
-# Chosen on the measurement pools and the demo's FedAvg checkpoints (benchmarks/signals.py,
-# README "Selection signals and the calibrated score"): the signals that add. "loss" (the last
-# checkpoint's) is left out: it moves with base-loss (the LoRA barely changes answer losses),
-# so the two would count one shortfall twice. "qa-sim" replaced "overlap": on the four
-# within-domain pools it ranked exchanged answers 0.94/0.93/0.89/0.94, overlap 0.88/0.86/0.85/0.80.
-DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup", "qa-sim")
+SELECTION_METHODS = names.SELECTION_METHODS
+SIGNAL_NAMES = names.SIGNAL_NAMES
+DEFAULT_SIGNALS = names.DEFAULT_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -302,8 +319,9 @@ class SelectionSection(Section):
 
     method: str = option("clues+", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
                          "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
-    threshold: str = option("anchor-f1", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works)",
-                            choices=("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static"))
+    threshold: str = option("anchor-f1", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works); "
+                            "`module:Class`: your rule", allowed=", ".join(f"`{r}`" for r in (*names.THRESHOLD_RULES,
+                                                                                               "module:Class")))
     quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
                              bound="in [0, 1)")
     ratio: float = option(0.5, "`ratio` (and the methods without an anchor threshold): share of the pooled "
@@ -317,13 +335,19 @@ class SelectionSection(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        names = split_list(self.signals)
-        if not names:
+        if self.method not in names.SELECTION_METHODS and not is_reference(self.method):
+            raise ConfigError(f"selection.method: '{self.method}' is not one of {', '.join(names.SELECTION_METHODS)} "
+                              "or 'module:Class'")
+        if self.threshold not in names.THRESHOLD_RULES and not is_reference(self.threshold):
+            raise ConfigError(f"selection.threshold: '{self.threshold}' is not one of "
+                              f"{', '.join(names.THRESHOLD_RULES)} or module:Class (your rule)")
+        signals = split_list(self.signals)
+        if not signals:
             raise ConfigError("selection.signals: name at least one signal")
-        for name in names:
+        for name in signals:
             if name not in SIGNAL_NAMES:
                 raise ConfigError(f"selection.signals: '{name}' is not one of {', '.join(SIGNAL_NAMES)}")
-        if len(set(names)) < len(names):
+        if len(set(signals)) < len(signals):
             raise ConfigError(f"selection.signals: '{self.signals}' names a signal twice")
 
 
@@ -374,41 +398,27 @@ class PrivacySection(Section):
                               f"{self.adapter_noise} and {self.adapter_clip}")
 
 
-def merge_rule_names() -> tuple[str, ...]:
-    """`fedavg` and the one-shot rules registered in aggregation/merging.py MERGE_RULES (the
-    one place a rule is added). Imported only when a run asks for merging: it loads torch."""
-    from clues_fl.aggregation.merging import MERGE_RULES
-
-    return ("fedavg", *MERGE_RULES)
-
-
 @dataclass(frozen=True)
 class MergeSection(Section):
-    """How the retrained adapters are combined (aggregation/merging.py)."""
+    """How the retrained adapters are merged once (retrain.mode = merge; aggregation/merging.py)."""
 
     PREFIX = "merge"
 
-    aggregation: str = option("fedavg", "retraining: `fedavg` = rounds aggregated by `fed.strategy`; or one-shot "
-                              "`linear` / `weighted` / `ties` merging, or `module:function` (your merge rule)",
-                              key="aggregation", allowed="`fedavg`, `linear`, `weighted`, `ties`, `module:function`")
+    rule: str = option("weighted", "`linear` (uniform), `weighted` (by kept samples and score) or `ties` merging "
+                       "of the low-rank updates dW = B A, or `module:function` (your merge rule)",
+                       allowed=", ".join(f"`{r}`" for r in (*names.MERGE_RULES, "module:function")))
     density: float = option(0.5, "TIES trim density")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        value = self.aggregation
-        if value != "fedavg" and builtin_name(value):
-            raise ConfigError(f"aggregation: '{value}' is a strategy for the rounds: set "
-                              f"fed.strategy='{value}' (with aggregation='fedavg', the default: "
-                              "retraining in rounds); aggregation is 'fedavg' or a one-shot merge rule "
-                              "(linear, weighted, ties, module:function)")
-        if value != "fedavg" and not _module_attr(value) and value not in (names := merge_rule_names()):
-            raise ConfigError(f"aggregation: '{value}' is not one of {', '.join(names)} "
+        if self.rule not in names.MERGE_RULES and not is_reference(self.rule):
+            raise ConfigError(f"merge.rule: '{self.rule}' is not one of {', '.join(names.MERGE_RULES)} "
                               "or module:function (your merge rule)")
 
 
 @dataclass(frozen=True)
 class FedSection(Section):
-    """The federation: the rounds' Flower strategy, sites, timeouts (aggregation/strategies.py)."""
+    """The federation: the rounds' Flower strategy, sites, timeouts (aggregation/fed_strategy.py)."""
 
     PREFIX = "fed"
 
@@ -424,11 +434,11 @@ class FedSection(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            check_name(self.strategy)
-            parse_args(self.strategy_args)
-        except StrategyError as err:
-            raise ConfigError(str(err)) from err
+        by_lower = {n.lower() for n in names.FLOWER_STRATEGIES}
+        if self.strategy.strip().lower() not in by_lower and not is_reference(self.strategy):
+            raise ConfigError(f"fed.strategy: '{self.strategy}' is not one of {', '.join(names.FLOWER_STRATEGIES)} "
+                              "(case-insensitive) or 'module:Class' (your Strategy subclass)")
+        parse_strategy_args(self.strategy_args)
 
 
 @dataclass(frozen=True)
@@ -503,7 +513,12 @@ DEFAULTS: dict[str, Any] = RunConfig().values
 CHOICES: dict[str, tuple[str, ...]] = {
     cls.key(f.name): f.metadata["choices"]
     for cls in sections().values() for f in fields(cls) if f.metadata["choices"]
-}  # aggregation: merge_rule_names() or module:function (a merge rule)
+}
+
+RENAMED = {  # keys of earlier versions: what a run-config says instead
+    "aggregation": "retrain.mode = 'rounds' (was aggregation = 'fedavg'), or retrain.mode = 'merge' with "
+                   "merge.rule = 'linear' | 'weighted' | 'ties' | 'module:function' (was aggregation = that rule)",
+}
 
 POSITIVE_INTS = tuple(cls.key(f.name) for cls in sections().values() for f in fields(cls)
                       if f.metadata["bound"] == ">= 1")
@@ -512,6 +527,9 @@ POSITIVE_INTS = tuple(cls.key(f.name) for cls in sections().values() for f in fi
 def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> RunConfig:
     """Merge `raw` (flat keys) over the defaults, coerce types and validate."""
     raw = dict(raw or {})
+    renamed = sorted(k for k in raw if k in RENAMED)
+    if renamed and strict:
+        raise ConfigError(f"{renamed[0]}: this key is gone; use {RENAMED[renamed[0]]}")
     unknown = sorted(k for k in raw if k not in KEYS)
     if unknown and strict:
         raise ConfigError(

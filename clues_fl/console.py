@@ -1,6 +1,7 @@
-"""The console: one status line per phase (and FedAvg round) with counts and time;
-Flower's per-phase strategy banner and the libraries' deprecation warnings quietened;
-progress bars only where they render.
+"""The console: one status line per phase (and round) with counts and time; Flower's
+per-phase strategy banner and the libraries' deprecation warnings kept out of it (they
+go to the run's log file: `setup(log_file)`); progress bars only where they render.
+Importing the package changes no warning filter: only a run's console is quietened.
 
 `CLUES_FL_VERBOSE=1` (the launcher's `--verbose`) keeps Flower's banner and the warnings.
 Progress: a tqdm bar when stderr is a terminal, else one line every
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 import time
-import warnings
+from pathlib import Path
 
 VERBOSE_ENV = "CLUES_FL_VERBOSE"
 PROGRESS_ENV = "CLUES_FL_PROGRESS_SECONDS"
@@ -25,28 +26,31 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def quiet_warnings() -> None:
-    """FutureWarnings and DeprecationWarnings of the libraries (transformers, torch, Ray,
-    peft), one per process per location, repeated by every Ray worker: off unless verbose."""
-    if verbose():
-        return
-    if not _is_tty():  # Hugging Face's own bars ("Loading weights") arrive as fragments in a log
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+class LibraryWarnings(logging.Filter):
+    """Drops the libraries' FutureWarnings and DeprecationWarnings (transformers, torch,
+    Ray, peft: one per process per location, repeated by every site) from the console,
+    unless verbose; the run's log file keeps them."""
+
+    CATEGORIES = ("FutureWarning", "DeprecationWarning")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "py.warnings" or verbose():
+            return True
+        return not any(f": {c}:" in record.getMessage() for c in self.CATEGORIES)
 
 
 class FlowerBanner(logging.Filter):
-    """Drops what Flower's strategies log at every start() and round (the FedAvg
-    summary, `fraction_evaluate is set to 0.0`, `ConfigRecord (evaluate): (empty!)`,
-    `[ROUND i/n]`, the final results): CLUES runs FedAvg once per phase, and logs its own
-    line per round. Keeps the strategies' warnings and the DP accounting."""
+    """Drops what the strategies log at every start() and round (the strategy summaries,
+    `fraction_evaluate is set to 0.0`, `ConfigRecord (evaluate): (empty!)`, `[ROUND i/n]`,
+    the final results): CLUES runs the rounds strategy once per round phase, and logs its
+    own line per round. Keeps the strategies' warnings and the DP accounting."""
 
     KEEP = ("Privacy spent", "Waiting for nodes")
+    STRATEGIES = ("/flwr/serverapp/strategy/", "/clues_fl/strategies/")
 
     def filter(self, record: logging.LogRecord) -> bool:
         path = record.pathname.replace("\\", "/")
-        if "/flwr/serverapp/strategy/" not in path or verbose():
+        if not any(where in path for where in self.STRATEGIES) or verbose():
             return True
         message = record.getMessage()
         if "is set to 0.0" in message:
@@ -54,18 +58,39 @@ class FlowerBanner(logging.Filter):
         return record.levelno > logging.INFO or any(k in message for k in self.KEEP)
 
 
-def setup() -> None:
-    """Quieten Flower and the libraries (unless verbose) and show this package's INFO
-    lines through Flower's console handler (where the run's log goes). Idempotent."""
-    quiet_warnings()
+def setup(log_file: Path | None = None) -> None:
+    """A run's console: this package's INFO lines through Flower's console handler;
+    Flower's strategy banner (FlowerBanner) and the libraries' deprecation warnings
+    (LibraryWarnings, warnings routed through logging) kept out of it unless verbose.
+    `log_file`: also write everything there, warnings included. Idempotent."""
+    if not _is_tty():  # Hugging Face's own bars ("Loading weights") arrive as fragments in a log
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.captureWarnings(True)
     flwr = logging.getLogger("flwr")
     if not any(isinstance(f, FlowerBanner) for f in flwr.filters):
         flwr.addFilter(FlowerBanner())
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
+    consoles = [h for h in flwr.handlers if not isinstance(h, logging.FileHandler)]  # Flower's ConsoleHandler
+    console = consoles[0] if consoles else None
     if not log.handlers and not logging.getLogger().handlers:
-        handlers = [h for h in flwr.handlers if isinstance(h, logging.StreamHandler)]
-        log.addHandler(handlers[0] if handlers else logging.StreamHandler())
+        console = console or logging.StreamHandler()
+        log.addHandler(console)
+    py_warnings = logging.getLogger("py.warnings")
+    if console is not None:
+        if not any(isinstance(f, LibraryWarnings) for f in console.filters):
+            console.addFilter(LibraryWarnings())
+        if console not in py_warnings.handlers:
+            py_warnings.addHandler(console)
+        py_warnings.propagate = False
+    if log_file is not None:
+        path = Path(log_file).resolve()
+        for logger in (log, flwr, py_warnings):
+            if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in logger.handlers):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(path)
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                logger.addHandler(handler)
 
 
 def status(message: str, *args) -> None:

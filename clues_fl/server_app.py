@@ -1,27 +1,24 @@
-"""Flower ServerApp: runs the CLUES protocol and writes the report.
+"""Flower ServerApp: builds the CLUES strategy from the run-config and starts it.
 
-trace -> score -> threshold -> select -> retrain (aggregate) -> report, the phases of
-strategies/protocol.py. The state after every phase and round is saved under
-outputs/<run-name>/state (federation/resume.py): re-running the same run-name resumes
-after the last completed one.
+`CluesStrategy.start` (strategies/clues.py) runs the protocol, trace -> score ->
+threshold -> select -> aggregate -> report, and saves its state after every phase and
+round under outputs/<run-name>/state (federation/resume.py): re-running the same
+run-name resumes after the last completed one.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clues_fl import console
 from clues_fl.config import RunConfig
 from clues_fl.federation.preflight import PreflightError, preflight
 from clues_fl.federation.resume import RunState
-from clues_fl.data.scenario import server_sets
-from clues_fl.strategies.clues import Clues, SitesFailed, wait_for_nodes
-from clues_fl.strategies.protocol import ProtocolRun, run_phases, saved_phases
-from clues_fl.runtime import workbench
+from clues_fl.server.phases import ProtocolRun
+from clues_fl.server.sites import SitesFailed
+from clues_fl.strategies.clues import CluesStrategy
 
 app = ServerApp()
 log = logging.getLogger(__name__)
@@ -39,29 +36,10 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
-    """The whole protocol over `grid` (strategies/protocol.py runs its phases), skipping
-    the phases the run's saved state already has. Returns the protocol's state (None if
-    the run had finished before) and the metrics."""
-    started = time.time()
-    console.setup()
-    state = RunState(cfg)
-    if state.finished:
-        log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
-                 "run-name or set resume=false to run it again", cfg["run-name"], state.out)
-        return None, state.metrics()
-    bench = workbench(cfg)
-    anchor, val, test, skipped = server_sets(cfg)
-    clues = Clues(cfg, bench, anchor, val, test)
-    run = ProtocolRun(cfg, clues, grid, state, skipped=skipped, started=started)
-    if state.done("score") and not state.done("retrain") and not clues.holds_exact_scores:
-        log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back to "
-                    "the sites for selection, so they score again (with privacy.epsilon > 0 that releases "
-                    "noised scores a second time)", cfg["run-name"])
-        state.redo("score")
-    run.resumed_from = state.restore(clues, [p for p in saved_phases(run) if p != "report"])
-    if not state.done("retrain"):  # every phase before the report talks to the sites
-        run.nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"], cfg["fed.wait-for-nodes"]))
-        clues.name_sites(grid, run.nodes)
-    run_phases(run)
-    return clues, run.metrics
+def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[ProtocolRun | None, dict]:
+    """The whole protocol over `grid` (resuming the run's saved state). Returns the run
+    (None if it had finished before) and its metrics."""
+    strategy = CluesStrategy(cfg)
+    strategy.start(grid=grid)
+    run = strategy.last_run
+    return run, run.metrics if run is not None else RunState(cfg).metrics()

@@ -84,10 +84,10 @@ def test_every_key_has_one_table_row_with_help():
 
 
 def test_sections_and_flat_keys_are_the_same_values():
-    cfg = parse_config({"train.batch-size": "4", "lora.r": 8, "aggregation": "ties", "merge.density": 0.3,
+    cfg = parse_config({"train.batch-size": "4", "lora.r": 8, "merge.rule": "ties", "merge.density": 0.3,
                         "run-name": "x", "quad.ekfac": "true"})
     assert (cfg.train.batch_size, cfg["train.batch-size"]) == (4, 4)
-    assert (cfg.lora.r, cfg.merge.aggregation, cfg.merge.density, cfg.run.run_name) == (8, "ties", 0.3, "x")
+    assert (cfg.lora.r, cfg.merge.rule, cfg.merge.density, cfg.run.run_name) == (8, "ties", 0.3, "x")
     assert cfg.quad.ekfac is True and cfg.lora.list("target_modules") == cfg.list("lora.target-modules")
     for key, (attr, name) in KEYS.items():
         assert getattr(getattr(cfg, attr), name) == cfg[key]

@@ -23,7 +23,7 @@ def test_quad_scores_a_fraction_and_respects_the_budget(tiny_model_dir, tmp_path
         "data.samples-per-client": 16, "quad.clusters": 4, "quad.sampling-ratio": 0.1,
         "quad.budget": 0.5, "quad.max-scored": 0.3, "eval.coverage": True,
     })
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     score_msgs = _replies(grid, "query.score")
     sent = ScoreRequest.from_record(score_msgs[0].sent.content)
     # the server sent H^-1 G_anchor per checkpoint (adapter-shaped) and tau, budget
@@ -48,7 +48,7 @@ def test_quad_scores_a_fraction_and_respects_the_budget(tiny_model_dir, tmp_path
 
 def test_histogram_mode_reports_only_counts(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"privacy.report": "histogram", "privacy.bins": 16})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     for ex in _replies(grid, "query.score"):
         reply = ScoreReply.from_record(ex.reply.content)
         assert set(ex.reply.content.keys()) == {"histogram", "metrics"}  # no scores, no ids
@@ -64,7 +64,7 @@ def test_histogram_mode_reports_only_counts(tiny_model_dir, tmp_path):
 
 def test_dp_noise_on_reported_scores_only(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"privacy.epsilon": 0.5, "privacy.delta": 1e-5})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     from clues_fl import client_app
 
     for ex in _replies(grid, "query.score"):
@@ -99,11 +99,11 @@ def test_flower_dp_wrapper_on_adapter_updates(tiny_model_dir, tmp_path):
     plain = drive(run_config(tiny_model_dir, tmp_path / "plain"))[2]
     raw = run_config(tiny_model_dir, tmp_path / "dp", **{"privacy.adapter-noise": 1.0, "privacy.adapter-clip": 0.05,
                                                         "fed.min-nodes": 1})
-    cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("site lost")})
+    cfg, grid, run, metrics = drive(raw, fail={(202, "train"): RuntimeError("site lost")})
     # the site that failed is named; the DP rounds went on with the other one
-    assert [m["phase"] for m in metrics["missing-sites"]] == ["trace round 1", "trace round 2", "retrain round 1",
-                                                                "retrain-all round 1"]
-    noisy, clean = clues.checkpoints[-1].state, plain.checkpoints[-1].state
+    assert [m["phase"] for m in metrics["missing-sites"]] == ["trace round 1", "trace round 2", "aggregate round 1",
+                                                                "all-data round 1"]
+    noisy, clean = run.state.checkpoints[-1].state, plain.state.checkpoints[-1].state
     assert all(torch.isfinite(noisy[k]).all() for k in noisy)
     # noise std = noise multiplier * clip / sites = 0.05 per element: far from the noiseless adapter
     diff = torch.cat([(noisy[k] - clean[k]).flatten() for k in noisy])

@@ -57,8 +57,8 @@ def drive(raw_cfg: dict, fail=None, nodes=None):
     """server_app.main (its run_protocol) over an in-memory grid of two sites."""
     cfg = parse_config(raw_cfg)
     grid = InMemoryGrid(client_module.app, nodes or NODES, raw_cfg, fail=fail or {})
-    clues, metrics = run_protocol(grid, cfg)
-    return cfg, grid, clues, metrics
+    run, metrics = run_protocol(grid, cfg)
+    return cfg, grid, run, metrics
 
 
 def _strings_in(record) -> list[str]:
@@ -107,10 +107,10 @@ def assert_typed_views_cover_the_wire(grid) -> None:
             assert _layout(reply.to_record()) == _layout(ex.reply.content), ex.message_type
 
 
-@pytest.mark.parametrize("mode,aggregation", [("federated", "fedavg"), ("merging", "weighted")])
-def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggregation):
-    raw = run_config(tiny_model_dir, tmp_path, mode=mode, aggregation=aggregation)
-    cfg, grid, clues, metrics = drive(raw)
+@pytest.mark.parametrize("mode,retrain", [("federated", "rounds"), ("merging", "merge")])
+def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, retrain):
+    raw = run_config(tiny_model_dir, tmp_path, mode=mode, **{"retrain.mode": retrain})
+    cfg, grid, run, metrics = drive(raw)
 
     phases = {e.message_type for e in grid.log}
     expected = {"train", "query.score", "query.select"} if mode == "federated" else {"train.local", "query.score", "query.select"}
@@ -122,7 +122,7 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     real_ids = {s.id for c in data.clients for s in c}
     assert_no_real_ids(grid, real_ids)
     assert_typed_views_cover_the_wire(grid)
-    n_params = sum(v.numel() for v in clues.bench.initial_state.values())
+    n_params = sum(v.numel() for v in run.bench.initial_state.values())
     for ex in grid.log:
         assert not ex.reply.has_error(), ex.reply.error
         content = ex.reply.content
@@ -165,7 +165,7 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
     assert set(written["validation-loss"]) >= {"base", "all-data", "selected"}
     if mode == "federated":  # the all-data reference is retrained at the selection's budget
         assert "last-trace-checkpoint" in written["validation-loss"]
-        assert len(written["round-losses"]["retrain-all"]) == cfg["retrain.rounds"]
+        assert len(written["round-losses"]["all-data"]) == cfg["retrain.rounds"]
     quality = written["model-quality"]
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
@@ -190,19 +190,19 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, aggre
 
 def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
-    cfg, grid, clues, metrics = drive(raw, fail={(202, "train"): RuntimeError("out of memory")})
+    cfg, grid, run, metrics = drive(raw, fail={(202, "train"): RuntimeError("out of memory")})
     phases = [m["phase"] for m in metrics["missing-sites"] if m["node"] == 202]
-    assert phases == ["trace round 1", "trace round 2", "retrain round 1", "retrain-all round 1"]
+    assert phases == ["trace round 1", "trace round 2", "aggregate round 1", "all-data round 1"]
     assert all(m["reason"] == "out of memory" for m in metrics["missing-sites"])
     # the site by its partition (known before it ever replied: query.site), and the round
     assert [(m["site"], m["partition-id"], m["round"]) for m in metrics["missing-sites"]] == [
-        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1), ("client-1", 1, 1)]  # last: retrain-all
-    assert len(clues.checkpoints) == 2 and "selected" in metrics["validation-loss"]
+        ("client-1", 1, 1), ("client-1", 1, 2), ("client-1", 1, 1), ("client-1", 1, 1)]  # last: all-data
+    assert len(run.state.checkpoints) == 2 and "selected" in metrics["validation-loss"]
 
 
 def test_failed_site_does_not_stop_the_run(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"fed.min-nodes": 1})
-    cfg, grid, clues, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
+    cfg, grid, run, metrics = drive(raw, fail={(202, "query.score"): RuntimeError("disk full")})
     assert metrics["missing-sites"] and metrics["missing-sites"][0]["phase"] == "score"
     assert metrics["missing-sites"][0]["site"] == "client-1" and metrics["missing-sites"][0]["round"] is None
     assert list(metrics["selection"]["per-client"]) == ["client-0"]
@@ -219,11 +219,11 @@ class LengthScorer(Scorer):  # a user's scorer, named in the run-config
                                     "test_flower_inprocess:LengthScorer"])
 def test_every_selection_method_runs_through_the_same_messages(tiny_model_dir, tmp_path, method):
     raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": method, "selection.ratio": 0.5})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     sel = metrics["selection"]
     n = sum(m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in sel["per-client"].values())
     kept = sum(m["kept"] for m in sel["per-client"].values())
-    traced = any(e.message_type == "train" and e.sent.content["config"].get("phase") not in ("retrain", "retrain-all")
+    traced = any(e.message_type == "train" and e.sent.content["config"].get("phase") not in ("aggregate", "all-data")
                  for e in grid.log)
     assert traced == (method in ("less", "datainf"))
     if method == "oracle":
@@ -287,7 +287,7 @@ def test_console_status_lines_and_no_flower_banner(tiny_model_dir, tmp_path, cap
     caplog.set_level(logging.INFO)
     drive(run_config(tiny_model_dir, tmp_path, **{"eval.mc-items": 0, "eval.max-samples": 0}))
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("clues_fl")]
-    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+    for phase in ("trace", "score", "threshold", "select", "aggregate", "evaluate"):
         assert any(m.startswith(f"{phase}: started") for m in ours), phase
         assert any(m.startswith(f"{phase}: done in") for m in ours), phase
     assert any(m.startswith("trace round 2/2: 2 sites, mean training loss") for m in ours)

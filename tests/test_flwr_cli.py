@@ -101,7 +101,7 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
         assert summary["kept"] == b["selection"]["per-client"][site]["kept"]
     # the console: a line when each phase starts and ends, no per-phase Flower banner, no library warnings
     console = stdout["cli-smoke"]  # stderr merged
-    for phase in ("trace", "score", "threshold", "select", "retrain", "evaluate"):
+    for phase in ("trace", "score", "threshold", "select", "aggregate", "evaluate"):
         assert f"{phase}: started" in console and f"{phase}: done in" in console, phase
     for noise in ("fraction_evaluate is set to 0.0", "(empty!)", "FutureWarning", "DeprecationWarning"):
         assert noise not in console, noise

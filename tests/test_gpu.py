@@ -56,9 +56,9 @@ def test_inprocess_federation_on_cuda(tiny_model_dir, tmp_path, method, rule, si
     if signals:
         chosen["selection.signals"] = signals
     raw = run_config(tiny_model_dir, tmp_path, **{"model.device": "cuda", **chosen})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     assert all(not ex.reply.has_error() for ex in grid.log)
-    assert next(clues.bench.model.parameters()).is_cuda
+    assert next(run.bench.model.parameters()).is_cuda
     assert metrics["gpu-peak-mib"]  # measured per phase on CUDA
     cpu = drive(run_config(tiny_model_dir, tmp_path / "cpu", **{"model.device": "cpu", **chosen}))[3]
     assert np.isclose(metrics["selection"]["f1"], cpu["selection"]["f1"])

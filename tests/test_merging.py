@@ -259,17 +259,18 @@ def test_a_users_merge_rule_from_a_module(user_rule_module):
         deltas = [hand_delta(s, module) for s in states]
         expected = user_rule_module.sign_mean(deltas, torch.tensor([1 / 3] * 3, dtype=torch.float64))
         torch.testing.assert_close(delta, expected.to(delta.dtype), rtol=0, atol=1e-9)
-    with pytest.raises(ValueError, match="cannot load merge rule 'my_merge_rules:nope'"):
+    with pytest.raises(ValueError, match="merge.rule: module 'my_merge_rules' has no 'nope'"):
         merge_weights("my_merge_rules:nope", [1], [0.0])
 
 
 def test_a_users_merge_rule_from_the_run_config(tiny_model_dir, tmp_path, user_rule_module):
     from test_flower_inprocess import drive, run_config
 
-    raw = run_config(tiny_model_dir, tmp_path, mode="merging", aggregation="my_merge_rules:sign_mean",
-                     **{"eval.max-samples": 0, "eval.mc-items": 0})
-    cfg, grid, clues, metrics = drive(raw)
-    assert user_rule_module.calls and metrics["aggregation"] == "my_merge_rules:sign_mean"
+    raw = run_config(tiny_model_dir, tmp_path, mode="merging", **{"retrain.mode": "merge",
+                                                                    "merge.rule": "my_merge_rules:sign_mean",
+                                                                    "eval.max-samples": 0, "eval.mc-items": 0})
+    cfg, grid, run, metrics = drive(raw)
+    assert user_rule_module.calls and metrics["aggregate"]["rule"] == "my_merge_rules:sign_mean"
     assert set(metrics["threshold"]["merge-weights"].values()) == {0.5}
     assert "selected" in metrics["validation-loss"]
     assert any((tmp_path / "inprocess" / "adapter").rglob("adapter_config.json"))

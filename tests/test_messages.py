@@ -69,10 +69,10 @@ def test_train_request(moments):
 def test_train_request_as_flowers_strategy_sends_it():
     """Flower's strategies send "server-round" (and FedProx "proximal-mu") in the train
     config next to the server's phase; plain FedAvg sends no proximal-mu."""
-    content = RecordDict({"arrays": msg.state_record(_tensors(0)), "config": msg.train_config("retrain")})
+    content = RecordDict({"arrays": msg.state_record(_tensors(0)), "config": msg.train_config("aggregate")})
     content["config"]["server-round"] = 2
     request = msg.TrainRequest.from_record(content)
-    assert (request.phase, request.server_round, request.proximal_mu, request.moments) == ("retrain", 2, 0.0, None)
+    assert (request.phase, request.server_round, request.proximal_mu, request.moments) == ("aggregate", 2, 0.0, None)
     assert _same(request.state, _tensors(0))
     # moments riding in the adapter's record (saved checkpoints) are read too
     joined = RecordDict({"arrays": msg.state_record(_tensors(0), _moments(1)), "config": msg.train_config("trace")})
@@ -88,7 +88,7 @@ def test_train_reply(moments, peak):
 
 
 def test_local_train_request():
-    for phase in ("trace", "retrain"):
+    for phase in ("trace", "aggregate"):
         assert _roundtrip(msg.LocalTrainRequest(phase))["config"]["phase"] == phase
     assert msg.LocalTrainRequest.message_type == "train.local"
 

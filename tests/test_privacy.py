@@ -308,16 +308,17 @@ def test_the_server_pools_histograms_once_as_threshold_from_histograms_does():
 
     from clues_fl.config import parse_config
     from clues_fl.selection import privacy
-    from clues_fl.strategies.clues import Clues
+    from clues_fl.server.scores import pooled_scores
+    from clues_fl.server.state import ProtocolState
 
     rng = np.random.default_rng(3)
     anchors = rng.normal(0.5, 0.1, 16)
     edges = privacy.histogram_edges(anchors, bins=16)
     counts = [privacy.histogram_counts(rng.normal(0.4, 0.2, n), edges) for n in (7, 13)]
-    clues = Clues.__new__(Clues)
-    clues.cfg, clues.anchor = parse_config({"privacy.report": "histogram", "privacy.bins": 16}), {"scores": anchors.tolist()}
+    cfg = parse_config({"privacy.report": "histogram", "privacy.bins": 16})
+    state = ProtocolState(anchor={"scores": anchors.tolist()})
     sites = [SimpleNamespace(histogram=c, scores=np.array([])) for c in counts]
-    pooled = clues._pooled_scores(sites)
+    pooled = pooled_scores(state, sites, cfg)
     np.testing.assert_array_equal(pooled, privacy.pooled_pseudo_scores(counts, edges))
     assert privacy.histogram_counts(pooled, edges).tolist() == (counts[0] + counts[1]).tolist()
     for rule in ("mixture", "anchor-f1"):

@@ -87,9 +87,9 @@ def test_scores_equal_the_batch1_reference_on_the_same_quantised_model(quantised
 
 def test_smoke_federation_in_4bit(quantised, tmp_path):
     raw = quant_config(tmp_path)
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     assert all(not ex.reply.has_error() for ex in grid.log)
-    assert clues.bench is quantised[2]  # one quantised model per process, shared by server and sites
+    assert run.bench is quantised[2]  # one quantised model per process, shared by server and sites
     assert len(metrics["selection"]["per-client"]) == 2
     assert np.isfinite(list(metrics["validation-loss"].values())).all()
     assert metrics["gpu-peak-mib"] is None  # CPU

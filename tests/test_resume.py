@@ -30,7 +30,7 @@ from clues_fl.federation.site_ids import read_id_map
 NEW_NODES = {404: NODES[101], 303: NODES[202]}
 MODES = {
     "federated": {"retrain.rounds": 2},
-    "merging": {"mode": "merging", "aggregation": "weighted"},
+    "merging": {"mode": "merging", "retrain.mode": "merge", "merge.rule": "weighted"},
     "histogram": {"retrain.rounds": 2, "privacy.report": "histogram", "privacy.bins": 16},
 }
 
@@ -72,8 +72,8 @@ def run(raw: dict, *, crash=None, nodes=None):
         with pytest.raises(Interrupted):
             run_protocol(grid, parse_config(raw))
         return grid, None, None
-    clues, metrics = run_protocol(grid, parse_config(raw))
-    return grid, clues, metrics
+    finished, metrics = run_protocol(grid, parse_config(raw))
+    return grid, finished, metrics
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def assert_same_results(resumed: Path, reference: Path) -> None:
     a, b = (json.loads((p / "metrics.json").read_text()) for p in (resumed, reference))
     assert a["selection"] == b["selection"]
     assert a["missing-sites"] == b["missing-sites"] == []
-    for key in ("trace", "retrain"):
+    for key in ("trace", "aggregate"):
         np.testing.assert_allclose(a["round-losses"].get(key, []), b["round-losses"].get(key, []), atol=1e-6)
     for key, value in b["validation-loss"].items():
         assert a["validation-loss"][key] == pytest.approx(value, abs=1e-6)
@@ -132,18 +132,18 @@ def assert_same_results(resumed: Path, reference: Path) -> None:
 @pytest.mark.parametrize(
     "mode,crash,nodes,redone,resumed_from",
     [
-        ("federated", "trace r2", None, {"trace r2", "score", "select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "trace round 2 of 2"),
-        ("federated", "select", None, {"select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "select"),
-        ("federated", "retrain r2", None, {"select", "retrain r2", "retrain-all r1", "retrain-all r2"}, "retrain round 2 of 2"),
-        ("merging", "score", NEW_NODES, {"identify", "score", "select", "retrain"}, "score"),
-        ("merging", "select", NEW_NODES, {"identify", "select", "retrain"}, "select"),
-        ("merging", "retrain", None, {"select", "retrain"}, "retrain"),
+        ("federated", "trace r2", None, {"trace r2", "score", "select", "aggregate r1", "aggregate r2", "all-data r1", "all-data r2"}, "trace round 2 of 2"),
+        ("federated", "select", None, {"select", "aggregate r1", "aggregate r2", "all-data r1", "all-data r2"}, "select"),
+        ("federated", "aggregate r2", None, {"select", "aggregate r2", "all-data r1", "all-data r2"}, "aggregate round 2 of 2"),
+        ("merging", "score", NEW_NODES, {"identify", "score", "select", "aggregate"}, "score"),
+        ("merging", "select", NEW_NODES, {"identify", "select", "aggregate"}, "select"),
+        ("merging", "aggregate", None, {"select", "aggregate"}, "aggregate"),
         # The server holds binned counts only, not the sites' scores to hand back: they score again.
-        ("histogram", "retrain r2", None, {"score", "select", "retrain r1", "retrain r2", "retrain-all r1", "retrain-all r2"}, "score"),
+        ("histogram", "aggregate r2", None, {"score", "select", "aggregate r1", "aggregate r2", "all-data r1", "all-data r2"}, "score"),
     ],
-    ids=["federated-trace-round-2", "federated-select", "federated-retrain-round-2",
-         "merging-score-new-node-ids", "merging-select-new-node-ids", "merging-retrain",
-         "histogram-retrain-round-2"],
+    ids=["federated-trace-round-2", "federated-select", "federated-aggregate-round-2",
+         "merging-score-new-node-ids", "merging-select-new-node-ids", "merging-aggregate",
+         "histogram-aggregate-round-2"],
 )
 def test_an_interrupted_run_resumes_where_it_stopped(
     tiny_model_dir, tmp_path, reference, mode, crash, nodes, redone, resumed_from, caplog  # noqa: F811
@@ -155,16 +155,16 @@ def test_an_interrupted_run_resumes_where_it_stopped(
     assert not (out / "metrics.json").exists()
 
     caplog.set_level(logging.INFO, logger="clues_fl")
-    grid, clues, metrics = run(raw, nodes=nodes)
+    grid, finished, metrics = run(raw, nodes=nodes)
     assert f"resuming run 'inprocess' from step {resumed_from} (done: " in caplog.text  # the log says so
 
     # Only what was not completed is sent again (select: the new run's sites lost their kept rows;
-    # the equal-budget all-data reference, retrain-all, is not saved and is redone).
+    # the equal-budget all-data reference, all-data, is not saved and is redone).
     # (every start asks the sites who they are: query.site)
     assert grid.sent == Counter({k: ref_sent.get(k, len(NODES)) for k in redone | {"site"}})
     assert metrics["resumed-from"] == resumed_from
     if nodes is not None:
-        assert set(clues.sites) == set(nodes)
+        assert set(finished.state.sites) == set(nodes)
     assert (out / "metrics.json").exists()
     assert_same_results(out, ref_out)
     index = json.loads((out / "state" / "run.json").read_text())
@@ -197,8 +197,8 @@ def test_resume_false_starts_over_and_a_finished_run_is_not_redone(tiny_model_di
     assert "resumed-from" not in metrics
     assert_same_results(tmp_path / "inprocess", ref_out)
 
-    grid, clues, again = run(raw)  # finished: nothing to do
-    assert not grid.log and clues is None and again == metrics
+    grid, finished, again = run(raw)  # finished: nothing to do
+    assert not grid.log and finished is None and again == metrics
 
 
 def test_select_takes_back_the_sites_own_scores_only(tiny_model_dir, tmp_path):  # noqa: F811

@@ -34,7 +34,7 @@ def test_score_axis_is_in_anchor_units_and_rounds_are_integers():
     labels = _labels(a)
     assert len(labels) == len(set(labels)) >= 3  # distinct, not "0.000025" five times
     assert all(len(t) <= 4 for t in labels), labels
-    round_loss_axis(b, {"trace": [10.7993, 10.7990, 10.7988], "retrain": [10.7975, 10.7970]})
+    round_loss_axis(b, {"trace": [10.7993, 10.7990, 10.7988], "aggregate": [10.7975, 10.7970]})
     assert {"1", "2", "3"} <= set(_labels(b)) and all(t.isdigit() for t in _labels(b))
     assert all("e" not in t for t in _labels(b, "y"))  # no offset notation on the loss axis
     plt.close(fig)
@@ -47,7 +47,7 @@ def test_suite_plots_are_written(tmp_path):
         json.dumps({"anchor-scores": rng.normal(5e-5, 1e-5, 16).tolist()}))
     per = [(rng.normal(4e-5, 2e-5, 20), rng.random(20) < 0.3) for _ in range(2)]
     metrics = {"threshold": {"threshold": 3e-5}, "selection": {"precision": 0.9, "recall": 0.9, "f1": 0.9},
-               "round-losses": {"trace": [3.6, 3.5], "retrain": [3.55]}}
+               "round-losses": {"trace": [3.6, 3.5], "aggregate": [3.55]}}
     run = Outcome("clues", metrics, np.concatenate([s for s, _ in per]), np.concatenate([p for _, p in per]), [], per)
     assert _plots(tmp_path, run, [run]) == ["score_histograms.png", "selection_by_method.png", "loss_per_round.png"]
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("score_histograms.png", "loss_per_round.png"))

@@ -196,7 +196,7 @@ def test_the_server_computes_anchor_signals_from_the_anchors_records(tiny_model_
 def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_model_dir, tmp_path):
     raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "clues+",
                                                    "selection.threshold": "anchor-quantile"})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     data = build_scenario(cfg, 2)
     texts = {s.question for c in data.clients for s in c} | {s.answer for c in data.clients for s in c}
     for ex in grid.log:
@@ -258,7 +258,7 @@ def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path
         path.write_text("".join(json.dumps({"question": s.question, "answer": s.answer}) + "\n" for s in rows))
         files[key] = str(path)
     raw = {**base, **files, "data.pool": str(pool), "pollution.ratios": "", "run-name": "mine"}
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     sel = metrics["selection"]
     assert sel["labelled"] is False
     for forbidden in ("precision", "recall", "f1", "accuracy", "tp", "fp"):

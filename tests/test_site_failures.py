@@ -9,7 +9,7 @@ import pytest
 from test_flower_inprocess import drive, run_config
 
 from clues_fl.federation.site_errors import split_reason, summarise
-from clues_fl.strategies.clues import SitesFailed, wait_for_nodes
+from clues_fl.server.sites import SitesFailed, wait_for_nodes
 
 
 def test_a_data_error_at_every_site_stops_the_first_round_with_the_sites_message(tiny_model_dir, tmp_path, caplog):

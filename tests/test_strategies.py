@@ -13,12 +13,13 @@ from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 from test_flower_inprocess import NODES, drive, run_config
 
-from clues_fl.aggregation import strategies as aggregation
-from clues_fl.config import ConfigError, parse_config
+from clues_fl.aggregation import fed_strategy as aggregation
+from clues_fl.config import ConfigError, parse_config, parse_strategy_args
 from clues_fl.federation.messages import MOMENTS_KEY, split_record
 from clues_fl.model.loading import first_lora_layer, lora_state
 from clues_fl.federation.preflight import PreflightError, preflight
 from clues_fl.model.training import TrainSettings, train_lora
+from clues_fl.names import FLOWER_STRATEGIES
 
 
 def fast(tiny_model_dir, tmp_path, **overrides) -> dict:
@@ -37,7 +38,7 @@ def test_names_are_case_insensitive_and_args_are_checked():
     cls, args = aggregation.resolve({"fed.strategy": "FedProx", "fed.strategy-args": "proximal_mu=0.1"})
     assert cls.__name__ == "FedProx" and args == {"proximal_mu": 0.1}
     assert aggregation.resolve({"fed.strategy": "fedyogi"})[0].__name__ == "FedYogi"
-    assert aggregation.parse_args("eta=1e-3, tau = 1e-9,weighted_by_key=num-examples, x='a b', on=true") == {
+    assert parse_strategy_args("eta=1e-3, tau = 1e-9,weighted_by_key=num-examples, x='a b', on=true") == {
         "eta": 1e-3, "tau": 1e-9, "weighted_by_key": "num-examples", "x": "a b", "on": True}
     with pytest.raises(aggregation.StrategyError, match=r"fed.strategy-args: 'mu' is not a parameter of FedProx; "
                                                         r"its parameters: .*proximal_mu"):
@@ -48,7 +49,7 @@ def test_names_are_case_insensitive_and_args_are_checked():
         parse_config({"fed.strategy-args": "proximal_mu"})
     with pytest.raises(ConfigError, match=r"fed.strategy: 'fedsgd' is not one of FedAvg, FedProx, .*module:Class"):
         parse_config({"fed.strategy": "fedsgd"})
-    with pytest.raises(ConfigError, match=r"set fed.strategy='fedprox'"):
+    with pytest.raises(ConfigError, match=r"aggregation: this key is gone"):
         parse_config({"aggregation": "fedprox"})
 
 
@@ -82,7 +83,7 @@ ARGS = {
 THREE = {**NODES, 303: {"partition-id": 2, "num-partitions": 3}}
 
 
-@pytest.mark.parametrize("name", aggregation.STRATEGIES)
+@pytest.mark.parametrize("name", FLOWER_STRATEGIES)
 def test_every_builtin_strategy_runs_the_federation_to_the_end(tiny_model_dir, tmp_path, name):
     args = {"fed.strategy-args": ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
                                            for k, v in ARGS.get(name, {}).items())}
@@ -91,17 +92,17 @@ def test_every_builtin_strategy_runs_the_federation_to_the_end(tiny_model_dir, t
     if sites == 3:
         args.update({"pollution.ratios": "0.5,0.25,0.5", "fed.min-nodes": 3})
     raw = fast(tiny_model_dir, tmp_path, **{"fed.strategy": name.lower(), **args})
-    cfg, grid, clues, metrics = drive(raw, nodes={n: {**c, "num-partitions": sites} for n, c in nodes.items()})
+    cfg, grid, run, metrics = drive(raw, nodes={n: {**c, "num-partitions": sites} for n, c in nodes.items()})
     assert not metrics["missing-sites"]
-    assert len(clues.checkpoints) == 2 and all(c.adam is not None for c in clues.checkpoints)
-    for ckpt in clues.checkpoints:  # every round aggregated: the global adapter moved
-        assert any(not torch.equal(ckpt.state[k], clues.bench.initial_state[k].float()) for k in ckpt.state)
-    assert len(_train_rounds(grid, "trace")) == 2 * sites and _train_rounds(grid, "retrain")
+    assert len(run.state.checkpoints) == 2 and all(c.adam is not None for c in run.state.checkpoints)
+    for ckpt in run.state.checkpoints:  # every round aggregated: the global adapter moved
+        assert any(not torch.equal(ckpt.state[k], run.bench.initial_state[k].float()) for k in ckpt.state)
+    assert len(_train_rounds(grid, "trace")) == 2 * sites and _train_rounds(grid, "aggregate")
     assert 0 <= metrics["selection"]["f1"] <= 1 and np.isfinite(metrics["validation-loss"]["selected"])
     for ex in _train_rounds(grid, "trace"):
         assert MOMENTS_KEY in ex.sent.content and MOMENTS_KEY in ex.reply.content
         assert not any(k.startswith("adam.") for k in ex.sent.content["arrays"].keys())
-    for ex in _train_rounds(grid, "retrain"):
+    for ex in _train_rounds(grid, "aggregate"):
         assert MOMENTS_KEY not in ex.sent.content and MOMENTS_KEY not in ex.reply.content
     assert metrics["config"]["fed.strategy"] == name.lower()
 
@@ -124,8 +125,8 @@ def _sites_moments(grid, server_round):
 def test_fedadam_steps_the_adapter_and_not_the_adam_moments(tiny_model_dir, tmp_path):
     raw = fast(tiny_model_dir, tmp_path, **{"fed.strategy": "FedAdam", "fed.strategy-args": "eta=1e-3",
                                             "selection.method": "less", "selection.ratio": 0.5})
-    cfg, grid, clues, metrics = drive(raw)
-    for k, ckpt in enumerate(clues.checkpoints, 1):
+    cfg, grid, run, metrics = drive(raw)
+    for k, ckpt in enumerate(run.state.checkpoints, 1):
         w, moments, adapters = _sites_moments(grid, k)
         for name in ckpt.adam.m:  # the plain weighted mean of the sites' moments
             assert torch.allclose(ckpt.adam.m[name], sum(wi * m.m[name] for wi, m in zip(w, moments)), atol=1e-7)
@@ -136,7 +137,7 @@ def test_fedadam_steps_the_adapter_and_not_the_adam_moments(tiny_model_dir, tmp_
     # the next round's sites started from those moments
     sent = _round(grid, 2)[0].sent
     started = split_record(sent.content[MOMENTS_KEY])[1]
-    assert all(torch.equal(started.m[n], clues.checkpoints[0].adam.m[n]) for n in started.m)
+    assert all(torch.equal(started.m[n], run.state.checkpoints[0].adam.m[n]) for n in started.m)
 
 
 # -- a user's Strategy subclass -----------------------------------------------------------
@@ -168,10 +169,10 @@ def test_a_users_strategy_from_the_run_config(tiny_model_dir, tmp_path):
     DampedFedAvg.calls = 0
     raw = fast(tiny_model_dir, tmp_path, **{"fed.strategy": "test_strategies:DampedFedAvg",
                                             "fed.strategy-args": "damping=0.5"})
-    cfg, grid, clues, metrics = drive(raw)
+    cfg, grid, run, metrics = drive(raw)
     assert DampedFedAvg.calls == 4  # 2 trace rounds, 1 retraining round, 1 round of the all-data reference
     w, _, adapters = _sites_moments(grid, 1)
-    initial, ckpt = clues.bench.initial_state, clues.checkpoints[0].state
+    initial, ckpt = run.bench.initial_state, run.state.checkpoints[0].state
     for n in ckpt:
         expected = initial[n].float() + 0.5 * (sum(wi * a[n] for wi, a in zip(w, adapters)) - initial[n].float())
         assert torch.allclose(ckpt[n], expected, atol=1e-6)
@@ -181,9 +182,9 @@ def test_a_users_strategy_from_the_run_config(tiny_model_dir, tmp_path):
 def test_dp_wrapper_around_a_chosen_strategy(tiny_model_dir, tmp_path):
     raw = fast(tiny_model_dir, tmp_path, **{"fed.strategy": "fedmedian", "privacy.adapter-noise": 1.0,
                                             "privacy.adapter-clip": 0.05})
-    cfg, grid, clues, metrics = drive(raw)
-    assert not metrics["missing-sites"] and len(clues.checkpoints) == 2
-    assert all(bool((c.adam.v[n] >= 0).all()) for c in clues.checkpoints for n in c.adam.v)
+    cfg, grid, run, metrics = drive(raw)
+    assert not metrics["missing-sites"] and len(run.state.checkpoints) == 2
+    assert all(bool((c.adam.v[n] >= 0).all()) for c in run.state.checkpoints for n in c.adam.v)
     assert "selected" in metrics["validation-loss"]
 
 
@@ -214,7 +215,7 @@ def test_fedprox_sends_mu_and_mu_zero_is_fedavg(tiny_model_dir, tmp_path):
     _, _, avg, m_avg = drive(fast(tiny_model_dir, tmp_path / "avg", **steps))
     _, grid, prox0, m_prox0 = drive(fast(tiny_model_dir, tmp_path / "prox0", **{"fed.strategy": "fedprox", **steps}))
     assert all(e.sent.content["config"]["proximal-mu"] == 0.0 for e in _train_rounds(grid, "trace"))
-    for a, b in zip(avg.checkpoints, prox0.checkpoints, strict=True):
+    for a, b in zip(avg.state.checkpoints, prox0.state.checkpoints, strict=True):
         assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
         assert all(torch.equal(a.adam.v[k], b.adam.v[k]) for k in a.adam.v)
     assert m_avg["selection"] == m_prox0["selection"] and m_avg["threshold"] == m_prox0["threshold"]
@@ -222,7 +223,7 @@ def test_fedprox_sends_mu_and_mu_zero_is_fedavg(tiny_model_dir, tmp_path):
                                                                          "fed.strategy-args": "proximal_mu=100.0"}))
     assert all(e.sent.content["config"]["proximal-mu"] == 100.0 for e in _train_rounds(grid, "trace"))
     moved = [float(sum(((c.state[k] - avg.bench.initial_state[k]) ** 2).sum() for k in c.state))
-             for c in (avg.checkpoints[-1], prox.checkpoints[-1])]
+             for c in (avg.state.checkpoints[-1], prox.state.checkpoints[-1])]
     assert moved[1] < 0.9 * moved[0], moved
 
 
@@ -237,7 +238,7 @@ def test_the_smoke_scenario_on_the_real_model_with_fedprox(tmp_path):
     raw = flatten_dict(tomllib.loads((Path(__file__).parent.parent / "scenarios" / "smoke.toml").read_text()))
     raw.update({"output-dir": str(tmp_path), "eval.max-samples": 0, "eval.mc-items": 0,
                 "fed.strategy": "FedProx", "fed.strategy-args": "proximal_mu=0.01"})
-    cfg, grid, clues, metrics = drive(raw)
-    assert not metrics["missing-sites"] and len(clues.checkpoints) == 2
+    cfg, grid, run, metrics = drive(raw)
+    assert not metrics["missing-sites"] and len(run.state.checkpoints) == 2
     assert all(e.sent.content["config"]["proximal-mu"] == 0.01 for e in _train_rounds(grid, "trace"))
     assert 0 <= metrics["selection"]["f1"] <= 1 and np.isfinite(metrics["validation-loss"]["selected"])

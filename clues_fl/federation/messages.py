@@ -156,7 +156,7 @@ def train_config(phase: str) -> ConfigRecord:
 
 
 def train_phase(config) -> str:
-    """The phase of a train message's config (trace, retrain, retrain-all)."""
+    """The phase of a train message's config (trace, aggregate, all-data)."""
     return str(config.get("phase", "trace"))
 
 

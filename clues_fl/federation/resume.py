@@ -3,16 +3,17 @@
 outputs/<run-name>/state/
   run.json        the index: the run-config and its fingerprint, the completed phases,
                   the rounds each phase has done, and the protocol's state
-                  (`Clues.to_state()`: its JSON values, and for each of its named tensor
-                  dicts the file that holds it)
+                  (server/state.py `ProtocolState` through federation/state.py `dump`:
+                  its JSON values, and for each of its named tensor dicts the file
+                  that holds it)
   arrays/<sha256>.safetensors   one tensor dict (a checkpoint, a site's adapter, a
                   phase's global arrays after its last round), named by its content:
                   written once, however often the index names it
 
 Every file is written under a temporary name and renamed into place, the index last,
 so an interrupted write leaves the previous consistent state. Re-running a run-name
-with the same run-config resumes after its last completed phase or round (the protocol
-takes its state back through `Clues.from_state`); a different run-config is refused;
+with the same run-config resumes after its last completed phase or round (the run takes
+its state back through `load`); a different run-config is refused;
 `resume = false` clears the state and starts over.
 """
 
@@ -31,15 +32,18 @@ from safetensors.torch import load_file, save
 
 from clues_fl.config import DEFAULTS, RunConfig
 from clues_fl.config import output_dir
+from clues_fl.federation.state import array_names, dump, load
 
 log = logging.getLogger(__name__)
 
-VERSION = 3  # 3: the protocol's state through to_state/from_state; 2: sample ids are keyed hashes (site_ids.py)
+# 4: ProtocolState through dump/load, the aggregate phase so named; 3: the protocol's state
+# through to_state/from_state; 2: sample ids are keyed hashes (site_ids.py)
+VERSION = 4
 INDEX = "run.json"
 # Keys that do not change what a run computes: a resumed run may differ in them.
 IGNORED_KEYS = ("run-name", "output-dir", "resume", "fed.timeout", "fed.wait-for-nodes")
-ROUNDS = {"trace": "trace.rounds", "retrain": "retrain.rounds"}
-STEPS = ("trace", "score", "threshold", "select", "retrain", "report")
+ROUNDS = {"trace": "trace.rounds", "aggregate": "retrain.rounds"}
+STEPS = ("trace", "score", "threshold", "select", "aggregate", "report")
 
 
 class ResumeError(RuntimeError):
@@ -118,14 +122,14 @@ class RunState:
             log.info("run '%s': resume=false, starting over (clearing %s)", self.name, self.dir)
             shutil.rmtree(self.dir)
         self.index = self._read()
-        self.clues = None
+        self.run = None  # the ProtocolRun whose state is saved (restore)
         self._begun: dict[str, float] = {}
 
     def _read(self) -> dict:
         path = self.dir / INDEX
         if not path.exists():
             return {"version": VERSION, "run-name": self.name, "config": self.config,
-                    "fingerprint": fingerprint(self.config), "completed": [], "rounds": {}, "clues": None}
+                    "fingerprint": fingerprint(self.config), "completed": [], "rounds": {}, "state": None}
         index = json.loads(path.read_text())
         advice = (f"choose another run-name (this one's outputs stay), delete {self.dir} (or all of "
                   f"{self.out}), or set resume=false to start this run over")
@@ -172,28 +176,29 @@ class RunState:
         return "report"
 
     # -- loading ---------------------------------------------------------------------------
-    def restore(self, clues, steps: list[str]) -> str | None:
-        """Give `clues` the saved state of the completed steps and rounds (its from_state)
-        and save its state from now on, after every round too (its on_round hook).
-        Returns where the run resumes (None: it starts)."""
-        self.clues = clues
-        clues.on_round = self.save_round
-        where = self.position(steps)
+    def restore(self, run, phases: list[str]) -> str | None:
+        """Give `run` (a server/phases.py ProtocolRun) the saved state of the completed
+        `phases` and their rounds, and save its state from now on, after every round too
+        (its on_round hook). Sets and returns where the run resumes (None: it starts)."""
+        self.run = run
+        run.on_round = self.save_round
+        where = self.position([p for p in phases if p != "report"])
         if where is None:
             log.info("run '%s': starting; its state is saved in %s", self.name, self.dir)
             return None
-        saved = self.index["clues"] or {"values": {}, "arrays": {}}
-        values = dict(saved["values"])
+        saved = self.index["state"]
+        values = dict(saved["values"]) if saved else {"__class__": "ProtocolState"}
         # Only the rounds of steps not redone; federated sites are what scoring learnt:
         # nothing to keep when it is redone.
         values["rounds"] = {p: r for p, r in values.get("rounds", {}).items() if p in self.index["rounds"]}
         if not (self.done("score") or self.cfg["mode"] == "merging"):
-            values["sites"] = []
-        arrays = {name: _load_tensors(self.dir / path) for name, path in saved["arrays"].items()
-                  if not name.startswith("rounds/") or name.split("/", 1)[1] in values["rounds"]}
-        clues.from_state(values, arrays)
+            values["sites"] = {}
+        files = saved["arrays"] if saved else {}
+        arrays = {name: _load_tensors(self.dir / files[name]) for name in array_names(values)}
+        run.state = run.sites.state = load(values, arrays)
         log.info("resuming run '%s' from step %s (done: %s; state in %s)", self.name, where,
                  ", ".join(self.index["completed"]) or "nothing", self.dir)
+        run.resumed_from = where
         return where
 
     # -- saving ----------------------------------------------------------------------------
@@ -216,7 +221,18 @@ class RunState:
         self._save()
 
     def _save(self) -> None:
-        values, arrays = self.clues.to_state()
-        self.index["clues"] = {"values": values,
+        values, arrays = dump(self.run.state)
+        self.index["state"] = {"values": values,
                                "arrays": {name: _save_tensors(self.dir, t) for name, t in arrays.items()}}
         _write_json(self.dir / INDEX, self.index)
+
+
+def load_state(run_dir: Path):
+    """The protocol state a run saved (outputs/<run-name>) and its run-config values."""
+    folder = Path(run_dir) / "state"
+    index = json.loads((folder / INDEX).read_text())
+    if index.get("version") != VERSION or not index.get("state"):
+        raise ResumeError(f"{folder}: no saved state of format version {VERSION}")
+    saved = index["state"]
+    arrays = {name: _load_tensors(folder / path) for name, path in saved["arrays"].items()}
+    return load(saved["values"], arrays), index["config"]

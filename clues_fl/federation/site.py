@@ -62,10 +62,10 @@ def train_round(bench, cfg, encoded, cache, rows: list[int], state, moments, *, 
                 proximal_mu: float, partition_id: int, kept: int | None = None) -> RoundResult:
     """One round of fed.strategy on `rows` of this site's samples, from the global
     adapter `state` (and, while tracing, the global Adam `moments`, continued at this
-    site's step count). 'retrain-all' takes the step budget of `kept` samples."""
+    site's step count). 'all-data' takes the step budget of `kept` samples."""
     t0 = time.time()
     epochs = None
-    if phase == "retrain-all":
+    if phase == "all-data":
         epochs = equal_budget_epochs(kept, len(rows), cfg["train.batch-size"], cfg["train.local-epochs"])
     result = bench.train(
         [encoded[i] for i in rows], cfg, state, moments=moments, epochs=epochs,

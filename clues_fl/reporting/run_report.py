@@ -4,7 +4,7 @@ outputs/<run-name>/report.md
   score_histograms.png  each site's scores on the anchor-standardised axis
                         (score - anchor median) / anchor spread, kept and dropped,
                         with the threshold
-  round_losses.png      mean client training loss per FedAvg round (trace, retrain)
+  round_losses.png      mean site training loss per round (trace, aggregate)
 
 The axis: raw scores are ~1e-4 and differ between runs; in units of the anchors'
 spread (their interquartile range / 1.349, the standard deviation for normal data)
@@ -16,12 +16,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clues_fl.selection.rules import keep, standardise
+from clues_fl.server.scores import site_scores
+
+if TYPE_CHECKING:
+    from clues_fl.server.phases import ProtocolRun
 
 IQR_TO_SIGMA = 1.349
+
+
+def describe_aggregate(aggregate: dict) -> str:
+    """'FedProx rounds (proximal_mu=0.01)' or 'one-shot ties merge'."""
+    if aggregate["mode"] == "rounds":
+        args = f" ({aggregate['strategy-args']})" if aggregate.get("strategy-args") else ""
+        return f"{aggregate['strategy']} rounds{args}"
+    return f"one-shot {aggregate['rule']} merge"
 
 
 def anchor_scale(anchors) -> tuple[float, float] | None:
@@ -108,15 +121,16 @@ def round_loss_axis(ax, round_losses: dict[str, list[float]], label_prefix: str 
     return drawn
 
 
-def _site_panels(clues) -> list[dict]:
+def _site_panels(run: ProtocolRun) -> list[dict]:
     """Per site with scores: raw scores, kept flags, anchors and the threshold on the raw scale."""
-    info = clues.threshold
+    state = run.state
+    info = state.threshold
     panels = []
-    for site in sorted(clues.sites.values(), key=lambda s: s.name):
+    for site in sorted(state.sites.values(), key=lambda s: s.name):
         if not site.reported:
             continue
-        scores = np.asarray(clues.site_scores(site), dtype=float)
-        anchors = site.anchor_scores if info.get("standardised") else clues.anchor.get("scores")
+        scores = np.asarray(site_scores(state, site, run.cfg), dtype=float)
+        anchors = site.anchor_scores if info.get("standardised") else state.anchor.get("scores")
         threshold = None
         if info.get("rule") == "ratio":
             kept = keep(standardise(scores, site.anchor_scores) if info.get("standardised") else scores,
@@ -136,14 +150,14 @@ def _site_panels(clues) -> list[dict]:
     return panels
 
 
-def write_run_report(out: Path, metrics: dict, clues) -> Path:
+def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
     """report.md and its plots in the run's output folder."""
     plt = _matplotlib()
     cfg = metrics["config"]
     sel = metrics.get("selection", {})
     threshold = metrics.get("threshold", {})
     lines = [f"# CLUES run `{metrics['run-name']}`", "",
-             f"{metrics['mode']} tracing, {metrics['aggregation']} aggregation, selection method "
+             f"{metrics['mode']} tracing, aggregate step: {describe_aggregate(metrics['aggregate'])}, selection method "
              f"`{threshold.get('method', cfg.get('selection.method'))}`, threshold rule `{threshold.get('rule')}`"
              + (f" = {threshold['threshold']:.4g}" if isinstance(threshold.get("threshold"), float) else "")
              + (" (in units of each site's anchor spread)" if threshold.get("standardised") else "") + ".", ""]
@@ -167,7 +181,7 @@ def write_run_report(out: Path, metrics: dict, clues) -> Path:
                           f"recall {sel['recall']:.3f}, F1 {sel['f1']:.3f}."]
         lines.append("")
 
-    panels = _site_panels(clues)
+    panels = _site_panels(run)
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2), squeeze=False)
         for ax, p in zip(axes[0], panels):
@@ -275,8 +289,8 @@ def model_card(cfg, metrics: dict) -> str:
         f"`{threshold.get('rule')}`; the sites kept {kept} of {total} samples"
         + (" (" + ", ".join(f"{n} {m['kept']}" for n, m in sorted(per.items())) + ")" if per else "") + ".",
         f"- **Training**: {cfg['mode']} tracing ({cfg['trace.rounds']} rounds), then "
-        + (f"{cfg['retrain.rounds']} FedAvg rounds" if cfg["aggregation"] == "fedavg"
-           else f"{cfg['retrain.rounds']} local epochs per site and a one-shot `{cfg['aggregation']}` merge")
+        + (f"{cfg['retrain.rounds']} {describe_aggregate(metrics['aggregate'])}" if cfg["retrain.mode"] == "rounds"
+           else f"{cfg['retrain.rounds']} local epochs per site and a one-shot `{cfg['merge.rule']}` merge")
         + f" on the kept samples from the base model; lr {cfg['train.lr']}, batch {cfg['train.batch-size']}, "
           f"seed {cfg['seed']}.",
     ]

@@ -17,11 +17,11 @@ A new method is one class:
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from clues_fl import plugins
 from clues_fl.scoring import quad
 from clues_fl.scoring import signals
 from clues_fl.scoring.baselines import (
@@ -313,14 +313,9 @@ def make_scorer(method: str, settings: ScoreSettings) -> Scorer:
     """A built-in name, or 'package.module:ClassName' for a user's scorer."""
     if method in BUILTIN:
         cls = BUILTIN[method]
-    elif ":" in method:
-        module, _, attr = method.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"selection.method: cannot import '{method}': {err}") from err
-        if not (isinstance(cls, type) and issubclass(cls, Scorer)):
-            raise ValueError(f"selection.method: '{method}' is not a clues_fl.scoring.scorers.Scorer subclass")
+    elif plugins.is_reference(method):
+        cls = plugins.load(method, "selection.method", accepts=plugins.subclass_of(Scorer),
+                           expected="a clues_fl.scoring.scorers.Scorer subclass")
     else:
         raise ValueError(
             f"selection.method: '{method}' is not one of {', '.join(BUILTIN)} or 'module:Class'"
@@ -329,3 +324,11 @@ def make_scorer(method: str, settings: ScoreSettings) -> Scorer:
         return cls(settings)
     except TypeError:
         return cls()
+
+
+def method_name(scorer) -> str:
+    """The selection.method value of a scorer (a name, a Scorer class or instance)."""
+    if isinstance(scorer, str):
+        return scorer
+    cls = scorer if isinstance(scorer, type) else type(scorer)
+    return cls.name if BUILTIN.get(cls.name) is cls else plugins.reference(cls)

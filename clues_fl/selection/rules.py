@@ -19,7 +19,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.stats import norm
 
-THRESHOLD_RULES = ("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ratio", "static")
+from clues_fl import plugins
+from clues_fl.names import THRESHOLD_RULES
 
 # Anchor quantiles at which the clean share is read off (clean_share_estimate): at each,
 # the pooled share scoring at least that high over the anchors' share doing so bounds the
@@ -172,9 +173,21 @@ RULES: dict[str, ThresholdRule] = {r.name: r for r in (AnchorF1(), AnchorMean(),
 
 
 def threshold_rule(name: str) -> ThresholdRule:
-    if name not in RULES:
-        raise ValueError(f"unknown threshold rule '{name}': expected one of {', '.join(THRESHOLD_RULES)}")
-    return RULES[name]
+    """The rule `name` stands for: a built-in, or your ThresholdRule subclass (module:Class)."""
+    if name in RULES:
+        return RULES[name]
+    if plugins.is_reference(name):
+        return plugins.load(name, "selection.threshold", accepts=plugins.subclass_of(ThresholdRule),
+                            expected="a clues_fl.selection.rules.ThresholdRule subclass")()
+    raise ValueError(f"unknown threshold rule '{name}': expected one of {', '.join(THRESHOLD_RULES)} or module:Class")
+
+
+def rule_name(rule) -> str:
+    """The selection.threshold value of a rule (a name, a built-in rule or your rule)."""
+    if isinstance(rule, str):
+        return rule
+    builtin = RULES.get(rule.name)
+    return rule.name if builtin is not None and type(builtin) is type(rule) else plugins.reference(type(rule))
 
 
 def global_threshold(

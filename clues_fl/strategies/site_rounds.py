@@ -1,10 +1,10 @@
-"""The FedAvg-style rounds of tracing and retraining around any Flower strategy.
+"""The rounds of tracing and of the aggregate step, around any Flower strategy.
 
-`site_strategy(cls)` subclasses a strategy of `flwr.serverapp.strategy` (or a user's
-Strategy subclass) with `SiteRounds`, which adds what the CLUES protocol needs and
-leaves the aggregation of the adapter to the strategy:
+`SiteRounds` wraps a strategy of `flwr.serverapp.strategy` (or a user's Strategy
+subclass), as Flower's DP wrappers do, and adds what the CLUES protocol needs while
+the wrapped strategy aggregates the adapter:
 
-- rounds restricted to a set of sites (retraining: the sites that kept samples);
+- rounds restricted to a set of sites (the aggregate step: the sites that kept samples);
 - the sites whose reply was an error (or that did not reply) are reported; fewer good
   replies than fed.min-nodes stop the run (SitesFailed);
 - the Adam moments (tracing) travel in their own record (`messages.MOMENTS_KEY`) and
@@ -12,24 +12,21 @@ leaves the aggregation of the adapter to the strategy:
   steps only the adapter;
 - a resumed run continues its round numbers (`offset`).
 
-`SiteDP` is Flower's server-side fixed-clipping DP wrapper around such a strategy.
+`SiteDP` is Flower's server-side fixed-clipping DP wrapper around a SiteRounds.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 from flwr.serverapp.strategy.dp_fixed_clipping import add_gaussian_noise_inplace, compute_stdv
 
 from clues_fl.federation.messages import (
     ARRAYS,
-    GPU_PEAK_KEY,
     M_PREFIX,
-    METRICS,
     MOMENTS_KEY,
     NUM_EXAMPLES,
     V_PREFIX,
@@ -38,38 +35,11 @@ from clues_fl.federation.messages import (
     split_moments,
 )
 from clues_fl.federation.site_errors import summarise
+from clues_fl.federation.replies import SitesFailed, site_gpu_peak, sort_replies
 
-
-class SitesFailed(RuntimeError):
-    """Fewer sites than fed.min-nodes answered: the run stops, with the sites' errors."""
-
-
-def sort_replies(sent: list[Message], replies) -> tuple[dict[int, Message], list[tuple[int, str]]]:
-    """The good replies by site, and (site, reason) for every site whose reply was an
-    error or that did not reply. A reply is matched to the message it answers, not to
-    its source: Flower's SuperLink answers for a site that went offline with an error
-    whose source is the SuperLink itself. `sent` must have been pushed (message ids set)."""
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-    ok: dict[int, Message] = {}
-    failed: list[tuple[int, str]] = []
-    for reply in replies:
-        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        if reply.has_error():
-            failed.append((node, reply.error.reason))
-        else:
-            ok[node] = reply
-    answered = {node for node, _ in failed} | set(ok)
-    failed += [(node, "no reply before the timeout") for node in sorted(set(destination.values()) - answered)]
-    return ok, failed
-
-
-def site_gpu_peak(replies, current: float | None = None) -> float | None:
-    """The largest GPU peak the replies report (sites on the CPU report none)."""
-    for reply in replies:
-        metrics = reply.content.get(METRICS) if not reply.has_error() else None
-        if metrics is not None and GPU_PEAK_KEY in metrics:
-            current = max(current or 0.0, float(metrics[GPU_PEAK_KEY]))
-    return current
+# What the run sets on the wrapped strategy (those of these attributes it has): every
+# connected site trains, at least fed.min-nodes of them, and no federated evaluation.
+RUN_SETTINGS = ("fraction_evaluate", "min_evaluate_nodes", "min_train_nodes", "min_available_nodes")
 
 
 def _weight(reply: Message, key: str) -> float:
@@ -77,25 +47,29 @@ def _weight(reply: Message, key: str) -> float:
     return float(metrics[key])
 
 
-class SiteRounds:
-    """Mixin over a Flower strategy class (see the module docstring); use `site_strategy`.
+class SiteRounds(Strategy):
+    """`strategy` with the CLUES rounds' behaviour (see the module docstring).
 
-    `only`: the sites of these rounds (None: all); `on_error(node, round, reason)` is
-    called for each site that failed; `offset`: rounds done before this start (a resumed
-    run continues from the saved global arrays; Flower numbers the rounds of each
-    start() from 1, the sites are sent the true round as "server-round": their Adam step
-    count and seed use it); `moments`: the global Adam moments record to send with the
-    first round (tracing), None when no moments travel (retraining)."""
+    `strategy` is used as it is (pass a copy to keep yours untouched); its run settings
+    (RUN_SETTINGS) are set from `min_nodes`. `only`: the sites of these rounds (None:
+    all); `on_error(node, round, reason)` is called for each site that failed; `offset`:
+    rounds done before this start (a resumed run continues from the saved global arrays;
+    Flower numbers the rounds of each start() from 1, the sites are sent the true round
+    as "server-round": their Adam step count and seed use it); `moments`: the global Adam
+    moments record to send with the first round (tracing), None when none travel."""
 
-    def __init__(self, only: set[int] | None = None, on_error=None, offset: int = 0, *, phase: str = "FedAvg",
-                 min_nodes: int = 1, moments: ArrayRecord | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, strategy: Strategy, *, only: set[int] | None = None, on_error=None, offset: int = 0,
+                 phase: str = "rounds", min_nodes: int = 1, moments: ArrayRecord | None = None):
+        self.strategy = strategy
+        for name, value in zip(RUN_SETTINGS, (0.0, 0, min_nodes, min_nodes), strict=True):
+            if hasattr(strategy, name):
+                setattr(strategy, name, value)
         self.only = only
         self.on_error = on_error
         self.offset = offset
         self.phase = phase
-        self.min_nodes = int(getattr(self, "min_train_nodes", min_nodes) or min_nodes)
-        self.weight_key = getattr(self, "weighted_by_key", NUM_EXAMPLES)
+        self.min_nodes = int(getattr(strategy, "min_train_nodes", min_nodes) or min_nodes)
+        self.weight_key = getattr(strategy, "weighted_by_key", NUM_EXAMPLES)
         self.losses: dict[int, float] = {}  # true round -> mean client training loss
         self.aggregated: set[int] = set()  # true rounds that produced global arrays
         self.moments = moments  # the current global Adam moments (None: none travel)
@@ -152,7 +126,7 @@ class SiteRounds:
         return out
 
     def configure_train(self, server_round, arrays, config, grid):
-        messages = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        messages = list(self.strategy.configure_train(server_round + self.offset, arrays, config, grid))
         if self.only is not None:
             messages = [m for m in messages if m.metadata.dst_node_id in self.only]
         if self.moments is not None:
@@ -166,12 +140,21 @@ class SiteRounds:
         replies = self.note_failures(server_round, replies)
         self.gpu_peak = site_gpu_peak(replies, self.gpu_peak)
         replies = self.take_moments(server_round, replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             self.aggregated.add(server_round)
         if metrics is not None:
             self.losses[server_round] = float(metrics.get("train-loss", np.nan))
         return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
     def with_moments(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The global adapter after a (true) round with that round's moments in one record
@@ -181,22 +164,14 @@ class SiteRounds:
         return join_records(arrays, self.round_moments.get(server_round, self.moments))
 
 
-@functools.cache
-def site_strategy(cls: type) -> type:
-    """`cls` with the CLUES rounds' behaviour (SiteRounds) mixed in."""
-    if issubclass(cls, SiteRounds):
-        return cls
-    return type(f"Site{cls.__name__}", (SiteRounds, cls), {"__module__": __name__})
-
-
 class SiteDP(DifferentialPrivacyServerSideFixedClipping):
     """Flower's central-DP wrapper (server-side fixed clipping of each site's update,
-    Gaussian noise on the aggregate) around a SiteRounds strategy.
+    Gaussian noise on the aggregate) around a SiteRounds.
 
     Flower's wrapper skips a whole round when one site errors; here the failed site is
     recorded and the round goes on with the others, as without DP. The Adam moments
     (tracing) are clipped together with the adapter (one update vector per site, as one
-    record) and get the same noise, then averaged by the strategy's SiteRounds."""
+    record) and get the same noise, then averaged by the SiteRounds."""
 
     def configure_train(self, server_round, arrays, config, grid):
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -226,8 +201,3 @@ class SiteDP(DifferentialPrivacyServerSideFixedClipping):
             inner.round_moments[true_round] = inner.moments = ArrayRecord(
                 {k: Array(np.asarray(v)) for k, v in zip(keys, noisy, strict=True)})
         return arrays, metrics
-
-
-# The names these had when FedAvg was the only strategy.
-SiteFedAvg = site_strategy(FedAvg)
-SiteDPFedAvg = SiteDP
