@@ -4,7 +4,7 @@ Only adapter tensors (and their Adam moments while tracing), anchor gradients,
 per-sample scores with keyed hashes of their ids (site_ids.py), and aggregate counts
 ever leave a site.
 A round's Adam moments travel in their own ArrayRecord (MOMENTS_KEY) under `adam.m/`
-and `adam.v/` prefixes, averaged by strategies/rounds.py, not by the strategy; saved
+and `adam.v/` prefixes, averaged by strategies/site_rounds.py, not by the strategy; saved
 checkpoints join them with the adapter in one record.
 
 Every exchange is a dataclass below (TrainRequest/TrainReply, LocalTrainRequest/Reply,

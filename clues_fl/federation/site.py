@@ -34,7 +34,7 @@ def steps_before(server_round: int, n: int, batch_size: int, local_epochs: float
 
 
 def equal_budget_epochs(kept: int, n: int, batch_size: int, local_epochs: float) -> float:
-    """'retrain-all' (the all-data reference) trains on all `n` samples for as many steps
+    """'all-data' (the all-data reference) trains on all `n` samples for as many steps
     per round as the selection's retraining takes on this site (its `kept` samples):
     equal budgets."""
     per_round = math.ceil(kept / batch_size)
