@@ -10,7 +10,7 @@ checkpoints join them with the adapter in one record.
 Every exchange is a dataclass below (TrainRequest/TrainReply, LocalTrainRequest/Reply,
 ScoreRequest/Reply, SelectRequest/Reply, IdentifyRequest/Reply, DescribeRequest/
 SiteDescription) with `to_record()` and `from_record()`: the wire's record names and
-keys are written here only; the ClientApp's handlers and the server's Clues build and
+keys are written here only; the ClientApp's handlers and the server's phases build and
 parse messages through them.
 """
 
