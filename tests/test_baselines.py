@@ -242,7 +242,7 @@ def test_random_scores_and_select_top():
 
 
 def test_registry_names_every_selection_method():
-    from clues_fl.federation.preflight import SELECTION_METHODS
+    from clues_fl.names import SELECTION_METHODS
     from clues_fl.scoring.scorers import BUILTIN
 
     assert set(BUILTIN) == set(SELECTION_METHODS) >= {"clues", "quad", "all", "oracle", "random", "ppl", "ifd",

