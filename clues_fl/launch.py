@@ -22,7 +22,7 @@ it stops every process it started, then any process they left behind (found by a
 environment marker, clues_fl.federation.processes); if the launcher itself is killed, a watchdog
 process does that. With --tls it makes a throw-away CA and a certificate for
 127.0.0.1/localhost in the launch's Flower home (certificates/) and runs every
-connection over TLS (deploy/README.md).
+connection over TLS (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def make_tls_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "
                           days: int = 7) -> dict[str, Path]:
     """A self-signed CA and a server certificate it signs, valid for `hosts` (IP
     addresses or DNS names). For tests and loopback runs only: real sites use
-    certificates from their organisation's CA (deploy/README.md)."""
+    certificates from their organisation's CA (docs/deployment.md)."""
     import ipaddress
 
     from cryptography import x509

@@ -88,3 +88,19 @@ def test_a_pool_folder_needs_anchor_and_eval_files(tmp_path):
         with pytest.raises(ConfigError, match="give data.anchor-file and data.eval-file too"):
             server_sets(parse_config({"data.pool": str(tmp_path / pool),
                                       "data.anchor-file": write_jsonl(tmp_path / "anchor.jsonl", "anchor", 4)}))
+
+
+def test_the_launchers_check_counts_saved_datasets_in_a_pool_folder_as_sites(tmp_path):
+    """preflight reads a data.pool folder by the sites' rule: save_to_disk folders (no file
+    suffix) count beside files, a plain sub-folder is refused (it refused the saved datasets)."""
+    from clues_fl.federation.preflight import PreflightError, pool_files
+
+    (tmp_path / "sites").mkdir()
+    Dataset.from_dict(rows("s0", 2)).save_to_disk(tmp_path / "sites" / "0-hospital")
+    write_jsonl(tmp_path / "sites" / "1-clinic.jsonl", "s1", 3)
+    c = cfg(tmp_path, **{"data.pool": str(tmp_path / "sites")})
+    assert [p.name for p in pool_files(c)] == ["0-hospital", "1-clinic.jsonl"]
+    assert [len(site) for site in build_scenario(c, 2).clients] == [2, 3]
+    (tmp_path / "sites" / "2-empty.jsonl").mkdir()
+    with pytest.raises(PreflightError, match="data.pool: '.*2-empty.jsonl' is a directory, not a data file"):
+        pool_files(c)

@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clues_fl.config import ConfigError, DataSection, RunConfig
-from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples
+from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples, pool_folder_entries
 from clues_fl.data.pollution import parse_ratios, pollute
 from clues_fl.data.splits import parse_sizes, partition, split_pool
-
-_FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
-
 
 @dataclass
 class ScenarioData:
@@ -45,16 +42,6 @@ def _domain_of(source: str) -> str:
     if disk_dataset_kind(Path(name).expanduser()):  # a save_to_disk folder: its own name
         return Path(name).name
     return Path(name).parent.name or Path(name).stem
-
-
-def _client_files(folder: Path) -> list[Path]:
-    """One data file, or one save_to_disk folder, per site, sorted by name."""
-    files = sorted(p for p in folder.iterdir()
-                   if (p.suffix in _FILE_SUFFIXES and not p.is_dir()) or disk_dataset_kind(p))
-    if not files:
-        raise ConfigError(f"data.pool: folder '{folder}' holds no .json/.jsonl/.csv/.parquet files "
-                          "(or `datasets` save_to_disk folders)")
-    return files
 
 
 def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[list, list, list, list]:
@@ -100,7 +87,7 @@ def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample
             skipped += res.skipped
         return [], [res.samples for res in loaded]
     if pool_path.is_dir() and kind is None:
-        loaded = [_load(cfg.data, str(f), domain=f.stem) for f in _client_files(pool_path)]
+        loaded = [_load(cfg.data, str(f), domain=f.stem) for f in pool_folder_entries(pool_path)]
         for res in loaded:
             skipped += res.skipped
         return [], [res.samples for res in loaded]

@@ -186,6 +186,22 @@ def disk_dataset_kind(path) -> str | None:
     return None
 
 
+def pool_folder_entries(folder) -> list[Path]:
+    """`data.pool` as a folder: one data file or `datasets` save_to_disk folder per site,
+    sorted by name (hidden entries left out). The launcher's check and the sites read
+    the folder through this one rule, so both count the same sites."""
+    folder = Path(folder)
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                     and (p.suffix.lower() in FILE_FORMATS or disk_dataset_kind(p)))
+    for entry in entries:
+        if entry.is_dir() and not disk_dataset_kind(entry):
+            raise DataError(f"data.pool: '{entry}' is a directory, not a data file")
+    if not entries:
+        raise DataError(f"data.pool: folder '{folder}' holds no {'/'.join(FILE_FORMATS)} files "
+                        "(or `datasets` save_to_disk folders)")
+    return entries
+
+
 def disk_splits(path) -> list[str]:
     """The split names of a save_to_disk DatasetDict folder, as saved."""
     return [str(s) for s in json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from clues_fl import plugins
 from clues_fl.config import ConfigError, RunConfig, check_quantization_available, parse_config
-from clues_fl.data.sources import FILE_FORMATS, DataError, load_samples, resolve_source
+from clues_fl.data.sources import DataError, load_samples, pool_folder_entries, resolve_source
 from clues_fl.names import DEFAULT_MODEL
 
 T = TypeVar("T")
@@ -183,17 +183,11 @@ def check_source(cfg: RunConfig, key: str, source: str, domain: str = "") -> int
 
 
 def pool_files(cfg: RunConfig) -> list[Path] | None:
-    """data.pool as a folder of per-site files (None: not a folder)."""
+    """data.pool as a folder of per-site files or saved datasets (None: not a folder)."""
     folder = Path(cfg["data.pool"]).expanduser() if cfg["data.pool"] else None
     if folder is None or not folder.is_dir() or _saved_dataset(folder):
         return None
-    entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in FILE_FORMATS and not p.name.startswith("."))
-    for entry in entries:
-        if entry.is_dir() and not _saved_dataset(entry):
-            raise PreflightError(f"data.pool: '{entry}' is a directory, not a data file")
-    if not entries:
-        raise PreflightError(f"data.pool: folder '{folder}' holds no {'/'.join(FILE_FORMATS)} files")
-    return entries
+    return _keyed("data.pool", lambda: pool_folder_entries(folder))
 
 
 def check_server_data(cfg: RunConfig) -> None:
