@@ -2,8 +2,9 @@
 
 `flwr run` against the built-in `local` connection starts a SuperLink in the
 background and leaves it running, without telling its process id. This launcher
-checks the run first (clues_fl.federation.preflight: run-config, model, every site's data; a
-bad one exits 2 within seconds, before anything starts), then starts the SuperLink
+checks the run first (clues_fl.federation.preflight: run-config, model, every site's data, the
+run's folder: its lock and saved state, clues_fl.federation.run_dir; a bad one exits 2 within
+seconds, before anything starts), then starts the SuperLink
 itself on a free port with a Flower home of its own, runs the app, asks the SuperLink
 for the run's final status (`flwr run --stream` can exit 0 on a failed run), and
 stops everything it started.
@@ -297,9 +298,12 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
     and N SuperNodes on 127.0.0.1, each site with its own node config (and data file).
     `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA.
-    Returns the exit code: 0 on a completed run, 2 when preflight refuses it, 128 + the
-    signal number when stopped by a signal, else 1."""
+    Returns the exit code: 0 on a completed run (or one that had finished with this
+    run-config: nothing to do), 2 when preflight refuses it (a run-name in use by another
+    launch included: run_dir.RunLock, held until this returns), 128 + the signal number
+    when stopped by a signal, else 1 (a process that did not start, a failed run)."""
     scenario_path = Path(scenario).resolve() if scenario else None
+    root_given = "CLUES_FL_OUTPUT_ROOT" in os.environ
     os.environ.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))  # where the apps write outputs/<run-name>
     marker = uuid.uuid4().hex
     lock = None
@@ -320,6 +324,8 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     finally:
         if lock is not None:
             lock.release()
+        if not root_given:
+            os.environ.pop("CLUES_FL_OUTPUT_ROOT", None)
 
 
 def _claim_run(values: dict, marker: str) -> RunLock | None:

@@ -325,7 +325,7 @@ def test_the_server_waits_for_its_sites_before_loading_the_model(tiny_model_dir,
 @pytest.mark.slow
 def test_the_smoke_scenario_drops_exchanged_answers(tmp_path):
     """The recommended first run kept 8 of 8 at both sites in every trial: it never showed
-    selection working. Now it drops exchanged answers (docs/smoke.md: seeds 0-3)."""
+    selection working. Now it drops exchanged answers (docs/outputs.md: seeds 0-3)."""
     import tomllib
     from pathlib import Path
 

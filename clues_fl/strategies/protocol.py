@@ -227,7 +227,8 @@ class Aggregate(Phase):
         cfg, rounds = run.cfg, run.cfg["retrain.rounds"]
         plan = (_n(rounds, _round(cfg)) if cfg["aggregation"] == "fedavg"
                 else f"{_n(rounds, 'local epoch')}, {cfg['aggregation']} merge")
-        return f"{_n(sum(1 for s in run.clues.sites.values() if s.kept > 0), 'site')} with kept samples, {plan}"
+        retraining = sum(1 for s in run.clues.sites.values() if s.kept >= cfg["selection.min-kept"])
+        return f"{_n(retraining, 'site')} with kept samples, {plan}"
 
     def run(self, run: ProtocolRun) -> None:
         clues = run.clues
