@@ -15,10 +15,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clues_fl import console
-from clues_fl.config import RunConfig
-from clues_fl.federation.preflight import PreflightError, preflight
-from clues_fl.config import ConfigError
+from clues_fl.config import ConfigError, RunConfig
 from clues_fl.data.sources import DataError
+from clues_fl.federation.preflight import PreflightError, preflight
 from clues_fl.federation.resume import ResumeError, RunState
 from clues_fl.federation.run_dir import RunInUse, run_lock
 from clues_fl.model.loading import ModelError

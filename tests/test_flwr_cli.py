@@ -118,8 +118,8 @@ def test_a_site_error_stops_the_run_once_with_the_sites_message(tmp_path):
     `flwr run .` alone: their error reaches the launcher's console as their message,
     and the run stops at trace round 1 instead of repeating it in every round (issue 13:
     786 lines)."""
-    bypass = ("import sys; from clues_fl import launch; launch.preflight = lambda values, **kw: None; "
-              "sys.exit(launch.main(sys.argv[1:]))")
+    bypass = ("import sys; from clues_fl import launch; from clues_fl.config import parse_config; "
+              "launch.preflight = lambda values, **kw: parse_config(values); sys.exit(launch.main(sys.argv[1:]))")
     proc = subprocess.run(
         [sys.executable, "-c", bypass, "scenarios/smoke.toml", "--num-supernodes", "2", "--run-config",
          f"output-dir='{tmp_path}' pollution.ratios='0.5,0.25,0.1' {QUICK}"],
