@@ -227,7 +227,7 @@ def four_bit(shape, device, batch_size):
 
 def smoke(device: str, overrides: dict | None = None) -> dict:
     """scenarios/smoke.toml in-process (InMemoryGrid) on `device` and on the CPU, float32,
-    with the scenario's CLUES + mixture and with the default clues+ + anchor-f1.
+    with CLUES + mixture and with the default clues+ (all its default signals) + anchor-f1.
     `overrides`: run-config values over the scenario's (--smoke-set)."""
     import tomllib
 
@@ -239,7 +239,10 @@ def smoke(device: str, overrides: dict | None = None) -> dict:
     from clues_fl.server_app import run_protocol
     from clues_fl.runtime import _cached
 
+    from clues_fl.config import DEFAULT_SIGNALS
+
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw["selection.signals"] = ",".join(DEFAULT_SIGNALS)  # the default clues+ (the scenario runs a cheaper subset)
     raw.update(overrides or {})
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
     figures = {}
