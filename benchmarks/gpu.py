@@ -229,7 +229,7 @@ def four_bit(shape, device, batch_size):
 
 def smoke(device: str, overrides: dict | None = None) -> dict:
     """scenarios/smoke.toml in-process (InMemoryGrid) on `device` and on the CPU, float32,
-    with the scenario's CLUES + mixture and with the default clues+ + anchor-f1.
+    with CLUES + mixture and with the default clues+ (all its default signals) + anchor-f1.
     `overrides`: run-config values over the scenario's (--smoke-set)."""
     import tomllib
 
@@ -241,7 +241,10 @@ def smoke(device: str, overrides: dict | None = None) -> dict:
     from clues_fl.server_app import run_protocol
     from clues_fl.runtime import _cached
 
+    from clues_fl.config import DEFAULT_SIGNALS
+
     raw = flatten_dict(tomllib.loads((Path(__file__).resolve().parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw["selection.signals"] = ",".join(DEFAULT_SIGNALS)  # the default clues+ (the scenario runs a cheaper subset)
     raw.update(overrides or {})
     nodes = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
     figures = {}
@@ -255,10 +258,11 @@ def smoke(device: str, overrides: dict | None = None) -> dict:
                 _cached.cache_clear()
                 free_memory()
                 t = time.perf_counter()
-                clues, metrics = run_protocol(InMemoryGrid(client_app.app, nodes, run), parse_config(run))
+                done, metrics = run_protocol(InMemoryGrid(client_app.app, nodes, run), parse_config(run))
                 seconds[where] = time.perf_counter() - t
-                kept[where] = {s.name: s.kept for s in clues.sites.values()}
-                kept[where]["scores"] = np.concatenate([clues.sites[n].scores for n in sorted(clues.sites)])
+                sites = done.state.sites
+                kept[where] = {s.name: s.kept for s in sites.values()}
+                kept[where]["scores"] = np.concatenate([sites[n].scores for n in sorted(sites)])
         same_scores = rho(kept[device]["scores"], kept["cpu"]["scores"])
         counts = {w: {k: v for k, v in kept[w].items() if k != "scores"} for w in kept}
         print(f"\nsmoke in-process, {method} + {rule}: {device} {seconds[device]:.1f} s, cpu {seconds['cpu']:.1f} s; "

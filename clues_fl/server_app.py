@@ -13,14 +13,22 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from clues_fl.config import RunConfig
+from clues_fl import console
+from clues_fl.config import ConfigError, RunConfig
+from clues_fl.data.sources import DataError
 from clues_fl.federation.preflight import PreflightError, preflight
-from clues_fl.federation.resume import RunState
+from clues_fl.federation.resume import ResumeError, RunState
+from clues_fl.federation.run_dir import RunInUse
+from clues_fl.model.loading import ModelError
+from clues_fl.selection.rules import NothingKept
 from clues_fl.server.phases import ProtocolRun
 from clues_fl.server.sites import SitesFailed
 from clues_fl.strategies.clues import CluesStrategy
 
 app = ServerApp()
+# Errors that end a run with their one line: a value to fix, a site that failed, nothing kept.
+STOPS = (PreflightError, ConfigError, DataError, ModelError, ResumeError, RunInUse, SitesFailed, NothingKept,
+         TimeoutError)
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +39,9 @@ def main(grid: Grid, context: Context) -> None:
         # the same checks here, for what the server reads, before any site is asked.
         cfg = preflight(dict(context.run_config))
         run_protocol(grid, cfg)
-    except (PreflightError, SitesFailed, TimeoutError) as err:
-        log.error("run stopped: %s", err)  # one line, before Flower's traceback
+    except STOPS as err:
+        log.error("run stopped: %s", err)  # one line; Flower's record of it without the traceback
+        console.without_traceback(err)
         raise
 
 

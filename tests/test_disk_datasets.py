@@ -4,6 +4,7 @@ site for data.pool, its 'train' split elsewhere), or a data.pool folder of them.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -93,14 +94,14 @@ def test_a_pool_folder_needs_anchor_and_eval_files(tmp_path):
 def test_the_launchers_check_counts_saved_datasets_in_a_pool_folder_as_sites(tmp_path):
     """preflight reads a data.pool folder by the sites' rule: save_to_disk folders (no file
     suffix) count beside files, a plain sub-folder is refused (it refused the saved datasets)."""
-    from clues_fl.federation.preflight import PreflightError, pool_files
+    from clues_fl.federation.preflight import PreflightError, pool_sites
 
     (tmp_path / "sites").mkdir()
     Dataset.from_dict(rows("s0", 2)).save_to_disk(tmp_path / "sites" / "0-hospital")
     write_jsonl(tmp_path / "sites" / "1-clinic.jsonl", "s1", 3)
     c = cfg(tmp_path, **{"data.pool": str(tmp_path / "sites")})
-    assert [p.name for p in pool_files(c)] == ["0-hospital", "1-clinic.jsonl"]
+    assert [Path(source).name for source, _ in pool_sites(c)] == ["0-hospital", "1-clinic.jsonl"]
     assert [len(site) for site in build_scenario(c, 2).clients] == [2, 3]
     (tmp_path / "sites" / "2-empty.jsonl").mkdir()
     with pytest.raises(PreflightError, match="data.pool: '.*2-empty.jsonl' is a directory, not a data file"):
-        pool_files(c)
+        pool_sites(c)

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clues_fl import client_app as client_module
@@ -18,6 +20,8 @@ from clues_fl.data.scenario import build_scenario
 from clues_fl.scoring.scorers import Scorer
 from clues_fl.server_app import run_protocol
 from clues_fl.federation.site_ids import read_id_map
+from clues_fl.selection.rules import NothingKept
+from clues_fl.server.sites import SitesFailed
 
 
 def run_config(model_dir: str, out_dir, **overrides) -> dict:
@@ -70,11 +74,14 @@ def _strings_in(record) -> list[str]:
     return out
 
 
-def assert_no_real_ids(grid, real_ids: set[str]) -> None:
-    """No sample id of any site appears in any message, either way (hashes only)."""
+def assert_no_real_ids(grid, real_ids: set[str], private: tuple[str, ...] = ()) -> None:
+    """No sample id of any site appears in any message, either way (hashes only), error
+    replies included; nor any of the `private` strings (texts, paths) in an error reply."""
     for ex in grid.log:
         for message in (ex.sent, ex.reply):
             if message.has_error():
+                reason = message.error.reason
+                assert not any(i in reason for i in (*real_ids, *private)), (ex.message_type, reason)
                 continue
             for name, record in message.content.items():
                 for s in _strings_in(record) + list(record.keys()) + [name]:
@@ -169,11 +176,23 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, retra
     quality = written["model-quality"]
     assert quality["answered"] == 2 and 0 <= quality["rouge-l"] <= 1 and 0 <= quality["token-f1"] <= 1
     assert 0 <= quality["mc-accuracy"] <= 1
-    assert (out / "adapter" / "adapter_config.json").exists() or any((out / "adapter").rglob("adapter_config.json"))
-    for config in (out / "adapter").rglob("adapter_config.json"):  # the name given, and a filled model card
-        assert json.loads(config.read_text())["base_model_name_or_path"] == tiny_model_dir
-        card = (config.parent / "README.md").read_text()
-        assert "run `inprocess`" in card and "kept" in card and "[More Information Needed]" not in card
+    adapter = out / "adapter"  # one peft adapter folder, a one-shot merge's too
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model_dir  # a real folder (the bundled model: its cache copy)
+    card = (adapter / "README.md").read_text()
+    assert "run `inprocess`" in card and "kept" in card and "[More Information Needed]" not in card
+    assert "AutoPeftModelForCausalLM.from_pretrained" in card and "python -m clues_fl.export" in card
+    saved = load_file(adapter / "adapter_model.safetensors")
+    if mode == "federated":  # the saved adapter is the aggregate step's, not a trace checkpoint
+        final = {k.replace(".default.", "."): v for k, v in run.state.final.state.items()}
+        assert saved.keys() == final.keys()
+        assert all(torch.equal(saved[k], final[k].to(saved[k].dtype)) for k in saved)
+        for ckpt in run.state.checkpoints:
+            assert any(not torch.equal(saved[k.replace(".default.", ".")], v.to(saved[k.replace(".default.", ".")].dtype))
+                       for k, v in ckpt.state.items())
+    else:  # the one-shot merge of the sites' adapters: rank = the sum of theirs
+        assert config["r"] == 2 * cfg["lora.r"] and not (adapter / "merged").exists()
+    assert_adapter_loads_with_transformers_and_peft(adapter, tmp_path / "merged" if mode == "merging" else None)
     report = (out / "report.md").read_text()
     assert "| client-0 | 8 |" in report and "![score histograms](score_histograms.png)" in report
     assert "Validation loss" in report and (out / "score_histograms.png").stat().st_size > 1000
@@ -186,6 +205,140 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, retra
     # counts reported by the sites agree with the kept flags of the manifest
     kept = sum(int(l.split(",")[2]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
+
+
+def assert_adapter_loads_with_transformers_and_peft(adapter, merged=None) -> None:
+    """The README's lines: the adapter folder loads with transformers and peft alone (the
+    base model from base_model_name_or_path) and generates; `merged`: the exported merged
+    model (python -m clues_fl.export) loads with transformers alone and computes the same."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is a stock split?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    if merged is None:
+        return
+    from clues_fl.export import main as export_main
+
+    assert export_main([str(adapter.parent), "--merged", str(merged)]) == 0
+    assert not (merged / "adapter_config.json").exists() and (merged / "config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(str(merged))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, model(**ids).logits, rtol=1e-4, atol=1e-4)
+    assert plain.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    assert export_main([str(adapter.parent), "--merged", str(merged)]) == 2  # not over a folder in use
+
+
+def test_a_selection_that_keeps_nothing_stops_before_aggregation(tiny_model_dir, tmp_path):
+    """It published the adapter loaded last (the last trace checkpoint, trained on all
+    the rejected data) as the result, exit 0."""
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.threshold": "static", "selection.static": 1e9,
+                                                   "eval.max-samples": 0, "eval.mc-items": 0})
+    grid = InMemoryGrid(client_module.app, NODES, raw)
+    with pytest.raises(NothingKept) as err:
+        run_protocol(grid, parse_config(raw))
+    assert str(err.value).startswith("the selection kept too little to retrain on: no site kept at least "
+                                     "selection.min-kept=1 sample(s) (kept: client-0 0, client-1 0; threshold "
+                                     "static = 1e+09); stopping before aggregation, no adapter saved.")
+    assert "\n" not in str(err.value)
+    assert not any(e.sent.content["config"].get("phase") == "aggregate" for e in grid.log if e.message_type == "train")
+    out = tmp_path / "inprocess"
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_run_that_stops_says_why_in_one_line_and_flower_logs_no_traceback(tiny_model_dir, tmp_path, caplog):
+    """The ServerApp (`flwr run .`): one line naming the cause; Flower's own record of the
+    exception that ended the app keeps its message and drops the traceback; the run's
+    lock is released."""
+    import logging
+
+    from flwr.app import Context
+
+    import clues_fl.server_app as server
+
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.threshold": "static", "selection.static": 1e9,
+                                                   "eval.max-samples": 0, "eval.mc-items": 0})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=raw)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(NothingKept) as err:
+        server.main(InMemoryGrid(client_module.app, NODES, raw), context)
+    stops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run stopped: ")]
+    assert stops == [f"run stopped: {err.value}"]
+    caplog.clear()
+    logging.getLogger("flwr").error("ServerApp raised an exception", exc_info=err.value)  # as Flower logs it
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [("ServerApp raised an exception", None)]
+    assert not (tmp_path / "inprocess" / ".lock").exists()
+
+
+def test_a_site_below_selection_min_kept_sits_out_of_retraining(tiny_model_dir, tmp_path):
+    """The oracle keeps the clean samples: 4 of 8 at client-0 (50% polluted), 6 at client-1."""
+    raw = run_config(tiny_model_dir, tmp_path, **{"selection.method": "oracle", "selection.min-kept": 5,
+                                                   "eval.max-samples": 0, "eval.mc-items": 0, "fed.min-nodes": 1})
+    cfg, grid, clues, metrics = drive(raw)
+    assert {n: m["kept"] for n, m in metrics["selection"]["per-client"].items()} == {"client-0": 4, "client-1": 6}
+    retrained = {e.node for e in grid.log if e.message_type == "train" and e.sent.content["config"]["phase"] == "aggregate"}
+    assert retrained == {202}
+    with pytest.raises(NothingKept, match="selection.min-kept=7"):
+        drive({**raw, "selection.min-kept": 7, "output-dir": str(tmp_path / "seven")})
+
+
+def test_an_error_reply_carries_its_type_and_no_sample_id_or_path(tiny_model_dir, tmp_path):
+    """A duplicate id in a site's file sent `duplicate id 'SECRETID-0003'` and the file's
+    full path to the server; the full text stays in the site's own log."""
+    folder = tmp_path / "hospital-secret-folder"
+    folder.mkdir()
+    rows = [{"id": f"SECRETID-{i:04d}", "question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(1, 9)]
+    bad = folder / "site0.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + [rows[2]] + rows[3:]))
+    good = folder / "site1.jsonl"
+    good.write_text("".join(json.dumps({**r, "id": r["id"].replace("SECRETID", "OTHERID")}) + "\n" for r in rows))
+    raw = run_config(tiny_model_dir, tmp_path, **{"pollution.ratios": "", "eval.max-samples": 0, "eval.mc-items": 0})
+    nodes = {101: {"partition-id": 0, "data-file": str(bad)}, 202: {"partition-id": 1, "data-file": str(good)}}
+    grid = InMemoryGrid(client_module.app, nodes, raw)
+    with pytest.raises(SitesFailed) as err:
+        run_protocol(grid, parse_config(raw))
+    reasons = [e.reply.error.reason for e in grid.log if e.reply.has_error()]
+    assert reasons and reasons[0] == ("[client-0] DataError: site0.jsonl line 4: field 'id': duplicate id '…' "
+                                      "(first at site0.jsonl line 3)")
+    private = (str(folder), "hospital-secret-folder", "Question 3", "Answer 3")
+    assert_no_real_ids(grid, {r["id"] for r in rows}, private)
+    assert "SECRETID" not in str(err.value) and "hospital-secret-folder" not in str(err.value)
+    site_log = (tmp_path / "inprocess" / "site-reports" / "client-0" / "errors.log").read_text()
+    assert "duplicate id 'SECRETID-0003'" in site_log and str(bad) in site_log  # the site's own record
+
+
+def test_the_server_waits_for_its_sites_before_loading_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    """The wait began after the model loaded (a 30 s wait took 90 s)."""
+    import clues_fl.strategies.clues as strategy
+
+    raw = run_config(tiny_model_dir, tmp_path, **{"fed.wait-for-nodes": 0.5})
+    monkeypatch.setattr(strategy, "workbench", lambda cfg: pytest.fail("the model loaded before the sites connected"))
+    with pytest.raises(TimeoutError, match=r"fed.min-nodes=2: only 0 site\(s\) connected"):
+        run_protocol(InMemoryGrid(client_module.app, {}, raw), parse_config(raw))
+
+
+@pytest.mark.slow
+def test_the_smoke_scenario_drops_exchanged_answers(tmp_path):
+    """The recommended first run kept 8 of 8 at both sites in every trial: it never showed
+    selection working. Now it drops exchanged answers (docs/outputs.md: seeds 0-3)."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    raw = flatten_dict(tomllib.loads((Path(__file__).parent.parent / "scenarios" / "smoke.toml").read_text()))
+    raw.update({"output-dir": str(tmp_path), "eval.validation": False, "eval.max-samples": 0, "eval.mc-items": 0})
+    cfg, grid, clues, metrics = drive(raw)
+    per = metrics["selection"]["per-client"]
+    kept = sum(m["kept"] for m in per.values())
+    polluted_dropped, clean_dropped = sum(m["tn"] for m in per.values()), sum(m["fn"] for m in per.values())
+    print(f"smoke: kept {kept}/16, dropped {polluted_dropped} of 6 exchanged and {clean_dropped} of 10 clean answers")
+    assert 0 < kept < 16 and polluted_dropped >= 3 and polluted_dropped > clean_dropped
 
 
 def test_site_failing_in_fedavg_rounds_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 # A second, smaller smoke run: one trace round, no evaluation.
 QUICK = "trace.rounds=1 eval.validation=false eval.max-samples=0 eval.mc-items=0"
-# The default method and rule (the smoke scenario names CLUES with the mixture rule).
-DEFAULT_METHOD = "selection.method='clues+' selection.threshold='anchor-f1'"
+# CLUES with the mixture rule (the smoke scenario runs the default clues+ with anchor-f1).
+CLUES_METHOD = "selection.method='clues' selection.threshold='mixture'"
 
 
 def launch_cmd(extra: str) -> list[str]:
@@ -72,7 +72,7 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     user_config = '[superlink]\ndefault = "supergrid"\n\n[superlink.supergrid]\naddress = "10.9.9.9:9093"\n'
     (home / "config.toml").write_text(user_config)
     env = dict(os.environ, FLWR_HOME=str(home))
-    runs = {"cli-smoke": "", "cli-smoke-b": f"{QUICK} {DEFAULT_METHOD}"}
+    runs = {"cli-smoke": "", "cli-smoke-b": f"{QUICK} {CLUES_METHOD}"}
     procs = {name: subprocess.Popen(launch_cmd(f"output-dir='{out}' run-name='{name}' {extra}"), cwd=REPO, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for name, extra in runs.items()}
@@ -92,13 +92,17 @@ def test_two_launches_at_once_are_two_runs(tmp_path):
     assert metrics["validation-loss"]["selected"] > 0
     assert (out / "cli-smoke" / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "cli-smoke" / "report.md").exists() and (out / "cli-smoke" / "score_histograms.png").exists()
-    # the default method on the real model: clues+ with anchor-f1, each site's local report
-    b = json.loads((out / "cli-smoke-b" / "metrics.json").read_text())
-    assert b["config"]["selection.method"] == "clues+" and b["threshold"]["rule"] == "anchor-f1"
-    assert 0.0 <= b["selection"]["estimated-clean-share"]["estimate"] <= 1.0
+    # the default method on the real model: clues+ with anchor-f1, and it drops something
+    # (the smoke kept 16 of 16 in every trial before), each site's local report
+    assert metrics["config"]["selection.method"] == "clues+" and metrics["threshold"]["rule"] == "anchor-f1"
+    assert 0.0 <= metrics["selection"]["estimated-clean-share"]["estimate"] <= 1.0
+    kept = {site: m["kept"] for site, m in metrics["selection"]["per-client"].items()}
+    assert 0 < sum(kept.values()) < 16, kept
     for site in ("client-0", "client-1"):
-        summary = json.loads((out / "cli-smoke-b" / "site-reports" / site / "summary.json").read_text())
-        assert summary["kept"] == b["selection"]["per-client"][site]["kept"]
+        summary = json.loads((out / "cli-smoke" / "site-reports" / site / "summary.json").read_text())
+        assert summary["kept"] == kept[site]
+    b = json.loads((out / "cli-smoke-b" / "metrics.json").read_text())
+    assert b["config"]["selection.method"] == "clues" and b["threshold"]["rule"] == "mixture"
     # the console: a line when each phase starts and ends, no per-phase Flower banner, no library warnings
     console = stdout["cli-smoke"]  # stderr merged
     for phase in ("trace", "score", "threshold", "select", "aggregate", "evaluate"):
@@ -114,8 +118,8 @@ def test_a_site_error_stops_the_run_once_with_the_sites_message(tmp_path):
     `flwr run .` alone: their error reaches the launcher's console as their message,
     and the run stops at trace round 1 instead of repeating it in every round (issue 13:
     786 lines)."""
-    bypass = ("import sys; from clues_fl import launch; launch.preflight = lambda values, **kw: None; "
-              "sys.exit(launch.main(sys.argv[1:]))")
+    bypass = ("import sys; from clues_fl import launch; from clues_fl.config import parse_config; "
+              "launch.preflight = lambda values, **kw: parse_config(values); sys.exit(launch.main(sys.argv[1:]))")
     proc = subprocess.run(
         [sys.executable, "-c", bypass, "scenarios/smoke.toml", "--num-supernodes", "2", "--run-config",
          f"output-dir='{tmp_path}' pollution.ratios='0.5,0.25,0.1' {QUICK}"],

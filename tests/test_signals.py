@@ -161,7 +161,7 @@ def test_end_of_answer_signal_reads_the_answer_end_also_past_max_length(tiny_mod
 
 
 def test_the_server_computes_anchor_signals_from_the_anchors_records(tiny_model_dir):
-    """The server reads the anchors' records (server_app and the suite pass them to Clues):
+    """The server reads the anchors' records (server_app and the suite pass them to the server data):
     a long anchor's end-of-answer value is its real end (its encoding is cut before it),
     and the question signals (qa-sim, overlap) need the questions."""
     from clues_fl.config import parse_config

@@ -54,3 +54,32 @@ def test_waiting_for_sites_is_bounded_and_says_who_is_there(caplog):
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for sites")]
     assert said and "1 of fed.min-nodes=3 connected (node ids [11]), 2 missing" in said[0]
     assert wait_for_nodes(Grid([3, 1]), 2, timeout=0.5) == [1, 3]
+
+
+def test_a_sites_error_message_is_scrubbed_before_it_leaves():
+    """What could be private goes: quoted values that are not the run-config's own (a
+    sample id, a field's text), paths (the file name stays); what helps stays: field
+    names, run-config keys and values, hashed ids, counts."""
+    from clues_fl.federation.site_errors import allowed_words, scrub
+
+    allowed = allowed_words({"pollution.ratios": "0.5,0.25,0.1", "lora.target-modules": "q_proj,nope_proj"})
+    cases = {
+        "/secure/h/site0.jsonl line 4: field 'id': duplicate id 'PATIENT-0042' (first at /secure/h/site0.jsonl line 3)":
+            "site0.jsonl line 4: field 'id': duplicate id '…' (first at site0.jsonl line 3)",
+        "pollution.ratios: 3 values for 2 clients": "pollution.ratios: 3 values for 2 clients",
+        "lora.target-modules: none of ['nope_proj'] is a linear layer": "lora.target-modules: none of ['nope_proj'] is a "
+                                                                       "linear layer",
+        "non-finite loss for samples ['<id 0123abcd>', 'ACCT-77']": "non-finite loss for samples ['<id 0123abcd>', '…']",
+        'C:\\data\\x.csv row 2: field "answer" is null': 'x.csv row 2: field "answer" is null',
+        "kept 3/8, see ./runs/a/b.log": "kept 3/8, see b.log",
+        "option text before the first lettered option: 'My secret text'":
+            "option text before the first lettered option: '…'",
+        "the scores are not this site's: 8 ids, 8 of them among this site's 8 sample ids":
+            "the scores are not this site's: 8 ids, 8 of them among this site's 8 sample ids",
+        "id 'it's here' is bad": "id '…' is bad",
+    }
+    for text, want in cases.items():
+        assert scrub(text, allowed) == want
+    long = scrub("x " * 400)
+    assert len(long) == 300 and long.endswith("…")
+    assert scrub("two\nlines\ttabs") == "two lines tabs"

@@ -129,8 +129,10 @@ def test_fedadam_steps_the_adapter_and_not_the_adam_moments(tiny_model_dir, tmp_
     for k, ckpt in enumerate(run.state.checkpoints, 1):
         w, moments, adapters = _sites_moments(grid, k)
         for name in ckpt.adam.m:  # the plain weighted mean of the sites' moments
-            assert torch.allclose(ckpt.adam.m[name], sum(wi * m.m[name] for wi, m in zip(w, moments)), atol=1e-7)
-            assert torch.allclose(ckpt.adam.v[name], sum(wi * m.v[name] for wi, m in zip(w, moments)), atol=1e-9)
+            for got, parts in ((ckpt.adam.m[name], [m.m[name] for m in moments]),
+                               (ckpt.adam.v[name], [m.v[name] for m in moments])):
+                want = sum(wi * p for wi, p in zip(w, parts))  # float32 sums: another order than the server's
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
         mean = {n: sum(wi * a[n] for wi, a in zip(w, adapters)) for n in ckpt.state}
         # FedAdam moved the adapter by its own step (eta * m / (sqrt(v) + tau)), not to the mean
         assert max(float((ckpt.state[n] - mean[n]).abs().max()) for n in mean) > 1e-4

@@ -204,7 +204,7 @@ class FinalAdapter:
         if not self.merged:
             from clues_fl.model.loading import load_lora_state
 
-            load_lora_state(model, self.state if self.state is not None else base_state)
+            load_lora_state(model, self.state if self.state is not None else base_state, complete=True)
             yield model
             return
         merge_adapters(model, self.site_states, self.weights, self.rule, density=self.density)

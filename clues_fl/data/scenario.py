@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clues_fl.config import ConfigError, DataSection, RunConfig
-from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, disk_splits, load_samples, pool_folder_entries
+from clues_fl.data.sources import LoadResult, Sample, disk_dataset_kind, load_samples, per_site_sources
 from clues_fl.data.pollution import parse_ratios, pollute
 from clues_fl.data.splits import parse_sizes, partition, split_pool
 
@@ -22,7 +22,8 @@ class ScenarioData:
     val: list[Sample]
     test: list[Sample]
     clients: list[list[Sample]]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # rows of the shared files (pool, anchor, eval)
+    client_skipped: list[list[tuple[str, str]]] = field(default_factory=list)  # per site: rows of its own file
 
 
 def _load(data: DataSection, source: str, domain: str = "", split: str = "train") -> LoadResult:
@@ -76,51 +77,68 @@ def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[lis
     return anchor, val, test, rest
 
 
-def _pool(cfg: RunConfig, skipped: list) -> tuple[list[Sample], list[list[Sample]] | None]:
-    """(shared pool, None), or ([], per-client pools) when data.pool is a folder."""
+@dataclass
+class _Pool:
+    shared: list[Sample]  # one pool, partitioned ([] when the pool is given per site)
+    sites: list[list[Sample]] | None  # the pool per site (a folder or a DatasetDict), else None
+    skipped: list[tuple[str, str]]  # the shared pool's skipped rows
+    site_skipped: list[list[tuple[str, str]]]  # each site's own skipped rows
+
+
+def _pool(cfg: RunConfig) -> _Pool:
+    """The shared pool, or the pools per site when data.pool is given per site (a folder
+    or a saved DatasetDict, data.sources.per_site_sources), with their skipped rows."""
     pool_source = cfg["data.pool"] or cfg["data.source"]
-    pool_path = Path(pool_source).expanduser()
-    kind = disk_dataset_kind(pool_path)
-    if kind == "dict":  # a saved DatasetDict: one split per site, sorted by name
-        loaded = [_load(cfg.data, str(pool_path), domain=split, split=split) for split in sorted(disk_splits(pool_path))]
-        for res in loaded:
-            skipped += res.skipped
-        return [], [res.samples for res in loaded]
-    if pool_path.is_dir() and kind is None:
-        loaded = [_load(cfg.data, str(f), domain=f.stem) for f in pool_folder_entries(pool_path)]
-        for res in loaded:
-            skipped += res.skipped
-        return [], [res.samples for res in loaded]
+    per_site = per_site_sources(pool_source) if cfg["data.pool"] else None
+    if per_site is not None:
+        if not per_site:
+            raise ConfigError(f"data.pool: folder '{pool_source}' holds no .json/.jsonl/.ndjson/.csv/.parquet "
+                              "files (or `datasets` save_to_disk folders)")
+        by_split = disk_dataset_kind(Path(pool_source).expanduser()) == "dict"  # a site's domain: its split or file
+        loaded = [_load(cfg.data, source, domain=split if by_split else Path(source).stem, split=split)
+                  for source, split in per_site]
+        return _Pool([], [r.samples for r in loaded], [], [list(r.skipped) for r in loaded])
     samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
     # data.source may list several sources (comma-separated): one domain each.
     for source in [pool_source] if cfg["data.pool"] else cfg.list("data.source"):
         res = _load(cfg.data, source, domain=_domain_of(source))
         skipped += res.skipped
         samples += res.samples
-    return samples, None
+    return _Pool(samples, None, skipped, [])
+
+
+def _server_reads_pool(cfg: RunConfig) -> bool:
+    """Whether the server reads the pool: to split the anchor or evaluation set off it."""
+    return not (cfg["data.anchor-file"] and cfg["data.eval-file"])
 
 
 def server_sets(cfg: RunConfig) -> tuple[list[Sample], list[Sample], list[Sample], list[tuple[str, str]]]:
-    """Anchor, validation and test sets: what the server holds."""
+    """Anchor, validation and test sets: what the server holds, and the rows skipped in
+    the files it read (a shared pool's too: it is read to split the sets off)."""
     skipped: list[tuple[str, str]] = []
-    pool, _ = _pool(cfg, skipped) if not (cfg["data.anchor-file"] and cfg["data.eval-file"]) else ([], None)
-    anchor, val, test, _ = _anchor_eval(cfg, pool, skipped)
+    shared: list[Sample] = []
+    if _server_reads_pool(cfg):
+        pool = _pool(cfg)
+        shared, skipped = pool.shared, list(pool.skipped)
+    anchor, val, test, _ = _anchor_eval(cfg, shared, skipped)
     return anchor, val, test, skipped
 
 
 def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
     """Deterministic split of the configured data into anchor/val/test/clients."""
     seed = cfg["seed"]
-    skipped: list[tuple[str, str]] = []
-    pool, client_files = _pool(cfg, skipped)
-    if client_files is not None and len(client_files) != num_clients:
+    pool = _pool(cfg)
+    skipped = list(pool.skipped)
+    if pool.sites is not None and len(pool.sites) != num_clients:
         raise ConfigError(
-            f"data.pool: '{cfg['data.pool']}' has {len(client_files)} client files (or splits) but the "
+            f"data.pool: '{cfg['data.pool']}' has {len(pool.sites)} client files (or splits) but the "
             f"federation has {num_clients} clients"
         )
-    anchor, val, test, rest = _anchor_eval(cfg, pool, skipped)
-    if client_files is not None:
-        clients = client_files
+    anchor, val, test, rest = _anchor_eval(cfg, pool.shared, skipped)
+    if pool.sites is not None:
+        clients = pool.sites
+        client_skipped = pool.site_skipped
     else:
         method = cfg["partition.method"]
         sizes = parse_sizes(cfg["partition.sizes"]) if method == "sizes" else None
@@ -129,6 +147,11 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
             sizes = [per_client] * num_clients
             method = "sizes" if method == "iid" else method
         clients = partition(rest, num_clients, sizes=sizes, seed=seed, method=method)
+        # A shared pool's skipped rows belong to no site: counted once, by the server where it
+        # reads the pool, else by the first site.
+        client_skipped = [[] for _ in clients]
+        if not _server_reads_pool(cfg) and client_skipped:
+            client_skipped[0] = list(pool.skipped)
 
     ratios = parse_ratios(cfg["pollution.ratios"]) if cfg["pollution.ratios"] else []
     if ratios:
@@ -143,15 +166,16 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
             pollute(samples, ratio, kinds, donors=donors, seed=seed + 1000 * (i + 1))
             for i, (samples, ratio) in enumerate(zip(clients, ratios))
         ]
-    return ScenarioData(anchor, val, test, clients, skipped)
+    return ScenarioData(anchor, val, test, clients, skipped, client_skipped)
 
 
 def site_samples(cfg: RunConfig, node_config: dict) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """This site's training pool: its own file in a deployment, else its partition."""
+    """This site's training pool: its own file in a deployment, else its partition; and
+    the rows it skipped in its own file (a shared pool's are the server's to count)."""
     if node_config.get("data-file"):
         res = _load(cfg.data, str(node_config["data-file"]), domain=str(node_config.get("domain", "")))
         return res.samples, res.skipped
     pid = int(node_config.get("partition-id", 0))
     count = int(node_config.get("num-partitions", 1))
     data = build_scenario(cfg, count)
-    return data.clients[pid], data.skipped
+    return data.clients[pid], data.client_skipped[pid]

@@ -126,8 +126,8 @@ def _jsonl_rows(path: Path, display: str) -> Iterator[_Row]:
             text = raw.decode("utf-8", errors="surrogateescape")
             if not text.strip(" \t\r\n"):  # JSON whitespace only: other lines are reported
                 continue
-            try:
-                yield where, str(line_no), json.loads(text)
+            try:  # without the line's end: an error at it is at this line's last column, not line 2 column 1
+                yield where, str(line_no), json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 yield where, str(line_no), _RowError(f"invalid JSON ({err.msg} at column {err.colno})")
 
@@ -186,25 +186,31 @@ def disk_dataset_kind(path) -> str | None:
     return None
 
 
-def pool_folder_entries(folder) -> list[Path]:
-    """`data.pool` as a folder: one data file or `datasets` save_to_disk folder per site,
-    sorted by name (hidden entries left out). The launcher's check and the sites read
-    the folder through this one rule, so both count the same sites."""
-    folder = Path(folder)
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
-                     and (p.suffix.lower() in FILE_FORMATS or disk_dataset_kind(p)))
-    for entry in entries:
-        if entry.is_dir() and not disk_dataset_kind(entry):
-            raise DataError(f"data.pool: '{entry}' is a directory, not a data file")
-    if not entries:
-        raise DataError(f"data.pool: folder '{folder}' holds no {'/'.join(FILE_FORMATS)} files "
-                        "(or `datasets` save_to_disk folders)")
-    return entries
-
-
 def disk_splits(path) -> list[str]:
     """The split names of a save_to_disk DatasetDict folder, as saved."""
     return [str(s) for s in json.loads((Path(path) / "dataset_dict.json").read_text())["splits"]]
+
+
+def folder_entries(folder) -> list[Path]:
+    """A folder's data entries, sorted by name: data files (FILE_FORMATS) and `datasets`
+    save_to_disk folders (hidden names left out): one per site of a per-site pool or a
+    deployment's --data-dir."""
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")
+                  and ((p.is_file() and p.suffix.lower() in FILE_FORMATS) or disk_dataset_kind(p)))
+
+
+def per_site_sources(pool) -> list[tuple[str, str]] | None:
+    """A pool given per site, as (source, split) per site in site order: a saved
+    DatasetDict (one split per site, sorted by split name) or a folder of data files and
+    save_to_disk folders (one per site, sorted by name, each read at its `train` split);
+    None for one shared pool (a file, a saved Dataset, a hub name)."""
+    path = Path(str(pool)).expanduser()
+    kind = disk_dataset_kind(path)
+    if kind == "dict":
+        return [(str(path), split) for split in sorted(disk_splits(path))]
+    if path.is_dir() and kind is None:
+        return [(str(p), "train") for p in folder_entries(path)]
+    return None
 
 
 def _disk_rows(path: Path, split: str, display: str) -> Iterator[_Row]:
@@ -264,7 +270,7 @@ def _detect_fields(
         raise DataError(
             f"{display}: cannot tell which fields hold the question and answer "
             f"(found {sorted(keys)[:12]}; known layouts: {known}); "
-            "set question_field and answer_field"
+            "set data.question-field and data.answer-field"
         )
     return _Fields(question, answer, inp)
 

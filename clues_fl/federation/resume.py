@@ -30,46 +30,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from clues_fl.config import DEFAULTS, RunConfig
-from clues_fl.config import output_dir
+from clues_fl.config import RunConfig, output_dir
 from clues_fl.federation.state import array_names, dump, load
+from clues_fl.federation.run_dir import (  # noqa: F401 (fingerprint, config_differences: re-exported)
+    IGNORED_KEYS,
+    INDEX,
+    STATE_VERSION,
+    config_differences,
+    fingerprint,
+    results_config,
+)
 
 log = logging.getLogger(__name__)
 
-# 4: ProtocolState through dump/load, the aggregate phase so named; 3: the protocol's state
-# through to_state/from_state; 2: sample ids are keyed hashes (site_ids.py)
-VERSION = 4
-INDEX = "run.json"
-# Keys that do not change what a run computes: a resumed run may differ in them.
-IGNORED_KEYS = ("run-name", "output-dir", "resume", "fed.timeout", "fed.wait-for-nodes")
+VERSION = STATE_VERSION
 ROUNDS = {"trace": "trace.rounds", "aggregate": "retrain.rounds"}
 STEPS = ("trace", "score", "threshold", "select", "aggregate", "report")
 
 
 class ResumeError(RuntimeError):
     pass
-
-
-def fingerprint(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _results_config(cfg: RunConfig) -> dict:
-    return {k: v for k, v in cfg.values.items() if k not in IGNORED_KEYS}
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every key that differs; a key one side lacks counts
-    as its default (a newer version may add keys), a key this version no longer knows
-    is left out."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if key in IGNORED_KEYS or key not in DEFAULTS:
-            continue
-        old, new = saved.get(key, DEFAULTS[key]), current.get(key, DEFAULTS[key])
-        if old != new:
-            out.append(f"{key}: {old!r} -> {new!r}")
-    return out
 
 
 # -- files ------------------------------------------------------------------------------
@@ -117,7 +97,7 @@ class RunState:
         self.name = cfg["run-name"]
         self.out = output_dir(cfg)
         self.dir = self.out / "state"
-        self.config = _results_config(cfg)
+        self.config = results_config(cfg)
         if not cfg["resume"] and self.dir.exists():
             log.info("run '%s': resume=false, starting over (clearing %s)", self.name, self.dir)
             shutil.rmtree(self.dir)

@@ -62,9 +62,14 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     in about a second."""
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from clues_fl.console import library_progress
+
     log.info("Converting %s to safetensors in %s (once; ~25 s for 135M parameters)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with library_progress(gguf_utils):  # its tensor bar: lines in a log, a bar on a terminal
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model that still carries its GGUF quantizer, and the
     # saved config must not ask the next load to dequantise again.
     model.hf_quantizer = None
@@ -253,13 +258,14 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
     full = _linear_names(model)
-    if not any(n == t or n.endswith("." + t) for t in settings.target_modules for n in full):
+    missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in full)]
+    if missing:  # peft would go on with the others: a misspelt module would train nothing
         present = linear_module_names(model)
         hint = (
             "; this model fuses q, k and v: lora.target-modules='qkv_proj'" if "qkv_proj" in present else ""
         )
         raise ModelError(
-            f"lora.target-modules: none of {list(settings.target_modules)} is a linear layer of "
+            f"lora.target-modules: none of {missing} is a linear layer of "
             f"this model; its linear layers are {present}{hint}"
         )
     return get_peft_model(model, settings.peft_config())
@@ -274,11 +280,18 @@ def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
-def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor], *, complete: bool = False) -> None:
+    """Copy `state` into the model's adapter tensors. `complete`: the state must hold every
+    adapter tensor (an empty or partial state would leave the ones loaded before in place:
+    the final adapter must be exactly what the run produced)."""
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params]
     if missing:
         raise ModelError(f"adapter tensors do not match the model: {missing[:3]}")
+    absent = [k for k, p in params.items() if p.requires_grad and k not in state] if complete else []
+    if absent:
+        raise ModelError(f"the adapter state lacks {len(absent)} of the model's adapter tensors "
+                         f"(e.g. {absent[0]}): it is not a whole adapter")
     with torch.no_grad():
         for name, value in state.items():
             value = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))

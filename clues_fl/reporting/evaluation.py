@@ -352,13 +352,16 @@ def generation_quality(model, tokenizer, test: Sequence[Sample], ev: EvalSection
     """What the `eval` section asks of a model besides its validation loss: greedy answers
     to the first `eval.max-samples` test questions (`rouge-l`, `token-f1`, `answered`;
     0 or no test set: skipped) and multiple-choice accuracy on `eval.mc-items` items of
-    `eval.mc-source` (`mc-accuracy`; 0: skipped)."""
+    `eval.mc-source` (`mc-accuracy`; 0 or an empty source: skipped; `auto`: the bundled
+    items; a run resolves `auto` against its data first, config.mc_source)."""
     out: dict = {}
     if ev.max_samples and test:
         q = answer_quality(model, tokenizer, test, ev.max_samples, max_new_tokens=ev.max_new_tokens,
                            system_prompt=system_prompt)
         out.update({"rouge-l": q["rouge_l"], "token-f1": q["token_f1"], "answered": q["n"]})
-    if ev.mc_items:
-        items = load_mc_items(ev.mc_source, ev.mc_items)
+    if ev.mc_items and ev.mc_source:
+        from clues_fl.config import BUNDLED_MC_SOURCE
+
+        items = load_mc_items(BUNDLED_MC_SOURCE if ev.mc_source == "auto" else ev.mc_source, ev.mc_items)
         out["mc-accuracy"] = multiple_choice_accuracy(model, tokenizer, items, system_prompt=system_prompt)
     return out

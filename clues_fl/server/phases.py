@@ -51,7 +51,7 @@ from clues_fl.federation.messages import (
 )
 from clues_fl.model.device import peak_memory_mib
 from clues_fl.reporting.results import evaluate_and_report
-from clues_fl.selection.rules import ThresholdSettings, threshold_rule
+from clues_fl.selection.rules import ThresholdSettings, retraining_sites, threshold_rule
 from clues_fl.server.data import ServerData
 from clues_fl.server.rounds import run_rounds
 from clues_fl.server.scores import anchor_and_pooled, holds_exact_scores, pooled_scores, privacy_settings
@@ -363,8 +363,15 @@ class Select(Phase):
         return f"kept {kept}{_failed(run, self.name)}"
 
 
-def _kept_sites(run: ProtocolRun) -> set[int]:
-    return {n for n, s in run.state.sites.items() if s.kept > 0}
+def _retraining_sites(run: ProtocolRun) -> set[int]:
+    """The nodes that retrain: their sites kept at least selection.min-kept samples
+    (NothingKept when none did: selection/rules.py retraining_sites)."""
+    answered = {n: s for n, s in run.state.sites.items() if s.selected}
+    threshold = run.state.threshold.get("threshold", run.state.threshold.get("ratio"))
+    names = retraining_sites({s.name: s.kept for s in answered.values()}, run.cfg["selection.min-kept"],
+                             f"threshold {run.state.threshold.get('rule')} = {threshold:.4g}"
+                             if isinstance(threshold, float) else "")
+    return {n for n, s in answered.items() if s.name in names}
 
 
 class Aggregate(Phase):
@@ -381,18 +388,19 @@ class Aggregate(Phase):
         cfg, rounds = run.cfg, run.cfg["retrain.rounds"]
         plan = (_n(rounds, _round(run)) if cfg["retrain.mode"] == "rounds"
                 else f"{_n(rounds, 'local epoch')}, {cfg['merge.rule']} merge")
-        return f"{_n(len(_kept_sites(run)), 'site')} with kept samples, {plan}"
+        retraining = sum(1 for s in run.state.sites.values() if s.kept >= run.cfg["selection.min-kept"])
+        return f"{_n(retraining, 'site')} with kept samples, {plan}"
 
     def run(self, run: ProtocolRun) -> None:
         cfg, state = run.cfg, run.state
         if cfg["retrain.mode"] == "rounds":
-            arrays = run_rounds(run, self.name, cfg["retrain.rounds"], only=_kept_sites(run))
+            arrays = run_rounds(run, self.name, cfg["retrain.rounds"], only=_retraining_sites(run))
             if arrays is None:
                 raise RuntimeError("the aggregate step produced no model: no site finished a round")
             state.final = FinalAdapter(state=split_record(arrays)[0])
             return
         request = LocalTrainRequest(self.name)
-        contents = {n: request.to_record() for n in _kept_sites(run)}
+        contents = {n: request.to_record() for n in _retraining_sites(run)}
         for node, reply in run.sites.exchange(run.grid, self.name, contents, request.message_type).items():
             state.sites[node].final_state = LocalTrainReply.from_record(reply.content).state
         state.final = plan_merge(cfg["merge.rule"], [(s.name, s.kept, s.mean_kept_score, s.final_state)
@@ -422,7 +430,7 @@ class AllDataReference(Phase):
 
     def run(self, run: ProtocolRun) -> None:
         try:
-            arrays = run_rounds(run, self.name, run.cfg["retrain.rounds"], only=_kept_sites(run))
+            arrays = run_rounds(run, self.name, run.cfg["retrain.rounds"], only=_retraining_sites(run))
             if arrays is None:
                 raise RuntimeError("all-data retraining produced no model: no site finished a round")
             run.state.all_data_state = split_record(arrays)[0]

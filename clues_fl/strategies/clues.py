@@ -42,6 +42,7 @@ from clues_fl.runtime import score_settings, workbench
 from clues_fl.scoring.scorers import Scorer, make_scorer, method_name
 from clues_fl.selection.rules import ThresholdRule, rule_name, threshold_rule
 from clues_fl.server.data import ServerData
+from clues_fl.federation.run_dir import run_lock
 from clues_fl.server.phases import Journal, MemoryJournal, ProtocolRun, run_phases, saved_phases
 from clues_fl.server.scores import holds_exact_scores
 from clues_fl.server.sites import SiteRegistry, wait_for_nodes
@@ -111,25 +112,28 @@ class CluesStrategy(Strategy):
             raise ValueError("CluesStrategy.start: initial_arrays need mode='federated' (in merging mode each "
                              "site trains from its own start)")
         started = time.time()
-        journal = RunState(self.cfg)
-        console.setup(journal.out / "run.log")
-        if journal.finished:
-            log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
-                     "run-name or set resume=false to run it again", self.cfg["run-name"], journal.out)
-            return Result()
-        if journal.done("score") and not journal.done("aggregate") and not holds_exact_scores(self.cfg):
-            log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back to "
-                        "the sites for selection, so they score again (with privacy.epsilon > 0 that releases "
-                        "noised scores a second time)", self.cfg["run-name"])
-            journal.redo("score")
-        run = self.new_run(grid, journal, started=started, evaluate_fn=evaluate_fn,
-                           initial_state=initial_arrays.to_torch_state_dict() if initial_arrays is not None else None)
-        journal.restore(run, saved_phases(run))
-        if not journal.done("aggregate"):  # every phase before the report talks to the sites
-            run.nodes = run.sites.rebind(grid, wait_for_nodes(grid, self.cfg["fed.min-nodes"],
-                                                              self.cfg["fed.wait-for-nodes"]))
-            run.sites.name_sites(grid, run.nodes)
-        run_phases(run)
+        with run_lock(self.cfg):  # shared with the launcher that started this app; else its own
+            journal = RunState(self.cfg)
+            console.setup(journal.out / "run.log")
+            if journal.finished:
+                log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
+                         "run-name or set resume=false to run it again", self.cfg["run-name"], journal.out)
+                return Result()
+            if journal.done("score") and not journal.done("aggregate") and not holds_exact_scores(self.cfg):
+                log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back "
+                            "to the sites for selection, so they score again (with privacy.epsilon > 0 that "
+                            "releases noised scores a second time)", self.cfg["run-name"])
+                journal.redo("score")
+            talks_to_sites = not journal.done("aggregate")  # every phase before the report does
+            # before the model loads: fed.wait-for-nodes is the time the sites have to connect
+            nodes = wait_for_nodes(grid, self.cfg["fed.min-nodes"], self.cfg["fed.wait-for-nodes"]) if talks_to_sites else []
+            run = self.new_run(grid, journal, started=started, evaluate_fn=evaluate_fn,
+                               initial_state=initial_arrays.to_torch_state_dict() if initial_arrays is not None else None)
+            journal.restore(run, saved_phases(run))
+            if talks_to_sites:
+                run.nodes = run.sites.rebind(grid, sorted(set(nodes) | set(grid.get_node_ids())))
+                run.sites.name_sites(grid, run.nodes)
+            run_phases(run)
         self.last_run = run
         return self.result(run)
 
