@@ -46,7 +46,7 @@ from clues_fl.model.loading import backbone, cache_root
 log = logging.getLogger(__name__)
 
 GPU_BUDGET_SHARE = 0.25  # of the free GPU memory, for a resident cache
-RELEASE_BYTES = 64 * 2**20  # read from the memory map between two releases of its pages
+RELEASE_BYTES = 16 * 2**20  # read from the memory map between two releases of its pages
 FORMAT = 2  # in the key: rows shortest first, the model's own precision
 
 # numpy storage of each compute dtype (bf16 as its raw 16 bits)
@@ -231,8 +231,11 @@ class PrefixCache:
         """Seconds the frozen layers take for `rows` (one batch: the cost estimate)."""
         if not len(rows):
             return 0.0
+        batch = collate(encoded, [int(r) for r in rows], pad_id, self.device)
         start = time.perf_counter()
-        prefix_hidden(self.model, collate(encoded, [int(r) for r in rows], pad_id, self.device), self.first_layer)
+        prefix_hidden(self.model, batch, self.first_layer)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
     @property

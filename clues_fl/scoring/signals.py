@@ -287,11 +287,9 @@ def question_answer_similarity(samples, encoder: str, device=None) -> np.ndarray
     `encoder` (model/sentence_encoder.py). An answer written for another question, even
     one in the same domain and vocabulary, lies further from its question than a real
     answer does; unlike ``overlap`` it also sees paraphrase and synonyms."""
-    from clues_fl.model.sentence_encoder import embed_texts
+    from clues_fl.model.sentence_encoder import paired_cosines
 
-    questions = embed_texts([s.question for s in samples], encoder, device=device)
-    answers = embed_texts([s.answer for s in samples], encoder, device=device)
-    return (questions.astype(np.float64) * answers).sum(axis=1)
+    return paired_cosines([s.question for s in samples], [s.answer for s in samples], encoder, device=device)
 
 
 def sample_texts(samples) -> list[str]:
