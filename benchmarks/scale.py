@@ -23,10 +23,11 @@ a word-level tokenizer of that vocabulary (600 words), and the qa-sim signal's s
 encoder a tiny random BERT: figures measure the code's scaling, not a real model's speed.
 One thread (`--threads`): these tensors are too small for a second one to help.
 
-Each pool size runs in its own process. Peak RSS per step: the process's peak is reset
-before the step (/proc/self/clear_refs) and read after it (VmHWM), so it is the most
-memory the process held during that step (what the site process holds anyway, its pool
-and model, included). Disk: the prefix cache's file and the site's report. Bytes: the
+Each pool size runs in its own process. Peak RSS per step: before the step the heap's
+free memory goes back to the OS (malloc_trim) and the process's peak is reset
+(/proc/self/clear_refs); after it the peak is read (VmHWM): the most memory the process
+held during that step, what the site process holds anyway (its pool, model and prefix
+cache's mapped pages) included. Disk: the prefix cache's file and the site's report. Bytes: the
 contents of the messages that step sends and receives (messages.wire_bytes).
 
     python benchmarks/scale.py                 # 1k, 10k and 100k samples (100k: about an hour idle)
@@ -158,6 +159,17 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the OS (glibc), so that what a step freed is
+    not counted in the next one's RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     """Reset the process's peak RSS to its current RSS (Linux 4.0+)."""
     try:
@@ -188,8 +200,10 @@ class Meter:
     @contextmanager
     def step(self, name: str):
         gc.collect()
+        _trim_heap()
         self.isolated &= _reset_peak()
-        row = self.steps.setdefault(name, {"seconds": 0.0, "peak_mib": 0.0, "received": 0, "sent": 0})
+        row = self.steps.setdefault(name, {"seconds": 0.0, "peak_mib": 0.0, "received": 0, "sent": 0,
+                                           "start_mib": (_status_kib("VmRSS") or 0) / 1024})
         start = time.perf_counter()
         try:
             yield row

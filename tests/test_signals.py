@@ -87,6 +87,14 @@ def test_near_duplicate_search_finds_every_pair_at_the_threshold(min_jaccard, se
     assert (want > 0).sum() > 20  # the pool has near-copies at every threshold tried
 
 
+def test_near_duplicates_with_more_words_than_three_fit_one_integer(monkeypatch):
+    texts = pool_of_texts(200, 3)
+    want = sg.near_duplicate_scores(texts)
+    monkeypatch.setattr(sg, "_PACKED_KEYS", 0)  # 3-grams numbered by np.unique instead of packed
+    np.testing.assert_array_equal(sg.near_duplicate_scores(texts), want)
+    np.testing.assert_array_equal(sg.near_duplicate_scores(texts[:50]), naive_near_duplicates(texts[:50], 0.2))
+
+
 def test_near_duplicate_threshold_and_edge_cases():
     assert sg.near_duplicate_scores([]).shape == (0,)
     assert list(sg.near_duplicate_scores(["", "...", "a b", "A B!", "a b c"])) == [0.0, 0.0, 0.0, 1.0, 0.0]

@@ -16,9 +16,9 @@ recomputed by the model at each pass over them (one log line says so, with that 
 in seconds per pass, timed on a probe batch). Scores do not change: a batch's cached
 rows come from the file, its other rows from the same frozen layers.
 
-Memory: the file is memory-mapped and the pages a pass has read are handed back to
+Memory: the file is memory-mapped and the pages a pass has mapped are handed back to
 the OS every RELEASE_BYTES (madvise DONTNEED; they stay in the page cache), so the
-cache adds nothing that grows with the pool to the process's resident memory. On a
+cache adds at most that to the process's resident memory, whatever the pool's size. On a
 GPU the whole cache is copied to device memory once when it fits a budget
 (`gpu_budget_bytes`, default a quarter of the free memory); otherwise each batch is
 gathered on the host into pinned memory and copied asynchronously.
@@ -46,7 +46,10 @@ from clues_fl.model.loading import backbone, cache_root
 log = logging.getLogger(__name__)
 
 GPU_BUDGET_SHARE = 0.25  # of the free GPU memory, for a resident cache
-RELEASE_BYTES = 16 * 2**20  # read from the memory map between two releases of its pages
+RELEASE_BYTES = 16 * 2**20  # mapped from the file between two releases of its pages
+# A read maps more than it asks for: the kernel maps the cached pages around a fault
+# (fault-around, 64 KiB windows), so a 6 KiB read can map 128 KiB.
+MAPPED_PER_READ = 2 * 64 * 2**10
 FORMAT = 2  # in the key: rows shortest first, the model's own precision
 
 # numpy storage of each compute dtype (bf16 as its raw 16 bits)
@@ -131,7 +134,7 @@ class _Store:
 
     def read(self, start: int, n: int) -> np.ndarray:
         block = np.array(self.array[start : start + n])
-        self.unreleased += block.nbytes
+        self.unreleased += block.nbytes + MAPPED_PER_READ
         if self.unreleased >= RELEASE_BYTES:
             self.release()
         return block

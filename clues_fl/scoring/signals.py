@@ -165,46 +165,58 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
 
     if not 0 <= min_jaccard <= 1:
         raise ValueError(f"min_jaccard must be in [0, 1], got {min_jaccard}")
-    doc_ids, sizes, counts = _shingle_ids(texts)
+    keys, owner, sizes = _shingle_ids(texts)
     n = len(texts)
     out = np.zeros(n)
-    if not len(doc_ids):
+    if not len(keys):
         return out
-    # identical 3-gram sets: the longest (then first) member is kept, the others score 1
+    counts = np.bincount(owner, minlength=n)
     starts = np.concatenate([[0], np.cumsum(counts)])
+    # identical 3-gram sets: the longest (then first) member is kept, the others score 1
     groups: dict[bytes, int] = {}
     keep = np.zeros(n, dtype=bool)
     for i in np.argsort(-sizes, kind="stable"):
         if counts[i] == 0:
             continue
-        key = hashlib.blake2b(doc_ids[starts[i] : starts[i + 1]].tobytes(), digest_size=16).digest()
-        if key in groups:
+        digest = hashlib.blake2b(keys[starts[i] : starts[i + 1]].tobytes(), digest_size=16).digest()
+        if digest in groups:
             out[i] = 1.0
         else:
-            groups[key] = i
+            groups[digest] = i
             keep[i] = True
+    del groups
     docs = np.flatnonzero(keep)  # in text order
     if len(docs) < 2:
         return out
-    # the kept texts' 3-grams, ranked rarest first (ties by id: one global order)
-    rows = np.repeat(np.arange(len(docs)), counts[docs])
-    cols = np.concatenate([doc_ids[starts[i] : starts[i + 1]] for i in docs])
-    used, cols = np.unique(cols, return_inverse=True)
-    rank = np.empty(len(used), dtype=np.int64)
-    rank[np.lexsort((np.arange(len(used)), np.bincount(cols, minlength=len(used))))] = np.arange(len(used))
-    cols = rank[cols]
-    full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int32), (rows, cols)), shape=(len(docs), len(used)))
+    # the kept texts' 3-grams (grouped by text already), ranked rarest first (ties by id:
+    # one global order), as a sparse text x 3-gram matrix
+    if not keep.all():
+        mine = keep[owner]
+        keys = keys[mine]
+        del mine
+    del owner
+    cols, distinct = _dense_ids(keys)  # 3-gram -> 0 .. distinct - 1
+    del keys
+    rank = np.empty(distinct, dtype=np.int32)
+    rank[np.lexsort((np.arange(distinct), np.bincount(cols, minlength=distinct)))] = np.arange(distinct)
+    set_size = counts[docs]
+    indptr = np.concatenate([[0], np.cumsum(set_size)])
+    full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int32), rank[cols], indptr), shape=(len(docs), distinct))
+    del cols, rank
     full.sort_indices()  # each row's 3-grams rarest first
-    set_size = np.diff(full.indptr)
     need = np.ceil(min_jaccard * set_size - 1e-9).astype(np.int64) if min_jaccard > 0 else np.ones_like(set_size)
     prefix_len = set_size - np.maximum(need, 1) + 1
-    take = np.arange(full.nnz) - np.repeat(full.indptr[:-1], set_size) < np.repeat(prefix_len, set_size)
-    prefix = sparse.csr_matrix((full.data[take], full.indices[take],
+    index = np.int64 if full.nnz >= 2**31 else np.int32
+    position = np.arange(full.nnz, dtype=index) - np.repeat(indptr[:-1].astype(index), set_size)
+    take = position < np.repeat(prefix_len.astype(index), set_size)
+    del position
+    prefix = sparse.csr_matrix((np.ones(int(take.sum()), dtype=bool), full.indices[take],
                                 np.concatenate([[0], np.cumsum(prefix_len)])), shape=full.shape)
+    del take
     prefix_t = prefix.T.tocsr()
     block = 2048
     for lo in range(0, len(docs), block):
-        shared = (prefix[lo : lo + block] @ prefix_t).tocoo()
+        shared = (prefix[lo : lo + block] @ prefix_t).tocoo()  # pairs sharing a prefix 3-gram
         a, b = shared.row + lo, shared.col
         pick = a < b  # each pair once
         a, b = a[pick], b[pick]
@@ -222,46 +234,84 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
     return out
 
 
-def _shingle_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """(int32 number of each key among the distinct keys, how many distinct), as
+    np.unique's inverse but with one sort and 4-byte numbers."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    fresh = np.empty(len(keys), dtype=bool)
+    fresh[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=fresh[1:])
+    del ordered
+    numbers = np.cumsum(fresh, dtype=np.int32) - 1
+    distinct = int(numbers[-1]) + 1 if len(numbers) else 0
+    out = np.empty(len(keys), dtype=np.int32)
+    out[order] = numbers
+    return out, distinct
+
+
+_PACKED_KEYS = 2**63  # three word numbers fit one int64 below this
+
+
+def _shingle_ids(texts: Sequence[str], chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every text's set of word 3-grams of its lower-cased words (a text of 1-2 words: its
-    words as one shingle) as exact integer ids, each text's sorted and unique:
-    (concatenated ids, word count per text, 3-grams per text). Words are numbered, and a
-    3-gram is its three numbers (0 for a missing word: a 1-2 word shingle is never a 3-gram)."""
+    words as one shingle) as exact integer ids: (ids, the text of each id, word count per
+    text), grouped by text and sorted within it. Words are numbered; a 3-gram is its three
+    numbers (0 for a missing word: a 1-2 word shingle is never a 3-gram). The words are
+    held as 4-byte numbers and the 3-grams made `chunk` texts at a time."""
     import itertools
+    from array import array
     from collections import defaultdict
 
     number = defaultdict(itertools.count(1).__next__)  # word -> 1, 2, ... in order of appearance
-    ids, lengths = [], np.zeros(len(texts), dtype=np.int64)
+    words, lengths = array("i"), np.zeros(len(texts), dtype=np.int64)
     sizes = np.zeros(len(texts), dtype=np.int64)
     for k, text in enumerate(texts):
-        words = _TOKEN.findall(text.lower())
-        ids.extend(map(number.__getitem__, words))
-        lengths[k] = len(words)
+        found = _TOKEN.findall(text.lower())
+        words.extend(map(number.__getitem__, found))
+        lengths[k] = len(found)
         # the text's own words (lower() can split a word in two outside ASCII)
-        sizes[k] = len(words) if text.isascii() else len(_TOKEN.findall(text))
-    flat = np.asarray(ids, dtype=np.int64)
-    owner = np.repeat(np.arange(len(texts)), lengths)
+        sizes[k] = len(found) if text.isascii() else len(_TOKEN.findall(text))
+    flat = np.frombuffer(words, dtype=np.int32) if len(words) else np.zeros(0, dtype=np.int32)
     base = len(number) + 1
-    pos = np.arange(max(len(flat) - 2, 0))
-    whole = pos[owner[pos] == owner[pos + 2]]  # 3-grams inside one text
-    grams = np.stack([flat[whole], flat[whole + 1], flat[whole + 2]], axis=1)
-    short = np.flatnonzero((lengths > 0) & (lengths < 3))  # 1-2 words: one shingle of them, 0-padded
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    few = np.zeros((len(short), 3), dtype=np.int64)
-    few[:, 0] = flat[starts[short]]
-    two = lengths[short] == 2
-    few[two, 1] = flat[starts[short][two] + 1]
-    grams, text = np.concatenate([grams, few]), np.concatenate([owner[whole], short])
-    if base**3 < 2**63:
-        keys = (grams[:, 0] * base + grams[:, 1]) * base + grams[:, 2]
-    else:  # too many distinct words to pack three in 63 bits
-        keys = np.unique(grams, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
-    order = np.lexsort((keys, text))
-    keys, text = keys[order], text[order]
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = (keys[1:] != keys[:-1]) | (text[1:] != text[:-1])
-    keys, text = keys[first], text[first]
-    return keys, sizes, np.bincount(text, minlength=len(texts)).astype(np.int64)
+    packed = base**3 < _PACKED_KEYS
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    keys = np.empty(max(len(flat), 1), dtype=np.int64)  # at most one 3-gram per word
+    owners = np.empty(len(keys), dtype=np.int32)
+    filled, grams_all, owners_all = 0, [], []
+    for lo in range(0, len(texts), chunk):
+        hi = min(lo + chunk, len(texts))
+        part = flat[starts[lo] : starts[hi]].astype(np.int64)
+        owner = np.repeat(np.arange(lo, hi, dtype=np.int32), lengths[lo:hi])
+        pos = np.arange(max(len(part) - 2, 0))
+        whole = pos[owner[pos] == owner[pos + 2]]  # 3-grams inside one text
+        grams = np.stack([part[whole], part[whole + 1], part[whole + 2]], axis=1)
+        short = np.flatnonzero((lengths[lo:hi] > 0) & (lengths[lo:hi] < 3))  # 1-2 words, 0-padded
+        first = starts[lo:hi][short] - starts[lo]
+        few = np.zeros((len(short), 3), dtype=np.int64)
+        few[:, 0] = part[first]
+        two = lengths[lo:hi][short] == 2
+        few[two, 1] = part[first[two] + 1]
+        grams, owner = np.concatenate([grams, few]), np.concatenate([owner[whole], (short + lo).astype(np.int32)])
+        if not packed:  # too many distinct words to pack three in 63 bits: numbered below
+            grams_all.append(grams)
+            owners_all.append(owner)
+            continue
+        key = (grams[:, 0] * base + grams[:, 1]) * base + grams[:, 2]
+        order = np.lexsort((key, owner))
+        key, owner = key[order], owner[order]
+        new = np.ones(len(key), dtype=bool)
+        new[1:] = (key[1:] != key[:-1]) | (owner[1:] != owner[:-1])
+        count = int(new.sum())
+        keys[filled : filled + count] = key[new]
+        owners[filled : filled + count] = owner[new]
+        filled += count
+    if not packed and grams_all:
+        grams, owner = np.concatenate(grams_all), np.concatenate(owners_all)
+        key = np.unique(grams, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+        unique = np.unique(np.stack([owner.astype(np.int64), key], axis=1), axis=0)
+        return unique[:, 1].copy(), unique[:, 0].astype(np.int32), sizes
+    return keys[:filled], owners[:filled], sizes
 
 
 _FUNCTION_WORDS = frozenset(
