@@ -344,6 +344,37 @@ class ScoringSection(Section):
                                  choices=("sgd", "adam"))
     batch_size: int = option(8, "scoring batch", bound=">= 1")
     prefix_cache: bool = option(True, "reuse the frozen layers' activations")
+    cache_budget: str = option("0.5", "disk for each prefix cache: a share of the free disk of its folder, or a "
+                               "size; over it the shortest samples that fit are cached and the others recompute "
+                               "the frozen layers (docs/scale.md)",
+                               allowed="a share in (0, 1], or a size: `20GB`, `500MB`, `1.5TiB` (B, KB, MB, GB, "
+                               "TB, KiB, MiB, GiB, TiB)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_cache_budget(self.cache_budget)
+
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_cache_budget(value: str) -> tuple[float | None, int | None]:
+    """`scoring.cache-budget` as (share of the free disk, None) or (None, bytes):
+    "0.5" -> (0.5, None); "20GB" -> (None, 20_000_000_000); "1.5GiB" -> (None, 1610612736)."""
+    import re
+
+    text = str(value).strip().lower().replace(" ", "")
+    allowed = "a share of the free disk in (0, 1] (e.g. 0.5) or a size with a unit (e.g. 20GB, 500MB, 1.5TiB)"
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([a-z]*)", text)
+    if not match or (match.group(2) and match.group(2) not in _SIZE_UNITS):
+        raise ConfigError(f"scoring.cache-budget: '{value}' is not {allowed}")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit:
+        return None, int(number * _SIZE_UNITS[unit])
+    if not 0 < number <= 1:
+        raise ConfigError(f"scoring.cache-budget: '{value}' is not {allowed}; a number without a unit is a share")
+    return number, None
 
 
 SELECTION_METHODS = names.SELECTION_METHODS

@@ -73,7 +73,7 @@ class Workbench:
             return None
         return PrefixCache.build(
             self.model, encoded, self.first_layer, pad_id=self.pad_id,
-            batch_size=cfg.scoring.batch_size, desc=desc,
+            batch_size=cfg.scoring.batch_size, desc=desc, budget=cfg.scoring.cache_budget,
         )
 
     # -- operations ---------------------------------------------------------

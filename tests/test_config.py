@@ -52,6 +52,10 @@ def test_every_scenario_is_a_valid_run_config(scenario):
         ({"lora.rank": 8}, "unknown run-config key(s) ['lora.rank']"),
         ({"data.anchor-size": 1}, "at least 2 samples"),
         ({"scoring.prefix-cache": "maybe"}, "scoring.prefix-cache: expected bool"),
+        ({"scoring.cache-budget": "2"}, "scoring.cache-budget: '2' is not a share of the free disk in (0, 1]"),
+        ({"scoring.cache-budget": "0"}, "a number without a unit is a share"),
+        ({"scoring.cache-budget": "20XB"}, "or a size with a unit (e.g. 20GB"),
+        ({"scoring.cache-budget": "half"}, "scoring.cache-budget: 'half' is not"),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(raw, message):
@@ -199,3 +203,14 @@ def test_the_multiple_choice_evaluation_only_where_it_fits_the_data():
     assert mc_source(parse_config({}), own_site_data=True) is None  # sites with their own data-file
     assert mc_source(parse_config({"data.pool": "/p.jsonl", "eval.mc-source": "/mc.jsonl"})) == "/mc.jsonl"  # asked
     assert mc_source(parse_config({"eval.mc-items": 0})) is None
+
+
+def test_cache_budget_is_a_share_or_a_size():
+    from clues_fl.config import parse_cache_budget
+
+    assert parse_cache_budget("0.5") == (0.5, None) == parse_cache_budget(" .5 ")
+    assert parse_cache_budget("1") == (1.0, None)
+    assert parse_cache_budget("20GB") == (None, 20 * 10**9) == parse_cache_budget("20 gb")
+    assert parse_cache_budget("1.5GiB") == (None, int(1.5 * 2**30))
+    assert parse_cache_budget("0MB") == (None, 0)
+    assert parse_config({"scoring.cache-budget": "300MB"}).scoring.cache_budget == "300MB"

@@ -123,14 +123,16 @@ def _bf16_lora(seed: int = 0):
 
 def test_bf16_model_keeps_lora_and_scores_float32_and_its_cache_exact(tmp_path):
     """A bf16 base: LoRA weights stay float32 (peft upcasts them), losses and scores are
-    float32, the float32 prefix cache reproduces the bf16 hidden states exactly."""
+    float32, the prefix cache stores the bf16 hidden states in 2 bytes and reproduces
+    them exactly."""
     model = _bf16_lora()
     lora = [p for p in model.parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     samples = make_samples(8, seed=5)
     first = first_lora_layer(model)
     cache = PrefixCache.build(model, samples, first, pad_id=0, batch_size=4, cache_dir=tmp_path)
-    assert cache.array.dtype == np.float32 and cache.dtype == torch.bfloat16
+    assert cache.array.itemsize == 2 and cache.dtype == torch.bfloat16
+    assert cache.array.nbytes == sum(len(s.input_ids) for s in samples) * 32 * 2  # tokens x hidden x 2
     batch = collate(samples, list(range(8)), 0)
     plain = final_hidden(model, batch, first)
     cached = final_hidden(model, cache.attach(collate(samples, list(range(8)), 0)), first)

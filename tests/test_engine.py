@@ -68,17 +68,28 @@ def naive_scores(model, samples, names, ckpts, refs, similarity, preconditioner)
     return total
 
 
+def tokens_bytes(samples, share: float, per_token: int = 32 * 8) -> int:
+    """A cache budget of about `share` of these samples' prefix states (hidden 32, float64)."""
+    return int(share * sum(len(s.input_ids) for s in samples) * per_token)
+
+
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("preconditioner", ["sgd", "adam"])
-@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("use_cache", [False, "all", "part", "none-fits"])
 def test_scores_match_naive_reference(setup, similarity, preconditioner, use_cache, tmp_path):
+    """With no cache, a whole cache, a cache over its budget (the shortest samples
+    cached, the others' prefix recomputed, in batches that mix both) and a budget that
+    fits nothing."""
     model, samples, names, ckpts, refs = setup
     first = first_lora_layer(model)
+    budget = {"all": None, "part": tokens_bytes(samples, 0.4), "none-fits": 0}.get(use_cache)
     cache = (
-        PrefixCache.build(model, samples, first, pad_id=0, batch_size=4, cache_dir=tmp_path)
+        PrefixCache.build(model, samples, first, pad_id=0, batch_size=4, cache_dir=tmp_path, budget=budget)
         if use_cache
         else None
     )
+    if use_cache == "part":
+        assert 0 < cache.cached < len(samples)
     settings = ScoreSettings(similarity=similarity, preconditioner=preconditioner, batch_size=4)
     got = score_samples(model, samples, ckpts, refs, first, settings, pad_id=0, cache=cache)
     want = naive_scores(model, samples, names, ckpts, refs, similarity, preconditioner)
@@ -184,3 +195,144 @@ def test_settings_from_the_run_config_sections():
     assert train_settings(cfg, epochs=3, seed_offset=1) == TrainSettings(lr=1e-3, epochs=3, batch_size=4, seed=8)
     assert ScoreSettings.from_section(cfg.scoring) == score_settings(cfg) == ScoreSettings("dot", "sgd", 3)
     assert LoraSettings.from_section(cfg.lora, 10) == lora_settings(cfg, 10) == LoraSettings(4, 16, 0.0, ("q_proj", "k_proj"), (8, 9))
+
+
+def test_partial_and_missing_caches_give_the_scores_of_a_whole_one(setup, tmp_path):
+    """Scores and losses with the cache over its budget (batches mixing cached and
+    recomputed rows), with a budget that fits nothing and with no cache are the whole
+    cache's bit for bit (the cache built in the scoring batches: this tiny model's
+    prefix rounds differently, ~1e-9, in batches of other widths)."""
+    model, samples, names, ckpts, refs = setup
+    first = first_lora_layer(model)
+    settings = ScoreSettings(similarity="cosine", preconditioner="adam", batch_size=4)
+    results = {}
+    for name, budget in (("none", False), ("all", None), ("part", tokens_bytes(samples, 0.5)), ("zero", 0)):
+        cache = None if budget is False else PrefixCache.build(model, samples, first, pad_id=0, batch_size=4,
+                                                               cache_dir=tmp_path / name, budget=budget)
+        results[name] = score_samples(model, samples, ckpts, refs, first, settings, pad_id=0, cache=cache)
+    for name in ("none", "part", "zero"):
+        np.testing.assert_array_equal(results[name].scores, results["all"].scores)
+        np.testing.assert_array_equal(results[name].losses, results["all"].losses)
+
+
+def test_training_from_a_cache_over_its_budget_gives_the_same_adapter(tmp_path):
+    from clues_fl.model.training import TrainSettings, train_lora
+
+    samples = make_samples(10, seed=4)
+    settings = TrainSettings(lr=1e-2, epochs=2, batch_size=3, seed=0)
+    states = []
+    for budget in (None, tokens_bytes(samples, 0.5)):
+        model = tiny_lora_model(seed=5)
+        first = first_lora_layer(model)
+        cache = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path / str(budget), budget=budget)
+        train_lora(model, samples[1:], settings, first, pad_id=0, cache=cache.subset(range(1, 10)))
+        states.append(lora_state(model))
+    for name in states[0]:
+        diff = (states[0][name] - states[1][name]).abs().max().item()
+        assert diff < 1e-6 * states[0][name].abs().max().item(), (name, diff)
+
+
+def test_cache_size_is_estimated_and_held_to_its_budget(setup, tmp_path, caplog, monkeypatch):
+    """tokens x hidden x bytes; over the budget the shortest samples that fit are cached
+    (one warning line, with the time it costs); a share is of the folder's free disk."""
+    import logging
+    import shutil
+
+    from clues_fl.model import prefix_cache as pc
+
+    model, samples, *_ = setup
+    first = first_lora_layer(model)
+    tokens = sum(len(s.input_ids) for s in samples)
+    assert pc.estimate_bytes(model, samples) == tokens * 32 * 8  # float64 model: 8 bytes
+    whole = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path / "whole")
+    assert whole.cached == len(samples) and whole.array.nbytes == tokens * 32 * 8
+
+    budget = tokens_bytes(samples, 0.45)
+    with caplog.at_level(logging.INFO, logger="clues_fl.model.prefix_cache"):
+        part = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path / "part", budget=budget)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "part").glob("*.npy"))
+    assert part.array.nbytes <= budget < part.array.nbytes + 20 * 32 * 8  # the next sample would not fit
+    assert on_disk < budget + 128  # + the .npy header
+    shortest = sorted(len(s.input_ids) for s in samples)[: part.cached]
+    assert sorted(int(part.lengths[r]) for r in np.flatnonzero(part.offsets >= 0)) == shortest
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "over the budget" in warnings[0].getMessage() and " s a pass" in warnings[0].getMessage()
+    assert f"{len(samples) - part.cached} recompute" in warnings[0].getMessage()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="clues_fl.model.prefix_cache"):
+        PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path / "zero", budget="0GB")
+    assert not list((tmp_path / "zero").glob("*.npy"))
+    assert "0 of them cached" in [r for r in caplog.records if r.levelno == logging.WARNING][0].getMessage()
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pc.shutil, "disk_usage", lambda path: usage._replace(free=2 * budget))
+    shared = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path / "share", budget="0.5")
+    assert shared.cached == part.cached  # half of twice the budget
+
+
+def test_a_cache_is_reused_and_grows_with_its_budget(setup, tmp_path):
+    model, samples, *_ = setup
+    first = first_lora_layer(model)
+    small = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path, budget=tokens_bytes(samples, 0.3))
+    (path,) = tmp_path.glob("*.npy")
+    stamp = path.stat().st_mtime_ns
+    again = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path, budget=tokens_bytes(samples, 0.3))
+    assert again.cached == small.cached and path.stat().st_mtime_ns == stamp  # read, not rebuilt
+    larger = PrefixCache.build(model, samples, first, pad_id=0, cache_dir=tmp_path)
+    assert larger.cached == len(samples) > small.cached and len(list(tmp_path.glob("*.npy"))) == 1
+    batch = collate(samples, list(range(len(samples))), pad_id=0)
+    # the same states; the tiny model's rotary embedding rounds differently (~1e-9) in
+    # batches of other widths, and the recomputed rows come in narrower ones
+    np.testing.assert_allclose(small.attach(collate(samples, list(range(len(samples))), pad_id=0)).hidden,
+                               larger.attach(batch).hidden, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype,itemsize", [(torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 4)])
+def test_cache_stores_the_models_precision_exactly(dtype, itemsize, tmp_path):
+    """bf16 and fp16 states in 2 bytes, float32 in 4: the cached states are the frozen
+    layers' own output, bit for bit."""
+    from clues_fl.model.forward import prefix_hidden
+
+    model = tiny_lora_model(seed=2).to(dtype)
+    samples = make_samples(7, seed=2)
+    first = first_lora_layer(model)
+    cache = PrefixCache.build(model, samples, first, pad_id=0, batch_size=8, cache_dir=tmp_path)
+    assert cache.array.itemsize == itemsize
+    batch = collate(samples, list(range(7)), pad_id=0)
+    want = prefix_hidden(model, batch, first)
+    got = cache.attach(collate(samples, list(range(7)), pad_id=0)).hidden
+    assert got.dtype == dtype
+    valid = batch.attention_mask.bool()
+    assert torch.equal(got[valid], want[valid])
+
+
+def test_pages_read_from_the_cache_leave_the_resident_memory(tmp_path, monkeypatch):
+    """The memory map's pages are handed back every RELEASE_BYTES: reading a whole
+    cache, in order or in scattered small reads (each maps the pages around it too),
+    leaves at most that much of it resident in the process."""
+    import sys
+
+    from clues_fl.model import prefix_cache as pc
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/smaps")
+    path = tmp_path / "states.npy"
+    np.save(path, np.ones((8192, 512), dtype=np.float32))  # 16 MiB
+    monkeypatch.setattr(pc, "RELEASE_BYTES", 2**20)
+    store = pc._Store(np.load(path, mmap_mode="r"))
+
+    def resident_kib() -> int:
+        lines = open("/proc/self/smaps").read().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(str(path)):
+                return next(int(x.split()[1]) for x in lines[i + 1 :] if x.startswith("Rss:"))
+        return 0
+
+    for start in range(0, 8192, 64):
+        store.read(start, 64)
+    assert resident_kib() <= 1024 + 128  # under one release's worth (+ the pages around the last read)
+    for start in np.random.default_rng(0).integers(0, 8192 - 3, 2000):  # 6 kB here and there
+        store.read(int(start), 3)
+    assert resident_kib() <= 1024 + 128

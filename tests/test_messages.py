@@ -179,3 +179,20 @@ def test_every_exchange_has_a_message_type():
                 msg.DescribeRequest)
     assert [r.message_type for r in requests] == ["train", "train.local", "query.score", "query.select",
                                                   "query.identify", "query.site"]
+
+
+def test_wire_bytes_count_the_arrays_and_the_per_sample_scores():
+    """A message's bytes on the wire grow with its arrays' bytes and, for a score reply,
+    with its samples; the same array twice in one message travels once."""
+    state = _tensors(0)
+    array_bytes = sum(t.numel() * 4 for t in state.values())
+    train = msg.wire_bytes(msg.TrainRequest(state).to_record())
+    assert array_bytes < train < array_bytes + 2000
+    with_moments = msg.wire_bytes(msg.TrainRequest(state, moments=_moments(1)).to_record())
+    assert with_moments - train >= 2 * array_bytes
+    replies = [msg.wire_bytes(msg.ScoreReply(n, ids=[f"{i:016x}" for i in range(n)],
+                                             scores=[0.5 + i for i in range(n)]).to_record()) for n in (100, 1100)]
+    assert 16 + 8 <= (replies[1] - replies[0]) / 1000 <= 40  # an id of 16 characters and a float64 per sample
+    once = msg.wire_bytes(RecordDict({"a": msg.state_record(state)}))
+    twice = msg.wire_bytes(RecordDict({"a": msg.state_record(state), "b": msg.state_record(state)}))
+    assert once < twice < once + 100

@@ -128,6 +128,24 @@ def test_elbow_rule_finds_the_number_of_blobs():
     np.testing.assert_array_equal(cluster_samples(x[:2], 0), [0, 0])  # too few to have an elbow
 
 
+def test_a_pool_up_to_the_fit_size_is_clustered_whole():
+    from sklearn.cluster import KMeans
+
+    x, _ = blobs(seed=2)
+    want = KMeans(n_clusters=4, n_init=3, random_state=1).fit(x).labels_
+    np.testing.assert_array_equal(cluster_samples(x, 4, seed=1), want)
+
+
+@pytest.mark.parametrize("k", [4, 0])
+def test_a_larger_pool_is_fitted_on_a_draw_and_assigned_to_the_nearest_centre(k):
+    """Above fit_samples (and 32 samples per cluster) k-means is fitted on a seeded draw;
+    every sample takes its nearest centre: the blobs are found whole, the same for a seed."""
+    x, truth = blobs(seed=4, per=1500)
+    labels = cluster_samples(x, k, seed=0, fit_samples=200, max_clusters=12)
+    assert len(np.unique(labels)) == 4 and adjusted_rand_score(truth, labels) == 1.0
+    np.testing.assert_array_equal(labels, cluster_samples(x, k, seed=0, fit_samples=200, max_clusters=12))
+
+
 def test_clustering_errors():
     with pytest.raises(ValueError, match="n_clusters"):
         cluster_samples(np.zeros((5, 2)), -1)

@@ -25,6 +25,86 @@ def test_near_duplicates_flag_the_less_complete_copies_only():
     assert d[0] > 0.5 and d[3] == 1.0
 
 
+def naive_near_duplicates(texts, min_jaccard):
+    """Every pair compared, as the signal is defined (the reference for the prefix filter)."""
+    import re
+
+    def shingles(text):
+        words = re.findall(r"\w+", text.lower())
+        if len(words) < 3:
+            return frozenset([" ".join(words)]) if words else frozenset()
+        return frozenset(" ".join(words[i : i + 3]) for i in range(len(words) - 2))
+
+    sets = [shingles(t) for t in texts]
+    sizes = [len(re.findall(r"\w+", t)) for t in texts]
+    out = np.zeros(len(texts))
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            a, b = sets[i], sets[j]
+            if a and b and (inter := len(a & b)):
+                sim = inter / len(a | b)
+                later = i if sizes[i] < sizes[j] else j
+                if sim >= min_jaccard:
+                    out[later] = max(out[later], sim)
+    return out
+
+
+def pool_of_texts(n: int, seed: int) -> list[str]:
+    """Zipf-distributed words (common 3-grams are shared widely), near-copies that lost
+    or changed a few words, exact copies, case changes, and 0-2 word texts."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{k}" for k in range(300)]
+    texts = []
+    for _ in range(n):
+        kind = rng.random()
+        if texts and kind < 0.25:
+            words = texts[rng.integers(len(texts))].split()
+            for _ in range(rng.integers(0, 4)):
+                if len(words) > 1:
+                    del words[rng.integers(len(words))]
+            if rng.random() < 0.3 and words:
+                words[rng.integers(len(words))] = "edit"
+            text = " ".join(words)
+        elif texts and kind < 0.3:
+            text = texts[rng.integers(len(texts))].upper()
+        elif kind < 0.35:
+            text = " ".join(vocab[int(k)] for k in rng.zipf(1.3, rng.integers(0, 3)) % 300)
+        else:
+            text = " ".join(vocab[int(k)] for k in rng.zipf(1.3, rng.integers(3, 40)) % 300)
+        texts.append(text)
+    return texts
+
+
+@pytest.mark.parametrize("min_jaccard", [0.0, 0.1, sg.NEAR_DUPLICATE_MIN_JACCARD, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_near_duplicate_search_finds_every_pair_at_the_threshold(min_jaccard, seed):
+    """The prefix-filtered search gives every pair's exact value where it reaches the
+    threshold, as comparing all pairs does (0 = every pair sharing a 3-gram)."""
+    texts = pool_of_texts(300, seed)
+    want = naive_near_duplicates(texts, min_jaccard)
+    got = sg.near_duplicate_scores(texts, min_jaccard=min_jaccard)
+    np.testing.assert_array_equal(got, want)
+    assert (want > 0).sum() > 20  # the pool has near-copies at every threshold tried
+
+
+def test_near_duplicates_with_more_words_than_three_fit_one_integer(monkeypatch):
+    texts = pool_of_texts(200, 3)
+    want = sg.near_duplicate_scores(texts)
+    monkeypatch.setattr(sg, "_PACKED_KEYS", 0)  # 3-grams numbered by np.unique instead of packed
+    np.testing.assert_array_equal(sg.near_duplicate_scores(texts), want)
+    np.testing.assert_array_equal(sg.near_duplicate_scores(texts[:50]), naive_near_duplicates(texts[:50], 0.2))
+
+
+def test_near_duplicate_threshold_and_edge_cases():
+    assert sg.near_duplicate_scores([]).shape == (0,)
+    assert list(sg.near_duplicate_scores(["", "...", "a b", "A B!", "a b c"])) == [0.0, 0.0, 0.0, 1.0, 0.0]
+    weak = ["one two three four five six seven eight nine ten", "one two three x y z q r s t"]  # Jaccard 1/15
+    assert sg.near_duplicate_scores(weak).max() == 0.0  # a shared phrase is no near-duplicate
+    assert sg.near_duplicate_scores(weak, min_jaccard=0.0)[1] == pytest.approx(1 / 15)
+    with pytest.raises(ValueError, match="min_jaccard"):
+        sg.near_duplicate_scores(weak, min_jaccard=1.5)
+
+
 def test_question_overlap_is_the_share_of_the_questions_content_words_in_the_answer():
     from clues_fl.data.sources import Sample
 

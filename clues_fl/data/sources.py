@@ -517,7 +517,12 @@ def encode_samples(
 ) -> list[Encoded]:
     from clues_fl.console import progress as tqdm
 
-    return [
-        encode_sample(tokenizer, s, max_length, system_prompt)
-        for s in tqdm(samples, desc="tokenising", disable=len(samples) <= 200, leave=False)
-    ]
+    # One int object per token id for the whole pool: a sample's ids are then 8-byte
+    # references (a fresh int above 256 is 28 bytes more), 4.5x less memory per token.
+    shared: dict[int, int] = {}
+    out = []
+    for s in tqdm(samples, desc="tokenising", disable=len(samples) <= 200, leave=False):
+        encoded = encode_sample(tokenizer, s, max_length, system_prompt)
+        encoded.input_ids = [shared.setdefault(t, t) for t in encoded.input_ids]
+        out.append(encoded)
+    return out

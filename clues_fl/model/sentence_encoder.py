@@ -57,16 +57,30 @@ def load_encoder(name: str, key: str = "selection.embedding-model", device: str 
 def embed_texts(texts: Sequence[str], name: str = BUNDLED, *, key: str = "selection.embedding-model",
                 batch_size: int = 32, device=None) -> np.ndarray:
     """(N, d) float32 unit rows, one per text, in input order (batching-invariant: the
-    mean runs over each text's own tokens). `device`: where the encoder runs (default CPU)."""
+    mean runs over each text's own tokens). `device`: where the encoder runs (default CPU).
+    Each batch is normalised into the output as it comes: nothing larger than the result
+    is held."""
     tokenizer, model = load_encoder(name, key, str(torch.device(device or "cpu")))
-    out = []
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
                           max_length=MAX_TOKENS, return_tensors="pt").to(model.device)
         hidden = model(**batch).last_hidden_state.double()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
-    if not out:
-        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
-    emb = torch.cat(out).numpy()
-    return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        emb = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
+        out[start : start + len(emb)] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def paired_cosines(first: Sequence[str], second: Sequence[str], name: str = BUNDLED, *,
+                   key: str = "selection.embedding-model", device=None, chunk: int = 4096) -> np.ndarray:
+    """(N,) cosine of the embeddings of first[i] and second[i], `chunk` pairs at a time
+    (the same values as from embed_texts of each list whole: chunks are whole batches)."""
+    if len(first) != len(second):
+        raise ValueError(f"paired_cosines: {len(first)} and {len(second)} texts")
+    out = np.zeros(len(first))
+    for start in range(0, len(first), chunk):
+        a = embed_texts(first[start : start + chunk], name, key=key, device=device)
+        b = embed_texts(second[start : start + chunk], name, key=key, device=device)
+        out[start : start + chunk] = (a.astype(np.float64) * b).sum(axis=1)
+    return out

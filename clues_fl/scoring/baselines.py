@@ -72,15 +72,31 @@ def empty_turn_header(tokenizer, system_prompt: str | None = None) -> list[int]:
     return list(probe.input_ids[: probe.prompt_len])
 
 
-def encode_answer_only(tokenizer, encoded: Sequence[Encoded], system_prompt: str | None = None) -> list[Encoded]:
+class AnswerOnly(Sequence):
+    """`encoded`'s answers after `header`, each made when it is read: a pass over a large
+    pool holds its batch's encodings, not a second copy of the pool's."""
+
+    def __init__(self, encoded: Sequence[Encoded], header: list[int]):
+        self.encoded, self.header = encoded, list(header)
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        e = self.encoded[i]
+        return Encoded(e.id, self.header + list(e.input_ids[e.prompt_len :]), len(self.header), e.truncated)
+
+
+def encode_answer_only(tokenizer, encoded: Sequence[Encoded], system_prompt: str | None = None) -> AnswerOnly:
     """The answers alone, for IFD's denominator loss(answer): each encoding's answer
     tokens after empty_turn_header, so numerator and denominator average the loss over
     exactly the same tokens, also for truncated samples.
     The IFD paper conditions on nothing at all; with a chat model the bare header is
     the nearest "no instruction" context and it lets the first answer token be scored.
     """
-    header = empty_turn_header(tokenizer, system_prompt)
-    return [Encoded(e.id, header + list(e.input_ids[e.prompt_len :]), len(header), e.truncated) for e in encoded]
+    return AnswerOnly(encoded, empty_turn_header(tokenizer, system_prompt))
 
 
 def ifd_values(model, encoded_with_question: Sequence, encoded_answer_only: Sequence, first_layer: int, *,

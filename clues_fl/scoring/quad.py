@@ -14,7 +14,8 @@ Clusters (`cluster_samples`)
     k-means. k = 0 asks for the elbow of the inertia curve W(k): over candidate k
     (2 .. ~2 sqrt(N)), both axes rescaled to [0, 1], the k whose point lies farthest
     below the chord from the first to the last point ("kneedle"): past it, more
-    clusters buy little.
+    clusters buy little. A pool above FIT_SAMPLES is fitted on a seeded random draw
+    (at least 32 samples per cluster) and every sample takes its nearest centre.
 
 K-FAC curvature (`kfac_factors`)
     A LoRA linear y = W x (W: out x in) gives sample n the gradient G_n = sum_t g_t x_t^T
@@ -92,7 +93,11 @@ def embed_samples(model, encoded: Sequence, first_layer: int, *, pad_id: int, ba
     the base model) and the split forward, starting from `cache`'s prefix states.
     """
     hidden_size = backbone(model).config.hidden_size
-    out = np.zeros((len(encoded), hidden_size), dtype=np.float64)
+    # float32 rows, held as offsets from the first batch's mean (so float32 keeps the
+    # small differences between samples that centring leaves), summed in float64
+    out = np.zeros((len(encoded), hidden_size), dtype=np.float32)
+    total = np.zeros(hidden_size, dtype=np.float64)
+    origin = None
     batches = (len(encoded) + batch_size - 1) // batch_size
     for batch in tqdm(iterate_batches(encoded, batch_size, pad_id, cache, device_of(model)), total=batches,
                       desc="embed", leave=False, disable=batches < 4):
@@ -101,11 +106,17 @@ def embed_samples(model, encoded: Sequence, first_layer: int, *, pad_id: int, ba
         answer = torch.zeros_like(batch.target_mask)
         answer[:, 1:] = batch.target_mask[:, :-1]
         mask = answer.unsqueeze(-1).double()
-        out[batch.rows] = to_host((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        pooled = to_host((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        if origin is None:
+            origin = pooled.mean(0)
+        out[batch.rows] = pooled - origin
+        total += (pooled - origin).sum(0)
     if len(out) > 1:
-        out -= out.mean(0, keepdims=True)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+        out -= (total / len(out)).astype(np.float32)
+    for start in range(0, len(out), 65536):  # unit rows, in place
+        block = out[start : start + 65536]
+        block /= np.maximum(np.linalg.norm(block.astype(np.float64), axis=1, keepdims=True), 1e-12).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- clustering
@@ -138,15 +149,25 @@ def elbow_index(ks: Sequence[float], inertias: Sequence[float]) -> int:
     return int(np.argmax(chord - y))
 
 
+# k-means is fitted on all samples up to FIT_SAMPLES, above that on a seeded random
+# draw of max(FIT_SAMPLES, SAMPLES_PER_CLUSTER x the largest k tried), and every sample
+# takes its nearest centre: the fit's cost stops growing with the pool (it grows with
+# k^2, and the elbow rule's k with sqrt(N), so linearly), the assignment is O(N k d).
+FIT_SAMPLES = 8192
+SAMPLES_PER_CLUSTER = 32
+
+
 def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> KMeans:
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
 
 
 def cluster_samples(embeddings: np.ndarray, n_clusters: int, *, seed: int = 0, max_clusters: int | None = None,
-                    n_init: int = 3) -> np.ndarray:
+                    n_init: int = 3, fit_samples: int = FIT_SAMPLES) -> np.ndarray:
     """k-means labels (N,) int64; `n_clusters=0` picks k by the elbow rule.
 
     k is clipped to N; with the elbow rule and N <= 2 everything is one cluster.
+    Pools larger than `fit_samples` (and than 32 samples per cluster) are fitted on a
+    seeded random draw and assigned to the nearest centre (FIT_SAMPLES).
     Deterministic for a seed.
     """
     x = np.asarray(embeddings)
@@ -157,14 +178,17 @@ def cluster_samples(embeddings: np.ndarray, n_clusters: int, *, seed: int = 0, m
     if max_clusters is not None and max_clusters < 2:
         raise ValueError(f"max_clusters must be >= 2, got {max_clusters}")
     n = len(x)
-    if n_clusters > 0:
-        return _kmeans(x, min(n_clusters, n), seed, n_init).labels_.astype(np.int64)
-    ks = elbow_candidates(n, max_clusters)
+    ks = [min(n_clusters, n)] if n_clusters > 0 else elbow_candidates(n, max_clusters)
     if not ks:
         return np.zeros(n, dtype=np.int64)
-    fits = [_kmeans(x, k, seed, n_init) for k in ks]
-    best = elbow_index(ks, [f.inertia_ for f in fits])
-    return fits[best].labels_.astype(np.int64)
+    draw = max(fit_samples, SAMPLES_PER_CLUSTER * max(ks))
+    fit_rows = np.sort(np.random.default_rng(seed).choice(n, draw, replace=False)) if n > draw else None
+    sample = x if fit_rows is None else x[fit_rows]
+    fits = [_kmeans(sample, k, seed, n_init) for k in ks]
+    best = fits[elbow_index(ks, [f.inertia_ for f in fits])] if n_clusters == 0 else fits[0]
+    if fit_rows is None:
+        return best.labels_.astype(np.int64)
+    return np.concatenate([best.predict(x[s : s + 65536]) for s in range(0, n, 65536)]).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- K-FAC / EK-FAC

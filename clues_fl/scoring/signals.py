@@ -48,6 +48,7 @@ Plain numpy/torch: no Flower imports.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -136,32 +137,181 @@ def encode_answer_ends(tokenizer, samples, max_length: int, system_prompt: str |
 _TOKEN = re.compile(r"\w+")
 
 
-def _shingles(text: str, n: int = 3) -> frozenset:
-    words = _TOKEN.findall(text.lower())
-    if len(words) < n:
-        return frozenset([" ".join(words)]) if words else frozenset()
-    return frozenset(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+# Near-duplicates are pairs of answers whose word 3-grams overlap by at least this Jaccard
+# similarity; a weaker overlap counts as none (0). Below it, the similarity is that of
+# shared stock phrases, which every answer has with some other in a large pool (on the
+# Fiqa answers: 99% of them, median 0.008); above it, the exact search is sub-quadratic
+# (prefix filtering). See near_duplicate_scores and docs/scale.md.
+NEAR_DUPLICATE_MIN_JACCARD = 0.2
 
 
-def near_duplicate_scores(texts: Sequence[str]) -> np.ndarray:
+def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUPLICATE_MIN_JACCARD) -> np.ndarray:
     """For each text, the largest Jaccard similarity of its word 3-grams with a text of
     the same set that is kept before it: a longer one (more complete: a near-copy that
-    lost words is the copy), or an equally long earlier one (an exact copy). 0: no such
-    text. So a group of near-copies keeps its most complete member."""
-    sets = [_shingles(t) for t in texts]
-    sizes = [len(_TOKEN.findall(t)) for t in texts]
-    out = np.zeros(len(sets))
-    for i in range(len(sets)):
-        for j in range(i + 1, len(sets)):
-            a, b = sets[i], sets[j]
-            if not a or not b:
-                continue
-            inter = len(a & b)
-            if inter:
-                sim = inter / len(a | b)
-                later = i if sizes[i] < sizes[j] else j  # the shorter one, or the later of two equal
-                out[later] = max(out[later], sim)
+    lost words is the copy), or an equally long earlier one (an exact copy); 0 where no
+    such text reaches `min_jaccard`. So a group of near-copies keeps its most complete
+    member.
+
+    Exact, not sampled: every pair at or above `min_jaccard` is found (prefix filtering,
+    Chaudhuri et al. 2006) and its similarity computed from the 3-gram sets. Texts with
+    identical 3-gram sets are first grouped (each member but the kept one scores 1, the
+    most any pair can give); then, with the 3-grams ordered rarest first, a pair with
+    Jaccard >= t shares at least ceil(t |A|) 3-grams of A, so one of them lies among the
+    first |A| - ceil(t |A|) + 1 of A and likewise of B: only pairs sharing a 3-gram of
+    these prefixes (and whose sizes allow t) are compared. Common phrases sit at the end
+    of the order and bring no pairs, so the work grows with the pairs that share rare
+    3-grams, not with all pairs. min_jaccard = 0 compares every pair sharing a 3-gram."""
+    from scipy import sparse
+
+    if not 0 <= min_jaccard <= 1:
+        raise ValueError(f"min_jaccard must be in [0, 1], got {min_jaccard}")
+    keys, owner, sizes = _shingle_ids(texts)
+    n = len(texts)
+    out = np.zeros(n)
+    if not len(keys):
+        return out
+    counts = np.bincount(owner, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    # identical 3-gram sets: the longest (then first) member is kept, the others score 1
+    groups: dict[bytes, int] = {}
+    keep = np.zeros(n, dtype=bool)
+    for i in np.argsort(-sizes, kind="stable"):
+        if counts[i] == 0:
+            continue
+        digest = hashlib.blake2b(keys[starts[i] : starts[i + 1]].tobytes(), digest_size=16).digest()
+        if digest in groups:
+            out[i] = 1.0
+        else:
+            groups[digest] = i
+            keep[i] = True
+    del groups
+    docs = np.flatnonzero(keep)  # in text order
+    if len(docs) < 2:
+        return out
+    # the kept texts' 3-grams (grouped by text already), ranked rarest first (ties by id:
+    # one global order), as a sparse text x 3-gram matrix
+    if not keep.all():
+        mine = keep[owner]
+        keys = keys[mine]
+        del mine
+    del owner
+    cols, distinct = _dense_ids(keys)  # 3-gram -> 0 .. distinct - 1
+    del keys
+    rank = np.empty(distinct, dtype=np.int32)
+    rank[np.lexsort((np.arange(distinct), np.bincount(cols, minlength=distinct)))] = np.arange(distinct)
+    set_size = counts[docs]
+    indptr = np.concatenate([[0], np.cumsum(set_size)])
+    full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int32), rank[cols], indptr), shape=(len(docs), distinct))
+    del cols, rank
+    full.sort_indices()  # each row's 3-grams rarest first
+    need = np.ceil(min_jaccard * set_size - 1e-9).astype(np.int64) if min_jaccard > 0 else np.ones_like(set_size)
+    prefix_len = set_size - np.maximum(need, 1) + 1
+    index = np.int64 if full.nnz >= 2**31 else np.int32
+    position = np.arange(full.nnz, dtype=index) - np.repeat(indptr[:-1].astype(index), set_size)
+    take = position < np.repeat(prefix_len.astype(index), set_size)
+    del position
+    prefix = sparse.csr_matrix((np.ones(int(take.sum()), dtype=bool), full.indices[take],
+                                np.concatenate([[0], np.cumsum(prefix_len)])), shape=full.shape)
+    del take
+    prefix_t = prefix.T.tocsr()
+    block = 2048
+    for lo in range(0, len(docs), block):
+        shared = (prefix[lo : lo + block] @ prefix_t).tocoo()  # pairs sharing a prefix 3-gram
+        a, b = shared.row + lo, shared.col
+        pick = a < b  # each pair once
+        a, b = a[pick], b[pick]
+        small, large = np.minimum(set_size[a], set_size[b]), np.maximum(set_size[a], set_size[b])
+        pick = small >= min_jaccard * large - 1e-9  # J <= |smaller| / |larger|
+        a, b = a[pick], b[pick]
+        for c in range(0, len(a), 1 << 18):
+            pa, pb = a[c : c + (1 << 18)], b[c : c + (1 << 18)]
+            inter = np.asarray(full[pa].multiply(full[pb]).sum(axis=1)).ravel()
+            sim = inter / (set_size[pa] + set_size[pb] - inter)
+            hit = (sim >= min_jaccard) & (inter > 0)
+            i, j = docs[pa[hit]], docs[pb[hit]]  # i < j: texts in order
+            later = np.where(sizes[i] < sizes[j], i, j)  # the shorter one, or the later of two equal
+            np.maximum.at(out, later, sim[hit])
     return out
+
+
+def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """(int32 number of each key among the distinct keys, how many distinct), as
+    np.unique's inverse but with one sort and 4-byte numbers."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    fresh = np.empty(len(keys), dtype=bool)
+    fresh[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=fresh[1:])
+    del ordered
+    numbers = np.cumsum(fresh, dtype=np.int32) - 1
+    distinct = int(numbers[-1]) + 1 if len(numbers) else 0
+    out = np.empty(len(keys), dtype=np.int32)
+    out[order] = numbers
+    return out, distinct
+
+
+_PACKED_KEYS = 2**63  # three word numbers fit one int64 below this
+
+
+def _shingle_ids(texts: Sequence[str], chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every text's set of word 3-grams of its lower-cased words (a text of 1-2 words: its
+    words as one shingle) as exact integer ids: (ids, the text of each id, word count per
+    text), grouped by text and sorted within it. Words are numbered; a 3-gram is its three
+    numbers (0 for a missing word: a 1-2 word shingle is never a 3-gram). The words are
+    held as 4-byte numbers and the 3-grams made `chunk` texts at a time."""
+    import itertools
+    from array import array
+    from collections import defaultdict
+
+    number = defaultdict(itertools.count(1).__next__)  # word -> 1, 2, ... in order of appearance
+    words, lengths = array("i"), np.zeros(len(texts), dtype=np.int64)
+    sizes = np.zeros(len(texts), dtype=np.int64)
+    for k, text in enumerate(texts):
+        found = _TOKEN.findall(text.lower())
+        words.extend(map(number.__getitem__, found))
+        lengths[k] = len(found)
+        # the text's own words (lower() can split a word in two outside ASCII)
+        sizes[k] = len(found) if text.isascii() else len(_TOKEN.findall(text))
+    flat = np.frombuffer(words, dtype=np.int32) if len(words) else np.zeros(0, dtype=np.int32)
+    base = len(number) + 1
+    packed = base**3 < _PACKED_KEYS
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    keys = np.empty(max(len(flat), 1), dtype=np.int64)  # at most one 3-gram per word
+    owners = np.empty(len(keys), dtype=np.int32)
+    filled, grams_all, owners_all = 0, [], []
+    for lo in range(0, len(texts), chunk):
+        hi = min(lo + chunk, len(texts))
+        part = flat[starts[lo] : starts[hi]].astype(np.int64)
+        owner = np.repeat(np.arange(lo, hi, dtype=np.int32), lengths[lo:hi])
+        pos = np.arange(max(len(part) - 2, 0))
+        whole = pos[owner[pos] == owner[pos + 2]]  # 3-grams inside one text
+        grams = np.stack([part[whole], part[whole + 1], part[whole + 2]], axis=1)
+        short = np.flatnonzero((lengths[lo:hi] > 0) & (lengths[lo:hi] < 3))  # 1-2 words, 0-padded
+        first = starts[lo:hi][short] - starts[lo]
+        few = np.zeros((len(short), 3), dtype=np.int64)
+        few[:, 0] = part[first]
+        two = lengths[lo:hi][short] == 2
+        few[two, 1] = part[first[two] + 1]
+        grams, owner = np.concatenate([grams, few]), np.concatenate([owner[whole], (short + lo).astype(np.int32)])
+        if not packed:  # too many distinct words to pack three in 63 bits: numbered below
+            grams_all.append(grams)
+            owners_all.append(owner)
+            continue
+        key = (grams[:, 0] * base + grams[:, 1]) * base + grams[:, 2]
+        order = np.lexsort((key, owner))
+        key, owner = key[order], owner[order]
+        new = np.ones(len(key), dtype=bool)
+        new[1:] = (key[1:] != key[:-1]) | (owner[1:] != owner[:-1])
+        count = int(new.sum())
+        keys[filled : filled + count] = key[new]
+        owners[filled : filled + count] = owner[new]
+        filled += count
+    if not packed and grams_all:
+        grams, owner = np.concatenate(grams_all), np.concatenate(owners_all)
+        key = np.unique(grams, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+        unique = np.unique(np.stack([owner.astype(np.int64), key], axis=1), axis=0)
+        return unique[:, 1].copy(), unique[:, 0].astype(np.int32), sizes
+    return keys[:filled], owners[:filled], sizes
 
 
 _FUNCTION_WORDS = frozenset(
@@ -187,11 +337,9 @@ def question_answer_similarity(samples, encoder: str, device=None) -> np.ndarray
     `encoder` (model/sentence_encoder.py). An answer written for another question, even
     one in the same domain and vocabulary, lies further from its question than a real
     answer does; unlike ``overlap`` it also sees paraphrase and synonyms."""
-    from clues_fl.model.sentence_encoder import embed_texts
+    from clues_fl.model.sentence_encoder import paired_cosines
 
-    questions = embed_texts([s.question for s in samples], encoder, device=device)
-    answers = embed_texts([s.answer for s in samples], encoder, device=device)
-    return (questions.astype(np.float64) * answers).sum(axis=1)
+    return paired_cosines([s.question for s in samples], [s.answer for s in samples], encoder, device=device)
 
 
 def sample_texts(samples) -> list[str]:
