@@ -14,35 +14,37 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
-
 from clues_fl import console
-from clues_fl.config import parse_config
-from clues_fl.data.scenario import site_samples
-from clues_fl.federation import site
-from clues_fl.federation.messages import (
-    DescribeRequest,
-    IdentifyReply,
-    IdentifyRequest,
-    LocalTrainReply,
-    LocalTrainRequest,
-    PrivacySettings,
-    ScoreReply,
-    ScoreRequest,
-    SelectReply,
-    SelectRequest,
-    SiteDescription,
-    TrainReply,
-    TrainRequest,
-    ids_digest,
-)
-from clues_fl.federation.site_errors import report_site_errors
-from clues_fl.federation.site_ids import site_name, wire_ids
-from clues_fl.model.device import peak_memory_mib
-from clues_fl.runtime import score_settings, workbench
-from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
+
+with console.held_warnings():  # the libraries' import-time deprecations go to site.log, not the console
+    import numpy as np
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from clues_fl.config import parse_config
+    from clues_fl.data.scenario import site_samples
+    from clues_fl.federation import site
+    from clues_fl.federation.messages import (
+        DescribeRequest,
+        IdentifyReply,
+        IdentifyRequest,
+        LocalTrainReply,
+        LocalTrainRequest,
+        PrivacySettings,
+        ScoreReply,
+        ScoreRequest,
+        SelectReply,
+        SelectRequest,
+        SiteDescription,
+        TrainReply,
+        TrainRequest,
+        ids_digest,
+    )
+    from clues_fl.federation.site_errors import report_site_errors
+    from clues_fl.federation.site_ids import site_name, wire_ids
+    from clues_fl.model.device import peak_memory_mib
+    from clues_fl.runtime import score_settings, workbench
+    from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
 
 app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "CLUES_FL_VERBOSE"
@@ -59,6 +60,20 @@ class FlowerBanner(logging.Filter):
         return record.levelno > logging.INFO or any(k in message for k in self.KEEP)
 
 
+_held: list[warnings.WarningMessage] = []
+
+
+@contextlib.contextmanager
+def held_warnings():
+    """Holds the warnings raised inside (an app module's imports: peft pulls in
+    bitsandbytes, which calls torch.compile, which warns) until `setup()` replays them
+    into the run's log file: a Flower app process prints them before any run's console
+    exists, so without this they reach the user's console from every site."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    _held.extend(caught)
+
+
 def setup(log_file: Path | None = None) -> None:
     """A run's console: this package's INFO lines through Flower's console handler;
     Flower's strategy banner (FlowerBanner) and the libraries' deprecation warnings
@@ -92,6 +107,9 @@ def setup(log_file: Path | None = None) -> None:
                 handler = logging.FileHandler(path)
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
                 logger.addHandler(handler)
+    while _held:  # through logging.captureWarnings: the log file keeps them, the console filters them
+        held = _held.pop(0)
+        warnings.showwarning(held.message, held.category, held.filename, held.lineno)
 
 
 class _WithoutTraceback(logging.Filter):

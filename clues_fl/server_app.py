@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
-
 from clues_fl import console
-from clues_fl.config import ConfigError, RunConfig
-from clues_fl.data.sources import DataError
-from clues_fl.federation.preflight import PreflightError, preflight
-from clues_fl.federation.resume import ResumeError, RunState
-from clues_fl.federation.run_dir import RunInUse
-from clues_fl.model.loading import ModelError
-from clues_fl.selection.rules import NothingKept
-from clues_fl.server.phases import ProtocolRun
-from clues_fl.server.sites import SitesFailed
-from clues_fl.strategies.clues import CluesStrategy
+
+with console.held_warnings():  # the libraries' import-time deprecations go to run.log, not the console
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from clues_fl.config import ConfigError, RunConfig
+    from clues_fl.data.sources import DataError
+    from clues_fl.federation.preflight import PreflightError, preflight
+    from clues_fl.federation.resume import ResumeError, RunState
+    from clues_fl.federation.run_dir import RunInUse
+    from clues_fl.model.loading import ModelError
+    from clues_fl.selection.rules import NothingKept
+    from clues_fl.server.phases import ProtocolRun
+    from clues_fl.server.sites import SitesFailed
+    from clues_fl.strategies.clues import CluesStrategy
 
 app = ServerApp()
 # Errors that end a run with their one line: a value to fix, a site that failed, nothing kept.

@@ -20,6 +20,19 @@ def test_importing_the_package_silences_no_warning_category():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+def test_the_apps_import_warnings_wait_for_the_runs_log(tmp_path):
+    """peft imports bitsandbytes, which calls torch.compile, which warns: in every site's
+    process, before a run's console exists. The apps hold such warnings for the log."""
+    log_file = tmp_path / "site.log"
+    code = ("import warnings; warnings.simplefilter('default'); "
+            "import clues_fl.client_app, clues_fl.server_app; from clues_fl import console; "
+            f"console._held.append(warnings.WarningMessage('held_api is deprecated', DeprecationWarning, 'x.py', 1)); "
+            f"console.setup({str(log_file)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "Warning" not in done.stderr, done.stderr
+    assert "held_api is deprecated" in log_file.read_text()
+
+
 def test_a_runs_console_drops_library_deprecations_and_its_log_keeps_them(tmp_path, monkeypatch):
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     screen = io.StringIO()
