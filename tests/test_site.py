@@ -24,6 +24,20 @@ def test_equal_budget_epochs_give_the_kept_samples_steps():
     assert site.equal_budget_epochs(12, 12, 4, 2) == 2
 
 
+def test_retraining_takes_the_trace_rounds_steps_by_default():
+    from clues_fl.config import parse_config
+
+    cfg = parse_config({"train.batch-size": 4})
+    assert cfg["retrain.rounds"] == cfg["trace.rounds"] and cfg["retrain.budget"] == "trace-steps"
+    # 12 samples (3 steps an epoch), 3 kept (1 step an epoch): 3 epochs over the kept = 3 steps, as a trace round
+    assert site.retrain_epochs("aggregate", 3, 12, cfg) == pytest.approx(3.0)
+    assert site.retrain_epochs("aggregate", 12, 12, cfg) == pytest.approx(1.0)
+    assert site.retrain_epochs("all-data", 3, 12, cfg) == 1.0  # all data: a trace round again
+    old = parse_config({"train.batch-size": 4, "retrain.budget": "epochs"})
+    assert site.retrain_epochs("aggregate", 3, 12, old) == 1.0  # fewer steps the more a site drops
+    assert site.retrain_epochs("all-data", 3, 12, old) == pytest.approx(1 / 3)  # the kept samples' steps
+
+
 def test_reported_exact_histogram_and_noised():
     values = np.array([-1.0, 0.5, 0.5, 2.0, 3.0])
     assert site.reported(values) == ([-1.0, 0.5, 0.5, 2.0, 3.0], None)

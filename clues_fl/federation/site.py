@@ -41,6 +41,21 @@ def equal_budget_epochs(kept: int, n: int, batch_size: int, local_epochs: float)
     return local_epochs * per_round / max(1, math.ceil(n / batch_size))
 
 
+def retrain_epochs(phase: str, kept: int, n: int, cfg) -> float:
+    """Local epochs of one round after selection ('aggregate': over the site's `kept`
+    samples; 'all-data': over all its `n`) under `retrain.budget`. `trace-steps`: a round
+    takes as many optimiser steps as a trace round on all `n` samples (train.local-epochs
+    over them): the kept samples are revisited, and the all-data reference trains like
+    the trace. `epochs`: train.local-epochs over the kept samples, and the all-data
+    reference as many steps (equal_budget_epochs)."""
+    batch, epochs = cfg["train.batch-size"], cfg["train.local-epochs"]
+    if cfg["retrain.budget"] == "trace-steps":
+        if phase == "all-data" or kept <= 0:
+            return epochs
+        return epochs * math.ceil(n / batch) / math.ceil(kept / batch)
+    return equal_budget_epochs(kept, n, batch, epochs) if phase == "all-data" else epochs
+
+
 def subset_cache(cache, rows):
     """The prefix cache indexes rows of the full pool; a subset needs a row map."""
     return None if cache is None else cache.subset(rows)
@@ -62,11 +77,15 @@ def train_round(bench, cfg, encoded, cache, rows: list[int], state, moments, *, 
                 proximal_mu: float, partition_id: int, kept: int | None = None) -> RoundResult:
     """One round of fed.strategy on `rows` of this site's samples, from the global
     adapter `state` (and, while tracing, the global Adam `moments`, continued at this
-    site's step count). 'all-data' takes the step budget of `kept` samples."""
+    site's step count). After selection ('aggregate' on the kept `rows` of the site's
+    samples, 'all-data' on all of them given its `kept` count) a round takes the
+    steps `retrain.budget` says (retrain_epochs)."""
     t0 = time.time()
     epochs = None
     if phase == "all-data":
-        epochs = equal_budget_epochs(kept, len(rows), cfg["train.batch-size"], cfg["train.local-epochs"])
+        epochs = retrain_epochs(phase, kept, len(rows), cfg)
+    elif phase == "aggregate":
+        epochs = retrain_epochs(phase, len(rows), len(encoded), cfg)
     result = bench.train(
         [encoded[i] for i in rows], cfg, state, moments=moments, epochs=epochs,
         start_step=(steps_before(server_round, len(rows), cfg["train.batch-size"], cfg["train.local-epochs"])
@@ -91,10 +110,11 @@ class LocalRun:
 
 def local_run(bench, cfg, encoded, cache, rows: list[int], *, phase: str, partition_id: int) -> LocalRun:
     """Merging mode: trace.rounds (tracing, with one checkpoint per round) or
-    retrain.rounds of local epochs on `rows`."""
+    retrain.rounds rounds on `rows`, each as long as `retrain.budget` says (retrain_epochs)."""
     rounds = cfg["trace.rounds"] if phase == "trace" else cfg["retrain.rounds"]
+    per_round = cfg["train.local-epochs"] if phase == "trace" else retrain_epochs("aggregate", len(rows), len(encoded), cfg)
     result = bench.train(
-        [encoded[i] for i in rows], cfg, None, epochs=rounds * cfg["train.local-epochs"],
+        [encoded[i] for i in rows], cfg, None, epochs=rounds * per_round,
         num_checkpoints=rounds if phase == "trace" else 0, cache=subset_cache(cache, rows),
         seed_offset=partition_id, desc=f"local {phase}",
     )

@@ -28,7 +28,13 @@ from clues_fl import console
 from clues_fl.config import RunConfig, mc_source, output_dir, parse_config
 from clues_fl.export import base_model_path, save_adapter
 from clues_fl.reporting.evaluation import generation_quality
-from clues_fl.reporting.run_report import describe_adapter, describe_aggregate, write_run_report
+from clues_fl.reporting.run_report import (
+    describe_adapter,
+    describe_aggregate,
+    published_model_warnings,
+    validation_loss_name,
+    write_run_report,
+)
 from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
@@ -88,16 +94,19 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
                    len(data.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(data.test)),
                    eval_section(cfg, run).mc_items)
     losses: dict[str, float] = {}
+    reference = ""  # what "all-data" is: a key of ALL_DATA_REFERENCES
     if cfg.eval.validation and data.val:
         losses["base"] = bench.loss(data.val, run.initial_state, cache=data.val_cache)
+        if state.checkpoints:  # federated trace: the last global adapter, trained on all raw data
+            losses["last-trace-checkpoint"] = bench.loss(data.val, state.checkpoints[-1].state, cache=data.val_cache)
         if state.all_data_state is not None:  # retrained on all data at the selection's budget
             losses["all-data"] = bench.loss(data.val, state.all_data_state, cache=data.val_cache)
-            if state.checkpoints:
-                losses["last-trace-checkpoint"] = bench.loss(data.val, state.checkpoints[-1].state,
-                                                             cache=data.val_cache)
-        elif state.checkpoints:  # federated trace: the last global adapter saw all raw data
-            losses["all-data"] = bench.loss(data.val, state.checkpoints[-1].state, cache=data.val_cache)
+            reference = "equal-budget"
+        elif state.checkpoints:
+            losses["all-data"] = losses["last-trace-checkpoint"]
+            reference = "last-trace-checkpoint"
         else:
+            reference = "merged-trace-adapters"
             traced = [s.trace_state for s in state.sites.values() if s.trace_state]
             if traced:
                 reference = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
@@ -112,6 +121,9 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
                      "merged" if final.merged else "default")
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
+    warnings = published_model_warnings(losses, reference)
+    for line in warnings:
+        log.warning("%s", line)
     run.record_time("evaluate", t)
     console.status("evaluate: done in %s (%s)", console.seconds(time.time() - t),
                    ", ".join(f"validation loss {k} {v:.4f}" for k, v in losses.items()) or "no validation set")
@@ -142,6 +154,8 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
         "selection": selection,
         "threshold": {k: v for k, v in threshold.items() if k != "anchor-scores"},
         "validation-loss": losses,
+        **({"all-data-reference": reference} if "all-data" in losses else {}),
+        **({"warnings": warnings} if warnings else {}),
         "model-quality": quality,
         "round-losses": state.round_losses,
         "missing-sites": state.missing,
@@ -189,7 +203,9 @@ def summary_text(metrics: dict, out: Path) -> str:
         for name, m in sorted(sel.get("per-client", {}).items()):
             lines.append(f"    {name}: kept {m['kept']}/{m['tp'] + m['fp'] + m['fn'] + m['tn']}  F1 {m['f1']:.3f}")
     for key, value in metrics["validation-loss"].items():
-        lines.append(f"  validation loss ({key}): {value:.4f}")
+        lines.append(f"  validation loss ({validation_loss_name(key, metrics)}): {value:.4f}")
+    for warning in metrics.get("warnings", []):
+        lines.append(f"  WARNING: {warning}")
     for key, value in metrics.get("model-quality", {}).items():
         lines.append(f"  final model {key}: {value:.4f}" if isinstance(value, float) else f"  final model {key}: {value}")
     for m in metrics["missing-sites"]:

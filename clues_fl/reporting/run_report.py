@@ -219,11 +219,17 @@ def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
 
     val = metrics.get("validation-loss", {})
     if val:
-        names = {"base": "base model", "all-data": "trained on all raw data (trace)",
-                 "selected": "trained on the selection (final)"}
-        lines += ["## Validation loss (clean evaluation set)", "", "| model | loss |", "|---|---|"]
-        lines += [f"| {names.get(k, k)} | {v:.4f} |" for k, v in val.items()]
-        lines.append("")
+        lines += ["## Validation loss (clean evaluation set)", ""]
+        lines += [f"**Warning**: {w}." for w in metrics.get("warnings", [])]
+        if metrics.get("warnings"):
+            lines.append("")
+        lines += ["| model | loss |", "|---|---|"]
+        lines += [f"| {validation_loss_name(k, metrics)} | {v:.4f} |" for k, v in val.items()]
+        budget = cfg.get("retrain.budget", "epochs")
+        lines += ["", f"Retraining: {cfg.get('retrain.rounds')} rounds, `retrain.budget = {budget}` ("
+                  + ("each round as many optimiser steps per site as a trace round on all its samples"
+                     if budget == "trace-steps" else "each round `train.local-epochs` over the kept samples") + ").",
+                  ""]
     quality = metrics.get("model-quality", {})
     if quality:
         lines += ["## Final model", "", "| metric | value |", "|---|---|"]
@@ -251,6 +257,39 @@ def describe_adapter(adapter_dir: Path, cfg, metrics: dict) -> None:
     """Replace peft's empty model-card template (README.md) in the adapter folder with
     what produced the adapter and how to load it."""
     (adapter_dir / "README.md").write_text(model_card(cfg, metrics, adapter_dir))
+
+
+ALL_DATA_REFERENCES = {
+    "equal-budget": "retrained on all raw data at the selection's budget",
+    "last-trace-checkpoint": "the last trace checkpoint (all raw data)",
+    "merged-trace-adapters": "the sites' trace adapters merged (all raw data)",
+}
+
+
+def published_model_warnings(losses: dict, reference: str) -> list[str]:
+    """A warning for each model the run already had (its last trace checkpoint, the
+    all-data reference) with a lower clean validation loss than the published one (trained
+    on the selection): the selection or its retraining budget cost quality there."""
+    if "selected" not in losses:
+        return []
+    others = {"last-trace-checkpoint": "the run's last trace checkpoint (trained on all raw data)"}
+    if reference != "last-trace-checkpoint":
+        others["all-data"] = ALL_DATA_REFERENCES.get(reference, "the all-data model")
+    published = losses["selected"]
+    return [f"the published model (trained on the selection) has a higher clean validation loss, {published:.4f}, "
+            f"than {what}, {losses[key]:.4f}: the selection or its retraining budget (retrain.rounds, "
+            "retrain.budget) cost quality on the evaluation set"
+            for key, what in others.items() if key in losses and published > losses[key]]
+
+
+def validation_loss_name(key: str, metrics: dict) -> str:
+    """What a model of metrics["validation-loss"] is, in words (report and summary)."""
+    if key == "all-data":
+        return ALL_DATA_REFERENCES.get(metrics.get("all-data-reference", ""), "trained on all raw data")
+    rounds = metrics.get("config", {}).get("trace.rounds", "?")
+    return {"base": "base model",
+            "last-trace-checkpoint": f"last trace checkpoint (all raw data, {rounds} rounds)",
+            "selected": "published: trained on the selection"}.get(key, key)
 
 
 def model_card(cfg, metrics: dict, adapter_dir: Path | None = None) -> str:
@@ -286,7 +325,10 @@ def model_card(cfg, metrics: dict, adapter_dir: Path | None = None) -> str:
         f"- **Training**: {cfg['mode']} tracing ({cfg['trace.rounds']} rounds), then "
         + (f"{cfg['retrain.rounds']} {describe_aggregate(metrics['aggregate'])}" if cfg["retrain.mode"] == "rounds"
            else f"{cfg['retrain.rounds']} local epochs per site and a one-shot `{cfg['merge.rule']}` merge")
-        + f" on the kept samples from the base model; lr {cfg['train.lr']}, batch {cfg['train.batch-size']}, "
+        + " on the kept samples from the base model ("
+        + ("each round as many optimiser steps per site as a trace round"
+           if cfg["retrain.budget"] == "trace-steps" else "`train.local-epochs` over the kept samples per round")
+        + f"); lr {cfg['train.lr']}, batch {cfg['train.batch-size']}, "
           f"seed {cfg['seed']}.",
     ]
     if val:
