@@ -408,8 +408,9 @@ class SelectionSection(Section):
                            "that many, the run stops before aggregation (exit 1) and saves no adapter",
                            bound=">= 1")
     signals: str = option(",".join(DEFAULT_SIGNALS), "`clues+`: the signals in the score, comma-separated; see "
-                          "\"Selection signals\" in [How it works](#how-it-works)",
-                          allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES))
+                          "\"Selection signals\" in [How it works](#how-it-works); `module:attr`: your signal "
+                          "(a clues_fl.scoring.signals.Signal)",
+                          allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES) + ", `module:attr`")
     embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` signal: the bundled "
                                   "`all-MiniLM-L6-v2` or a local model folder")
 
@@ -425,8 +426,9 @@ class SelectionSection(Section):
         if not signals:
             raise ConfigError("selection.signals: name at least one signal")
         for name in signals:
-            if name not in SIGNAL_NAMES:
-                raise ConfigError(f"selection.signals: '{name}' is not one of {', '.join(SIGNAL_NAMES)}")
+            if name not in SIGNAL_NAMES and not is_reference(name):
+                raise ConfigError(f"selection.signals: '{name}' is not one of {', '.join(SIGNAL_NAMES)} "
+                                  "or module:attr (your signal)")
         if len(set(signals)) < len(signals):
             raise ConfigError(f"selection.signals: '{self.signals}' names a signal twice")
 

@@ -400,3 +400,43 @@ def test_threshold_grid_has_every_cell_and_the_references():
         assert r["keep-all"] - 1e-12 <= r["anchor-f1, true share"] <= r["best threshold"] + 1e-12
     only = threshold_grid(scores, rng.normal(0, 1, 16), kinds, draws=2, intervals=0, rules=(("anchor-f1", {}),))
     assert "anchor-f1" in only[0] and "mixture" not in only[0]
+
+
+def test_your_own_signal_by_module_attr(tmp_path, monkeypatch):
+    """selection.signals takes `module:attr` naming a Signal: the start-up check loads it,
+    compute_signals runs it on the samples, its direction orients its z and its reason
+    words go to the dropped samples' report."""
+    from types import SimpleNamespace
+
+    from clues_fl.config import ConfigError, parse_config
+    from clues_fl.federation.preflight import PreflightError, check_plugins
+
+    (tmp_path / "mysignals.py").write_text(
+        "from clues_fl.scoring.signals import signal\n"
+        "@signal(direction=-1, reason='answer too long')\n"
+        "def length(samples):\n"
+        "    return [len(s.answer) for s in samples]\n"
+        "not_a_signal = 3\n"
+        "@signal(direction=1, reason='x')\n"
+        "def short(samples):\n"
+        "    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = parse_config({"selection.signals": "dup,mysignals:length"})
+    check_plugins(cfg)
+    samples = [SimpleNamespace(question=f"q{i}", answer="a" * n) for i, n in enumerate((10, 12, 11, 400))]
+    values = sg.compute_signals(None, samples, None, cfg, clues_scores=np.zeros(4), losses=np.zeros((1, 4)),
+                                names=("mysignals:length",))
+    assert values["mysignals:length"].tolist() == [10, 12, 11, 400]
+    cal = sg.calibrate({"mysignals:length": np.array([10.0, 11.0, 12.0, 13.0])})
+    z = sg.standardised(values, cal)
+    assert z[0, 3] < -3 < z[0, 0]  # lower is better: the long answer is far on the bad side
+    assert sg.direction_and_reason("mysignals:length") == (-1, "answer too long")
+    with pytest.raises(ValueError, match="'mysignals:short' gave 1 values for 4 samples"):
+        sg.compute_signals(None, samples, None, cfg, clues_scores=np.zeros(4), losses=np.zeros((1, 4)),
+                           names=("mysignals:short",))
+    with pytest.raises(PreflightError, match="selection.signals: 'mysignals:not_a_signal' is not a clues_fl"):
+        check_plugins(parse_config({"selection.signals": "mysignals:not_a_signal"}))
+    with pytest.raises(PreflightError, match="selection.signals: cannot import module 'nosuch'"):
+        check_plugins(parse_config({"selection.signals": "clues,nosuch:x"}))
+    with pytest.raises(ConfigError, match="'bogus' is not one of .* or module:attr"):
+        parse_config({"selection.signals": "bogus"})

@@ -28,6 +28,7 @@ from clues_fl.config import (
     check_quantization_available,
     mc_source,
     parse_config,
+    split_list,
 )
 from clues_fl.federation.run_dir import saved_state_problem
 from clues_fl.data.sources import (
@@ -241,6 +242,12 @@ def check_plugins(cfg: RunConfig) -> None:
         if plugins.is_reference(value):
             accepts = callable if base is None else (lambda obj, b=base: isinstance(obj, type) and issubclass(obj, _base(b)))
             _keyed(key, lambda: plugins.load(value, key, accepts=accepts, expected=expected))
+    if cfg["selection.method"] == "clues+":
+        from clues_fl.scoring.signals import direction_and_reason
+
+        for name in split_list(cfg["selection.signals"]):
+            if plugins.is_reference(name):
+                _keyed("selection.signals", lambda name=name: direction_and_reason(name))
     if str(cfg["fed.strategy"]).lower() != "fedavg" or cfg["fed.strategy-args"]:
         from clues_fl.aggregation import fed_strategy
 

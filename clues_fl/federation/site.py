@@ -230,7 +230,7 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
     with its text, its score and which signal put it below the threshold
     (clues_fl.scoring.signals.reasons; `signal_z`: the per-signal standardised values,
     one row per name, for every sample of the site)."""
-    from clues_fl.scoring.signals import SIGNALS, reasons
+    from clues_fl.scoring.signals import direction_and_reason, reasons
 
     names = list(signal_names or [])
     z = None if signal_z is None else np.asarray(signal_z, dtype=float).reshape(len(names), len(samples))
@@ -242,7 +242,7 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
                    "score": float(scores[i]), "threshold": threshold}
             if z is not None:
-                row["reason"] = SIGNALS[worst[i]][1]
+                row["reason"] = direction_and_reason(worst[i])[1]
                 row["worst-signal"] = worst[i]
                 row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
             else:

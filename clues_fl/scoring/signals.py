@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -71,6 +71,46 @@ SIGNALS: dict[str, tuple[int, str]] = {
     "overlap": (+1, "answer unrelated to question"),
     "qa-sim": (+1, "answer unrelated to question"),
 }
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Your own signal for `clues+` (`selection.signals = "clues,dup,mypkg.signals:name"`):
+    `compute(samples)` gives one value per sample (a site's pool, or the anchors on the
+    server; each has `.question` and `.answer`), `direction` +1 when higher is better and
+    -1 when lower is, `reason` the words a dropped sample's report gives when this signal
+    put it low. It runs where the data is: at each site, which must have your package. The
+    `signal` decorator makes one from a function."""
+
+    direction: int
+    reason: str
+    compute: Callable[[Sequence], Sequence[float]]
+
+    def __post_init__(self) -> None:
+        if self.direction not in (1, -1):
+            raise ValueError(f"a signal's direction is +1 (higher is better) or -1, got {self.direction!r}")
+
+
+def signal(*, direction: int, reason: str) -> Callable[[Callable], Signal]:
+    """Decorator: `@signal(direction=-1, reason="too long")` over `def f(samples)`."""
+    return lambda compute: Signal(direction, reason, compute)
+
+
+def _user_signal(name: str) -> Signal:
+    from clues_fl import plugins
+
+    return plugins.load(name, "selection.signals", accepts=lambda obj: isinstance(obj, Signal),
+                        expected="a clues_fl.scoring.signals.Signal (the @signal decorator)")
+
+
+def direction_and_reason(name: str) -> tuple[int, str]:
+    """A signal's direction and reason words: a built-in's (SIGNALS) or yours (module:attr)."""
+    if name in SIGNALS:
+        return SIGNALS[name]
+    user = _user_signal(name)
+    return user.direction, user.reason
+
+
 MAD_SCALE = 1.4826  # MAD -> sd for a normal distribution
 # Smallest spread per signal, in the signal's own units: anchors are (nearly) never
 # near-duplicates of each other, so their dup spread is ~0 and any shared phrase would
@@ -401,6 +441,12 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
         out["overlap"] = question_overlap(samples)
     if "qa-sim" in names:
         out["qa-sim"] = question_answer_similarity(samples, cfg["selection.embedding-model"], device_of(bench.model))
+    for name in names:
+        if name not in SIGNALS:  # yours: module:attr
+            values = np.asarray(_user_signal(name).compute(samples), dtype=float).reshape(-1)
+            if values.size != len(samples):
+                raise ValueError(f"selection.signals: '{name}' gave {values.size} values for {len(samples)} samples")
+            out[name] = values
     return {n: out[n] for n in names}
 
 
@@ -465,7 +511,7 @@ def standardised(signals: dict[str, np.ndarray], cal: Calibration) -> np.ndarray
     typical (0)."""
     rows = []
     for name, centre, spread in zip(cal.names, cal.centre, cal.spread):
-        direction = SIGNALS[name][0]
+        direction = direction_and_reason(name)[0]
         z = direction * (np.asarray(signals[name], dtype=float) - centre) / spread
         rows.append(np.clip(np.nan_to_num(z, nan=0.0), Z_FLOOR, -Z_FLOOR))
     return np.vstack(rows)
