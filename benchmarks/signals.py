@@ -288,7 +288,7 @@ def main() -> None:
     table(load(args.out))
     reason_table(load(args.out))
     if args.grid:
-        print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (README table):")
+        print(f"\nThreshold rules, mean F1 over {args.draws} pools of 100 per cell (docs/selection.md):")
         print(combined_grid(load(args.out), args.draws))
     if args.anchor_counts:
         counts = [int(x) for x in args.anchor_counts.split(",")]

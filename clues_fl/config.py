@@ -6,7 +6,7 @@ is a frozen dataclass (`TrainSection`, `LoraSection`, ...) whose fields carry th
 default, the allowed values and a help text; `__post_init__` coerces and validates
 (peft's config-dataclass style). A field `batch_size` of the section with prefix
 `train` is the key "train.batch-size". These dataclasses are the one source of truth:
-`DEFAULTS`, `CHOICES`, the checks and the README's key table
+`DEFAULTS`, `CHOICES`, the checks and the key table in docs/run-config.md
 (`python -m clues_fl.config --markdown`) all come from them.
 
 `parse_config` parses the flat dict once into a `RunConfig`, which keeps the flat
@@ -208,7 +208,7 @@ class ModelSection(Section):
                        "Face id in your local cache")
     quantization: str = option("none", "`4bit` (QLoRA: nf4, double quantisation, bf16 compute) / `8bit` through "
                                "bitsandbytes (`pip install 'clues-fl[quant]'`); see "
-                               "[GPUs and quantised models](#gpus-and-quantised-models)",
+                               "[gpu.md](gpu.md#4-bit-and-8-bit-base-models-qlora)",
                                choices=("none", "4bit", "8bit"))
     device: str = option("auto", "`auto`: CUDA where available, else the CPU",
                          allowed="`auto`, `cpu`, `cuda`, `cuda:N`")
@@ -345,7 +345,7 @@ class ScoringSection(Section):
     PREFIX = "scoring"
 
     similarity: str = option("cosine", "`cosine`, or `dot` (the paper's raw inner product); see "
-                             "[How it works](#how-it-works)", choices=("dot", "cosine"))
+                             "[selection.md](selection.md#scores)", choices=("dot", "cosine"))
     preconditioner: str = option("sgd", "`sgd`, or `adam` (LESS's Adam direction from the checkpoint's moments)",
                                  choices=("sgd", "adam"))
     batch_size: int = option(8, "scoring batch", bound=">= 1")
@@ -394,9 +394,9 @@ class SelectionSection(Section):
 
     PREFIX = "selection"
 
-    method: str = option("clues+", "see \"Selection methods\" in [How it works](#how-it-works); `module:Class`: "
+    method: str = option("clues+", "see [selection.md](selection.md#selection-methods); `module:Class`: "
                          "your scorer", allowed=", ".join(f"`{m}`" for m in (*SELECTION_METHODS, "module:Class")))
-    threshold: str = option("anchor-f1", "threshold rule; see \"Thresholds\" in [How it works](#how-it-works); "
+    threshold: str = option("anchor-f1", "threshold rule; see [selection.md](selection.md#thresholds); "
                             "`module:Class`: your rule", allowed=", ".join(f"`{r}`" for r in (*names.THRESHOLD_RULES,
                                                                                                "module:Class")))
     quantile: float = option(0.1, "`anchor-quantile`: keep what scores above this quantile of the clean anchors",
@@ -408,8 +408,8 @@ class SelectionSection(Section):
                            "that many, the run stops before aggregation (exit 1) and saves no adapter",
                            bound=">= 1")
     signals: str = option(",".join(DEFAULT_SIGNALS), "`clues+`: the signals in the score, comma-separated; see "
-                          "\"Selection signals\" in [How it works](#how-it-works); `module:attr`: your signal "
-                          "(a clues_fl.scoring.signals.Signal)",
+                          "[selection.md](selection.md#selection-signals-and-the-calibrated-score); `module:attr`: "
+                          "your signal (a clues_fl.scoring.signals.Signal; [selection.md](selection.md#your-own-signal))",
                           allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES) + ", `module:attr`")
     embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` signal: the bundled "
                                   "`all-MiniLM-L6-v2` or a local model folder")
@@ -505,7 +505,7 @@ class FedSection(Section):
     PREFIX = "fed"
 
     strategy: str = option("fedavg", "the rounds' aggregation: a `flwr.serverapp.strategy` name "
-                           "(case-insensitive) or `module:Class`; see \"Aggregation\" in [How it works](#how-it-works)",
+                           "(case-insensitive) or `module:Class`; see [selection.md](selection.md#aggregation)",
                            allowed="a Flower strategy name, `module:Class`")
     strategy_args: str = option("", "its keyword arguments, `\"name=value, name=value\"` "
                                 "(e.g. `proximal_mu=0.01`)")
@@ -670,11 +670,13 @@ def check_quantization_available(cfg_or_quantization) -> None:
                           f"in {sys.prefix}: {QUANT_INSTALL}")
 
 
-# --------------------------------------------------------------------------- the README's key table
+# --------------------------------------------------------------------------- the key table (docs/run-config.md)
+
+KEY_TABLE_DOC = "docs/run-config.md"
 
 
 def _literal(value: Any) -> str:
-    """A default as the README shows it (TOML spelling)."""
+    """A default as the key table shows it (TOML spelling)."""
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, str):
@@ -693,7 +695,7 @@ def _allowed(f) -> str:
 
 
 def markdown_table() -> str:
-    """The README's run-config key table: one row per key, from the sections' fields."""
+    """The run-config key table: one row per key, from the sections' fields."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for cls in sections().values():
         for f in fields(cls):
@@ -702,14 +704,14 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-README_BEGIN = "<!-- run-config keys: generated by"
-README_END = "<!-- end of run-config keys -->"
+TABLE_BEGIN = "<!-- run-config keys: generated by"
+TABLE_END = "<!-- end of run-config keys -->"
 
 
-def readme_with_table(text: str) -> str:
-    """`text` (the README) with the table between its two markers replaced by `markdown_table()`."""
-    start = text.index("\n", text.index(README_BEGIN)) + 1
-    return text[:start] + markdown_table() + text[text.index(README_END):]
+def doc_with_table(text: str) -> str:
+    """`text` (docs/run-config.md) with the table between its two markers replaced by `markdown_table()`."""
+    start = text.index("\n", text.index(TABLE_BEGIN)) + 1
+    return text[:start] + markdown_table() + text[text.index(TABLE_END):]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,15 +719,15 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     parser = argparse.ArgumentParser(prog="python -m clues_fl.config", description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", action="store_true", help="print the README's run-config key table")
-    parser.add_argument("--update-readme", metavar="README", type=Path,
-                        help="replace the table between the README's markers (README_BEGIN, README_END)")
+    parser.add_argument("--markdown", action="store_true", help="print the run-config key table")
+    parser.add_argument("--update-docs", metavar="FILE", type=Path,
+                        help=f"replace the table between FILE's markers ({KEY_TABLE_DOC}: TABLE_BEGIN, TABLE_END)")
     args = parser.parse_args(argv)
-    if args.update_readme:
-        args.update_readme.write_text(readme_with_table(args.update_readme.read_text()))
+    if args.update_docs:
+        args.update_docs.write_text(doc_with_table(args.update_docs.read_text()))
     if args.markdown:
         sys.stdout.write(markdown_table())
-    if not (args.markdown or args.update_readme):
+    if not (args.markdown or args.update_docs):
         parser.print_help()
     return 0
 

@@ -20,8 +20,8 @@ from clues_fl.config import (
     RunSection,
     TrainSection,
     check_quantization_available,
+    doc_with_table,
     markdown_table,
-    readme_with_table,
     parse_config,
     sections,
 )
@@ -72,11 +72,11 @@ def test_lists_are_comma_separated_strings():
         parse_ratios(parse_config({"pollution.ratios": "0.8,x"})["pollution.ratios"])
 
 
-def test_readme_key_table_is_generated_from_the_config_sections():
-    """The README's table is `python -m clues_fl.config --markdown`: when a key, default,
-    choice or help text changes, run `python -m clues_fl.config --update-readme README.md`."""
-    text = (REPO / "README.md").read_text()
-    assert readme_with_table(text) == text
+def test_docs_key_table_is_generated_from_the_config_sections():
+    """docs/run-config.md's table is `python -m clues_fl.config --markdown`: when a key, default,
+    choice or help text changes, run `python -m clues_fl.config --update-docs docs/run-config.md`."""
+    text = (REPO / "docs" / "run-config.md").read_text()
+    assert doc_with_table(text) == text
 
 
 def test_every_key_has_one_table_row_with_help():

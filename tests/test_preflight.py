@@ -370,7 +370,7 @@ def test_a_run_name_in_use_by_a_running_launch_is_refused(monkeypatch, capsys, t
     assert not (folder / LOCK).exists()
 
 
-# -- every data form the README names: through the start-up check and the launcher ---------
+# -- every data form docs/data.md names: through the start-up check and the launcher ---------
 def _saved_sites(tmp_path: Path) -> dict[str, Path]:
     import datasets
 

@@ -365,7 +365,7 @@ def test_summary_says_when_few_anchors_make_the_share_rough():
         share = {"estimate": 0.5, "low": 0.3, "high": 0.7, "level": 0.9, "anchors": anchors}
         return "\n".join(unlabelled_lines({"kept": 5, "n": 10, "kept-share": 0.5, "estimated-clean-share": share}))
 
-    assert "rests on 16 anchors" in lines(16) and "README" in lines(16)
+    assert "rests on 16 anchors" in lines(16) and "docs/data.md" in lines(16)
     assert "rests on" not in lines(FEW_ANCHORS) and "rests on" not in lines(64)
 
 

@@ -226,7 +226,7 @@ def anchor_units(state: ProtocolState, site: SiteRecord, anchor_threshold: bool)
 
 
 # Below this many anchors the summary says the clean-share estimate is rough: 16 anchors
-# misjudged it by 0.09-0.17 rms on the README's pools ("More anchors"), 48-64 by 0.01-0.12.
+# misjudged it by 0.09-0.17 rms on the pools of docs/selection.md ("More anchors"), 48-64 by 0.01-0.12.
 FEW_ANCHORS = 32
 
 
@@ -240,7 +240,7 @@ def unlabelled_lines(sel: dict) -> list[str]:
                      f"({share['level']:.0%} interval {share['low']:.2f}-{share['high']:.2f})")
         if share.get("anchors", FEW_ANCHORS) < FEW_ANCHORS:
             lines.append(f"    rests on {share['anchors']} anchors, which misjudge the clean share (and so the "
-                         f"threshold) by about 0.1; {FEW_ANCHORS}-64 anchors narrow it (README: How many anchors)")
+                         f"threshold) by about 0.1; {FEW_ANCHORS}-64 anchors narrow it (docs/data.md: Anchors)")
     dist = sel.get("score-distribution", {})
     for who in ("sites", "anchors"):
         if dist.get(who):

@@ -31,7 +31,7 @@ from clues_fl.names import THRESHOLD_RULES
 # Anchor quantiles at which the clean share is read off (clean_share_estimate): at each,
 # the pooled share scoring at least that high over the anchors' share doing so bounds the
 # clean share from above; the smallest of these ratios is the estimate. On the threshold
-# grid of the seed-0 signal pool (README "Threshold rules on a grid of pools": 25 cells x 20
+# grid of the seed-0 signal pool (docs/selection.md "Threshold rules on a grid of pools": 25 cells x 20
 # pools, clues+) the middle quantiles 0.3-0.7 had a mean error of +0.02 (rmse 0.12); a single
 # cut at 0.5 +0.10, at 0.7 +0.22 (anchors are few, and polluted samples that look clean
 # push the higher cuts up).
@@ -482,7 +482,7 @@ def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.
     estimate (the minimum of the ratios, which leans low), the high end the upper percentile
     of the mean of the ratios (which leans high). Needs no quality labels.
 
-    Measured (README "Threshold rules on a grid of pools"): the 90% interval covered the
+    Measured (docs/selection.md "Threshold rules on a grid of pools"): the 90% interval covered the
     true share in 500, 493, 459 and 331 of 500, 500, 500 and 420 resampled pools of the
     clues+ grids of four pools (width about 0.4: 16 anchors say little more) and in 43 of
     50 simulated pools. It misses where the anchors happen to score above the pool's clean
