@@ -102,7 +102,11 @@ class MeteredGrid(Grid):
     def count_sent(self, messages: list[Message]) -> None:
         entry = self.ledger().phase(self.phase)
         entry.messages += len(messages)
-        entry.bytes_sent += sum(wire_bytes(m.content) for m in messages)
+        sizes: dict[int, int] = {}  # a strategy sends one content to every site: serialised once here
+        for m in messages:
+            if id(m.content) not in sizes:
+                sizes[id(m.content)] = wire_bytes(m.content)
+            entry.bytes_sent += sizes[id(m.content)]
 
     def count_replies(self, replies: Iterable[Message]) -> list[Message]:
         """Count each reply and hand it on without its SiteCost record."""
