@@ -40,13 +40,25 @@ with console.held_warnings():  # the libraries' import-time deprecations go to s
         TrainRequest,
         ids_digest,
     )
+    from clues_fl.federation.site_cost import site_cost_mod
     from clues_fl.federation.site_errors import report_site_errors
     from clues_fl.federation.site_ids import site_name, wire_ids
     from clues_fl.model.device import peak_memory_mib
     from clues_fl.runtime import score_settings, workbench
     from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
 
-app = ClientApp(mods=[report_site_errors])  # a site's error reaches the server as one line
+
+
+def _cache_bytes(message: Message, context: Context) -> int | None:
+    """The site's prefix cache on disk, for a message that has loaded its data (query.site reads none)."""
+    if message.metadata.message_type == DescribeRequest.message_type:
+        return None
+    cache = _load(context)[4]
+    return cache.disk_bytes if cache is not None else None
+
+
+# a site's error reaches the server as one line; every good reply says what it cost
+app = ClientApp(mods=[report_site_errors, site_cost_mod(_cache_bytes)])
 
 SCORES_KEY = "clues.scores"
 KEPT_KEY = "clues.kept"

@@ -102,16 +102,40 @@ def _layout(content: RecordDict) -> dict:
 
 def assert_typed_views_cover_the_wire(grid) -> None:
     """Every message of the run is one of the protocol's typed messages, and a reply
-    parsed and packed again has the very records and keys it had: nothing travels that
-    messages.py does not name. (A train request is Flower's strategy's own message:
-    its config carries what the strategy adds; the typed view reads it.)"""
+    parsed and packed again has the very records and keys it had (besides the SiteCost
+    record every good reply carries): nothing travels that messages.py does not name.
+    (A train request is Flower's strategy's own message: its config carries what the
+    strategy adds; the typed view reads it.)"""
     for ex in grid.log:
         request = REQUESTS[ex.message_type].from_record(ex.sent.content)
         if ex.message_type != "train":
             assert _layout(request.to_record()) == _layout(ex.sent.content), ex.message_type
         if not ex.reply.has_error():
-            reply = REPLIES[ex.message_type].from_record(ex.reply.content)
-            assert _layout(reply.to_record()) == _layout(ex.reply.content), ex.message_type
+            content = RecordDict({k: v for k, v in ex.reply.content.items() if k != msg.SITE_COST})
+            reply = REPLIES[ex.message_type].from_record(content)
+            assert _layout(reply.to_record()) == _layout(content), ex.message_type
+            cost = msg.SiteCost.from_record(ex.reply.content[msg.SITE_COST])
+            assert _layout(RecordDict({msg.SITE_COST: cost.to_record()})) == {
+                msg.SITE_COST: set(ex.reply.content[msg.SITE_COST].keys())}
+
+
+PHASE_OF_TYPE = {"query.score": "score", "query.select": "select", "query.site": "connect", "query.identify": "connect"}
+
+
+def assert_cost_counts_what_was_sent(grid, cost: dict) -> None:
+    """metrics.json's cost per phase: the messages the grid carried and the sum of
+    wire_bytes of their contents each way (the phase read off each message)."""
+    expected: dict[str, list[int]] = {}
+    for ex in grid.log:
+        phase = PHASE_OF_TYPE.get(ex.message_type) or str(ex.sent.content["config"]["phase"])
+        counts = expected.setdefault(phase, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += msg.wire_bytes(ex.sent.content)
+        counts[2] += 0 if ex.reply.has_error() else msg.wire_bytes(ex.reply.content)
+    counted = {p: [c["messages"], c["bytes-sent"], c["bytes-received"]] for p, c in cost["phases"].items()
+               if c["messages"]}
+    assert counted == expected
+    assert cost["total"]["bytes-sent"] == sum(c[1] for c in expected.values())
 
 
 @pytest.mark.parametrize("mode,retrain", [("federated", "rounds"), ("merging", "merge")])
@@ -205,6 +229,23 @@ def test_all_phases_and_what_leaves_a_site(tiny_model_dir, tmp_path, mode, retra
     # counts reported by the sites agree with the kept flags of the manifest
     kept = sum(int(l.split(",")[2]) for l in lines[1:])
     assert kept == written["selection"]["per-client"]["client-0"]["kept"]
+
+    cost = written["cost"]
+    assert_cost_counts_what_was_sent(grid, cost)
+    assert {"connect", "trace", "score", "select", "aggregate"} <= set(cost["phases"])
+    for phase in ("trace", "score", "select", "aggregate"):
+        assert set(cost["phases"][phase]["site-seconds"]) == {"client-0", "client-1"}, phase
+        assert cost["phases"][phase]["server-wall-seconds"] > 0
+    assert cost["phases"]["threshold"]["messages"] == 0 and cost["phases"]["evaluate"]["server-cpu-seconds"] > 0
+    share = cost["selection"]
+    per = written["selection"]["per-client"]
+    assert share["kept"] == sum(m["kept"] for m in per.values()) and share["samples"] == 16
+    trace_score = sum(sum(cost["phases"][p]["site-seconds"].values()) for p in ("trace", "score"))
+    assert share["selection-site-seconds"] == pytest.approx(trace_score, abs=0.01) and share["ratio"] > 0
+    assert set(cost["site-peak-rss-mib"]) == {"client-0", "client-1"}
+    assert all(b > 0 for b in cost["site-prefix-cache-bytes"].values())
+    assert "## Cost" in report and "| trace |" in report and "| aggregate |" in report and "| total |" in report
+    assert f"= {share['ratio']:.2f} x the retraining on the kept samples" in report
 
 
 def assert_adapter_loads_with_transformers_and_peft(adapter, merged=None) -> None:

@@ -167,6 +167,14 @@ def test_an_interrupted_run_resumes_where_it_stopped(
         assert set(finished.state.sites) == set(nodes)
     assert (out / "metrics.json").exists()
     assert_same_results(out, ref_out)
+    # the cost of what ran before the interruption is kept (saved with the state), the
+    # sites named as before under their new node ids
+    cost, ref_cost = metrics["cost"], json.loads((ref_out / "metrics.json").read_text())["cost"]
+    for phase in ("trace", "score", "select", "aggregate"):
+        assert set(cost["phases"][phase]["site-seconds"]) == {"client-0", "client-1"}, phase
+        assert cost["phases"][phase]["messages"] >= ref_cost["phases"][phase]["messages"], phase
+        assert cost["phases"][phase]["bytes-sent"] >= ref_cost["phases"][phase]["bytes-sent"], phase
+    assert cost["selection"]["ratio"] > 0
     index = json.loads((out / "state" / "run.json").read_text())
     assert index["completed"][-1] == "report"
 

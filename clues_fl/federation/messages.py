@@ -9,8 +9,8 @@ checkpoints join them with the adapter in one record.
 
 Every exchange is a dataclass below (TrainRequest/TrainReply, LocalTrainRequest/Reply,
 ScoreRequest/Reply, SelectRequest/Reply, IdentifyRequest/Reply, DescribeRequest/
-SiteDescription) with `to_record()` and `from_record()`: the wire's record names and
-keys are written here only; the ClientApp's handlers and the server's phases build and
+SiteDescription) with `to_record()` and `from_record()`, and every good reply carries
+a `SiteCost` record (SITE_COST) besides: the wire's record names and keys are written here only; the ClientApp's handlers and the server's phases build and
 parse messages through them.
 """
 
@@ -140,6 +140,7 @@ SITE, SCORES, HISTOGRAM, SCORER, PRIVACY = "site", "scores", "histogram", "score
 NUM_EXAMPLES = "num-examples"  # the metric Flower's strategies weight by
 GPU_PEAK_KEY = "gpu-peak-mib"  # a site's peak GPU memory in the phase it answers (CUDA only)
 PARTITION_ID = "partition-id"
+SITE_COST = "site-cost"  # the record a site adds to every reply (SiteCost); the server takes it off
 
 
 def _ckpt_key(k: int) -> str:
@@ -505,6 +506,35 @@ class SelectReply:
         clusters = (int(m["clusters-covered"]), int(m["clusters-total"])) if "clusters-total" in m else None
         return cls(int(m.get(NUM_EXAMPLES, 0)), int(m["kept"]), float(m["mean-kept-score"]),
                    bool(int(m.get("labelled", 1))), {k: int(m[k]) for k in CONFUSION if k in m}, clusters)
+
+
+@dataclass
+class SiteCost:
+    """What answering one message cost a site (added to every good reply by the
+    ClientApp's mod, federation/site_cost.py): the handler's wall and CPU seconds, the
+    process's peak resident memory so far, and the size of its prefix cache on disk
+    (None: no cache, or a message that reads no data). Counts and seconds only.
+
+    A ConfigRecord, not a second MetricRecord: Flower's strategies want exactly one
+    MetricRecord in a train reply (the server's MeteredGrid takes this one off anyway)."""
+
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_mib: float
+    cache_bytes: int | None = None
+
+    def to_record(self) -> ConfigRecord:
+        out = {"wall-seconds": float(self.wall_seconds), "cpu-seconds": float(self.cpu_seconds),
+               "peak-rss-mib": float(self.peak_rss_mib)}
+        if self.cache_bytes is not None:
+            out["cache-bytes"] = int(self.cache_bytes)
+        return ConfigRecord(out)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SiteCost:
+        cache = record.get("cache-bytes")
+        return cls(float(record["wall-seconds"]), float(record["cpu-seconds"]), float(record["peak-rss-mib"]),
+                   int(cache) if cache is not None else None)
 
 
 @dataclass

@@ -242,6 +242,11 @@ class PrefixCache:
         return time.perf_counter() - start
 
     @property
+    def disk_bytes(self) -> int:
+        """Size of the cached rows in the file (its header aside)."""
+        return int(self.array.nbytes)
+
+    @property
     def nbytes(self) -> int:
         """Size of the whole cache on the device, in the model's dtype."""
         return int(self.array.shape[0]) * int(self.array.shape[1]) * torch.finfo(self.dtype).bits // 8

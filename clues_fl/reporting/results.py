@@ -2,7 +2,8 @@
 
 outputs/<run-name>/
   metrics.json      selection P/R/F1/accuracy (overall and per client), thresholds,
-                    validation losses (base, all raw data, selection), timings
+                    validation losses (base, all raw data, selection), timings, cost
+                    (bytes each way, messages, site and server seconds per phase)
   thresholds.json   the rule, the threshold and the anchor scores it came from
   manifest/<client>.csv   id-hash, score, kept (the keyed hashes the sites sent, site_ids.py;
                     each site keeps the map back to its ids in its own ids.csv)
@@ -39,6 +40,7 @@ from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import keep, standardise
 from clues_fl.model.training import mean_loss
+from clues_fl.server.cost import cost_section, selection_line
 from clues_fl.server.state import ProtocolState, SiteRecord
 from clues_fl.server.summary import selection_summary
 
@@ -89,7 +91,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     cfg, state, bench, data = run.cfg, run.state, run.bench, run.data
     final = state.final
     out = output_dir(cfg)
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     console.status("evaluate: started (validation loss on %d samples, %d test answers, %d multiple-choice items)",
                    len(data.val) if cfg.eval.validation else 0, min(cfg.eval.max_samples, len(data.test)),
                    eval_section(cfg, run).mc_items)
@@ -125,6 +127,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     for line in warnings:
         log.warning("%s", line)
     run.record_time("evaluate", t)
+    state.cost.add_server("evaluate", time.time() - t, time.process_time() - cpu)
     console.status("evaluate: done in %s (%s)", console.seconds(time.time() - t),
                    ", ".join(f"validation loss {k} {v:.4f}" for k, v in losses.items()) or "no validation set")
 
@@ -164,6 +167,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
         "timings-seconds": {**state.timings, "total": round(time.time() - run.started, 2)},
         # peak GPU memory (MiB) per phase, of the server process and the largest site; null on the CPU
         "gpu-peak-mib": state.gpu_peaks or None,
+        "cost": run_cost(run),
         **({"resumed-from": run.resumed_from} if run.resumed_from else {}),
         "config": cfg.values,
     }
@@ -176,6 +180,14 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
         log.warning("report.md could not be written: %s: %s", type(err).__name__, err)
     print(summary_text(metrics, out))
     return metrics
+
+
+def run_cost(run: ProtocolRun) -> dict:
+    """metrics.json "cost" (server/cost.py), the sites named as the report names them."""
+    selected = [s for s in run.state.sites.values() if s.selected]
+    phases = [*(["trace"] if run.strategy.scorer.needs_trace else []), "score", "aggregate"]
+    return cost_section(run.state.cost, lambda node: run.sites.describe(node)["site"],
+                        sum(s.kept for s in selected), sum(s.num_examples for s in selected), phases)
 
 
 def site_data_files(run: ProtocolRun) -> dict[str, str]:
@@ -212,6 +224,8 @@ def summary_text(metrics: dict, out: Path) -> str:
         where = m["phase"] if m.get("round") is None or "round" in str(m["phase"]) else f"{m['phase']} round {m['round']}"
         lines.append(f"  missing: {m.get('site', 'node-' + str(m['node']))} in {where}: {m['reason'][:200]}")
     lines.append(f"  time: {metrics['timings-seconds']}")
+    if metrics.get("cost"):
+        lines.append(f"  {selection_line(metrics['cost']['selection'])}")
     lines.append(f"  outputs: {out} (report: {out / 'report.md'})")
     return "\n".join(lines)
 

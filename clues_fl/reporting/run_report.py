@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clues_fl.selection.rules import keep, standardise
+from clues_fl.server.cost import selection_line
 from clues_fl.server.scores import site_scores
 
 if TYPE_CHECKING:
@@ -242,6 +243,8 @@ def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
             lines.append(f"| {m.get('site', m.get('node'))} | {m.get('partition-id', '')} | {m['phase']} | "
                          f"{m.get('round') if m.get('round') is not None else ''} | {reason} |")
         lines.append("")
+    if metrics.get("cost"):
+        lines += cost_lines(metrics["cost"])
     timings = metrics.get("timings-seconds", {})
     if timings:
         lines += ["## Time", "", " | ".join(f"{k} {v:.1f} s" for k, v in timings.items()), ""]
@@ -250,6 +253,46 @@ def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _seconds(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def cost_lines(cost: dict) -> list[str]:
+    """The report's "Cost" section: per phase its messages, bytes each way and seconds."""
+    lines = ["## Cost", "",
+             "| phase | messages | server -> sites | sites -> server | site-seconds | site CPU seconds | "
+             "server seconds | server CPU seconds |", "|---|---|---|---|---|---|---|---|"]
+    for name, p in cost["phases"].items():
+        site_wall, site_cpu = p["site-seconds"], p["site-cpu-seconds"]
+        lines.append(f"| {name} | {p['messages']} | {_bytes(p['bytes-sent'])} | {_bytes(p['bytes-received'])} | "
+                     f"{_seconds(sum(site_wall.values())) if site_wall else ''} | "
+                     f"{_seconds(sum(site_cpu.values())) if site_cpu else ''} | "
+                     f"{_seconds(p['server-wall-seconds'])} | {_seconds(p['server-cpu-seconds'])} |")
+    total = cost["total"]
+    lines += [f"| total | {total['messages']} | {_bytes(total['bytes-sent'])} | {_bytes(total['bytes-received'])} "
+              "| | | | |", "",
+              "Bytes: each message's content as Flower serialises it (its envelope, about 0.2 kB, aside). "
+              "Site-seconds: the sites' message handlers' wall seconds, summed over sites (a site's first message "
+              "also loads its data and builds its prefix cache); a message that failed is not counted. Server "
+              "seconds: the server process around each phase (where the sites run in the server's process, its "
+              "CPU seconds include theirs).", "",
+              selection_line(cost["selection"]) + ".", ""]
+    peaks, caches = cost.get("site-peak-rss-mib", {}), cost.get("site-prefix-cache-bytes", {})
+    if peaks:
+        lines += ["Peak resident memory of each site's process: "
+                  + ", ".join(f"{site} {mib:.0f} MiB" for site, mib in peaks.items())
+                  + ("; prefix cache on disk: " + ", ".join(f"{site} {_bytes(b)}" for site, b in caches.items())
+                     if caches else "") + ".", ""]
+    return lines
 
 
 # -- the saved adapter ---------------------------------------------------------------

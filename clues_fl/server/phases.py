@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +53,7 @@ from clues_fl.federation.messages import (
 from clues_fl.model.device import peak_memory_mib
 from clues_fl.reporting.results import evaluate_and_report
 from clues_fl.selection.rules import ThresholdSettings, retraining_sites, threshold_rule
+from clues_fl.server.cost import MeteredGrid
 from clues_fl.server.data import ServerData
 from clues_fl.server.rounds import run_rounds
 from clues_fl.server.scores import anchor_and_pooled, holds_exact_scores, pooled_scores, privacy_settings
@@ -117,10 +119,33 @@ class ProtocolRun:
     evaluations: dict = field(default_factory=dict)  # aggregate round -> what evaluate_fn returned
     initial_state: dict | None = None  # the adapter the round phases start from (default: the bench's)
     metrics: dict | None = None
+    clock: tuple | None = None  # (phase, wall, cpu) since the server's seconds were last added to its cost
 
     def __post_init__(self) -> None:
         if self.initial_state is None:
             self.initial_state = self.bench.initial_state
+        if not isinstance(self.grid, MeteredGrid):  # every message of the run is counted (server/cost.py)
+            self.grid = MeteredGrid(self.grid, lambda: self.state.cost)
+
+    @contextmanager
+    def metered(self, phase: str) -> Iterator[None]:
+        """A block whose messages and server seconds count towards `phase`'s cost."""
+        self.grid.phase = phase
+        self.clock = (phase, time.time(), time.process_time())
+        try:
+            yield
+        finally:
+            self.add_server_seconds()
+            self.clock = None
+
+    def add_server_seconds(self) -> None:
+        """The server's seconds since the last call into the running phase's cost (also
+        before each round's state is saved, so a resumed run keeps them)."""
+        if self.clock is not None:
+            phase, wall, cpu = self.clock
+            now_wall, now_cpu = time.time(), time.process_time()
+            self.state.cost.add_server(phase, now_wall - wall, now_cpu - cpu)
+            self.clock = (phase, now_wall, now_cpu)
 
     @property
     def federated(self) -> bool:
@@ -487,7 +512,11 @@ def run_phase(run: ProtocolRun, p: Phase) -> None:
     start = run.journal.begin(p.name) if p.saved else time.time()
     if p.status:
         console.status("%s: started (%s)", p.name, p.plan(run))
-    p.run(run)
+    if p.timed:  # the report's own seconds are its 'evaluate' line's
+        with run.metered(p.name):
+            p.run(run)
+    else:
+        p.run(run)
     if p.timed:
         run.record_time(p.name, start)
     if p.saved:

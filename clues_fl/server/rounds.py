@@ -74,6 +74,7 @@ def run_rounds(run: ProtocolRun, phase: str, rounds: int, *, only: set[int] | No
             keep(true_round, current)
         if resumable:
             state.rounds[phase] = PhaseRounds(true_round, current, aggregated or bool(strategy.aggregated))
+            run.add_server_seconds()  # saved with the round
             if run.on_round is not None:
                 run.on_round(phase, true_round)
         if run.evaluate_fn is None:

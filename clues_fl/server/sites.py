@@ -157,4 +157,5 @@ class SiteRegistry:
             site.node_id = matches[0]
             moved[matches[0]] = site
         self.state.sites = moved
+        self.state.cost.renumber({old: site.node_id for old, site in sites.items()})
         return nodes

@@ -3,8 +3,8 @@
 `ProtocolState` is everything a resumed run needs (federation/resume.py saves it after
 every phase and round through federation/state.py `dump`/`load`): which sites failed
 where, timings, round losses, the anchor side, the threshold, the shared checkpoints,
-one `SiteRecord` per site, the rounds each round phase has done and the aggregate
-phase's adapter. A field is saved unless it is `transient()`.
+one `SiteRecord` per site, the rounds each round phase has done, the aggregate
+phase's adapter and what the run has cost so far. A field is saved unless it is `transient()`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 from clues_fl.aggregation.merging import FinalAdapter
 from clues_fl.federation.state import state_class, transient
 from clues_fl.model.training import AdamMoments, Checkpoint
+from clues_fl.server.cost import CostLedger
 
 state_class(Checkpoint)
 state_class(AdamMoments)
@@ -87,6 +88,7 @@ class ProtocolState:
     sites: dict[int, SiteRecord] = field(default_factory=dict)
     rounds: dict[str, PhaseRounds] = field(default_factory=dict)  # ROUND_PHASES: where they continue
     final: FinalAdapter | None = None  # the aggregate phase's output: what the report evaluates
+    cost: CostLedger = field(default_factory=CostLedger)  # bytes and seconds per phase (server/cost.py)
     all_data_state: Tensors | None = transient(default=None)  # the equal-budget all-data reference
 
     def reported(self) -> list[SiteRecord]:

@@ -41,6 +41,7 @@ from clues_fl.data.scenario import server_sets
 from clues_fl.runtime import score_settings, workbench
 from clues_fl.scoring.scorers import Scorer, make_scorer, method_name
 from clues_fl.selection.rules import ThresholdRule, rule_name, threshold_rule
+from clues_fl.server.cost import CONNECT
 from clues_fl.server.data import ServerData
 from clues_fl.federation.run_dir import run_lock
 from clues_fl.server.phases import Journal, MemoryJournal, ProtocolRun, run_phases, saved_phases
@@ -131,8 +132,9 @@ class CluesStrategy(Strategy):
                                initial_state=initial_arrays.to_torch_state_dict() if initial_arrays is not None else None)
             journal.restore(run, saved_phases(run))
             if talks_to_sites:
-                run.nodes = run.sites.rebind(grid, sorted(set(nodes) | set(grid.get_node_ids())))
-                run.sites.name_sites(grid, run.nodes)
+                with run.metered(CONNECT):
+                    run.nodes = run.sites.rebind(run.grid, sorted(set(nodes) | set(grid.get_node_ids())))
+                    run.sites.name_sites(run.grid, run.nodes)
             run_phases(run)
         self.last_run = run
         return self.result(run)
