@@ -19,13 +19,12 @@ from clues_fl.config import (
     RunConfig,
     RunSection,
     TrainSection,
-    check_quantization_available,
-    doc_with_table,
-    markdown_table,
     parse_config,
     sections,
 )
-from clues_fl.config import main as config_main
+from clues_fl.keytable import doc_with_table, markdown_table
+from clues_fl.keytable import main as keytable_main
+from clues_fl.model.quantization import check_quantization_available
 from clues_fl.data.pollution import parse_ratios
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,8 +72,8 @@ def test_lists_are_comma_separated_strings():
 
 
 def test_docs_key_table_is_generated_from_the_config_sections():
-    """docs/run-config.md's table is `python -m clues_fl.config --markdown`: when a key, default,
-    choice or help text changes, run `python -m clues_fl.config --update-docs docs/run-config.md`."""
+    """docs/run-config.md's table is `python -m clues_fl.keytable --markdown`: when a key, default,
+    choice or help text changes, run `python -m clues_fl.keytable --update docs/run-config.md`."""
     text = (REPO / "docs" / "run-config.md").read_text()
     assert doc_with_table(text) == text
 
@@ -111,7 +110,7 @@ def test_a_section_validates_on_its_own():
 
 
 def test_markdown_cli_prints_the_table(capsys):
-    assert config_main(["--markdown"]) == 0
+    assert keytable_main(["--markdown"]) == 0
     assert capsys.readouterr().out == markdown_table()
 
 
@@ -166,7 +165,7 @@ def test_a_run_name_is_a_plain_name(name):
 
 
 def test_a_plain_run_name_stays_inside_output_dir(tmp_path):
-    from clues_fl.config import output_dir
+    from clues_fl.outputs import output_dir
 
     cfg = parse_config({"run-name": "smoke-2.b_c", "output-dir": str(tmp_path)})
     assert output_dir(cfg) == tmp_path / "smoke-2.b_c"

@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clues_fl"
 # Lowest first; a module belongs to the first (longest) prefix that names it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("names", "plugins", "console")),
-    ("config", ("config",)),
-    ("core", ("data", "model", "scoring", "selection", "aggregation", "reporting.evaluation", "runtime", "export")),
+    ("config", ("config", "keytable")),
+    ("core", ("data", "model", "scoring", "selection", "aggregation", "reporting.evaluation", "runtime", "export",
+              "outputs")),
     ("federation", ("federation",)),
     ("rounds", ("strategies.site_rounds",)),
     ("server", ("server", "reporting")),

@@ -25,12 +25,12 @@ from clues_fl.config import (
     BUNDLED_MC_SOURCE,
     ConfigError,
     RunConfig,
-    check_quantization_available,
     mc_source,
     parse_config,
     split_list,
 )
 from clues_fl.federation.run_dir import saved_state_problem
+from clues_fl.model.quantization import check_quantization_available
 from clues_fl.data.sources import (
     FILE_FORMATS,
     DataError,

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from clues_fl.config import RunConfig, output_dir
+from clues_fl.config import RunConfig
+from clues_fl.outputs import output_dir
 from clues_fl.federation.state import array_names, dump, load
 from clues_fl.federation.run_dir import (  # noqa: F401 (fingerprint, config_differences: re-exported)
     IGNORED_KEYS,

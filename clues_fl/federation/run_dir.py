@@ -23,7 +23,8 @@ import socket
 import time
 from pathlib import Path
 
-from clues_fl.config import DEFAULTS, RunConfig, check_run_name, output_dir
+from clues_fl.config import DEFAULTS, RunConfig, check_run_name
+from clues_fl.outputs import output_dir
 
 LOCK = ".lock"
 STATE_VERSION = 4  # resume.py VERSION: 4 ProtocolState through dump/load, the aggregate phase so named
@@ -61,7 +62,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def run_folder(cfg: RunConfig) -> Path:
-    """<output-dir>/<run-name> (config.output_dir), not created."""
+    """<output-dir>/<run-name> (outputs.output_dir), not created."""
     return output_dir(cfg, create=False)
 
 

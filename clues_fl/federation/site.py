@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clues_fl.config import output_dir
+from clues_fl.outputs import output_dir
 from clues_fl.model.loading import lora_state
 from clues_fl.scoring.scorers import ScorePayload, SiteData, site_clusters
 from clues_fl.selection import privacy

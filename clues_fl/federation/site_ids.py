@@ -27,7 +27,8 @@ import os
 import secrets
 from pathlib import Path
 
-from clues_fl.config import RunConfig, output_dir
+from clues_fl.config import RunConfig
+from clues_fl.outputs import output_dir
 
 SALT_FILE = "id-salt"
 MAP_FILE = "ids.csv"

@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from clues_fl.config import QUANT_INSTALL, check_quantization_available  # noqa: F401 (model.check_quantization_available)
+from clues_fl.model.quantization import QUANT_INSTALL, check_quantization_available  # noqa: F401 (re-exported)
 from clues_fl.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from clues_fl import console
-from clues_fl.config import RunConfig, mc_source, output_dir, parse_config
+from clues_fl.config import RunConfig, mc_source, parse_config
+from clues_fl.outputs import output_dir
 from clues_fl.export import base_model_path, save_adapter
 from clues_fl.reporting.evaluation import generation_quality
 from clues_fl.reporting.run_report import (
