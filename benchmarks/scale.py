@@ -262,13 +262,13 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     with meter.step("prefix-cache"):
         cache = bench.cache(encoded, cfg, desc="site prefix cache")
     sizes["prefix-cache"] = _disk(folder / "cache" / "prefix")
-    budget = _budget_bytes(cfg["scoring.cache-budget"], folder / "cache" / "prefix")
+    budget = _budget_bytes(cfg.scoring.cache_budget, folder / "cache" / "prefix")
     rows = list(range(len(encoded)))
 
     # trace: FedAvg over one site is its own adapter and moments
     state, moments, checkpoints = dict(bench.initial_state), None, []
     with meter.step("trace") as row:
-        for rnd in range(1, cfg["trace.rounds"] + 1):
+        for rnd in range(1, cfg.trace.rounds + 1):
             request = msg.TrainRequest(state, "trace", rnd, moments=moments).to_record()
             row["received"] += msg.wire_bytes(request)
             got = msg.TrainRequest.from_record(request)
@@ -279,14 +279,14 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
             row["sent"] += msg.wire_bytes(reply)
             back = msg.TrainReply.from_record(reply)
             state, moments = back.state, back.moments
-            checkpoints.append(Checkpoint(state, cfg["train.lr"], moments))
+            checkpoints.append(Checkpoint(state, cfg.train.lr, moments))
 
     anchors = bench.encode(anchor_samples, cfg)
-    scorer = make_scorer(cfg["selection.method"], score_settings(cfg))
+    scorer = make_scorer(cfg.selection.method, score_settings(cfg))
     with meter.step("server: anchors"):
         anchor_cache = bench.cache(anchors, cfg, desc="anchor prefix cache")
         side = scorer.anchor_side(bench, anchors, checkpoints, cfg, cache=anchor_cache, samples=anchor_samples)
-    request = msg.ScoreRequest(cfg["selection.method"], checkpoints, side.gradients, side.config).to_record()
+    request = msg.ScoreRequest(cfg.selection.method, checkpoints, side.gradients, side.config).to_record()
 
     bench.score = meter.timed("score: gradient alignment", bench.score)
     baselines.answer_losses_of = meter.timed("score: model signals", baselines.answer_losses_of)
@@ -308,10 +308,10 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
 
     with meter.step("server: threshold (4 sites)"):
         pooled = np.concatenate([np.asarray(msg.ScoreReply.from_record(reply).scores) for _ in range(SITES)])
-        decision = threshold_rule(cfg["selection.threshold"]).decide(
-            side.scores, pooled, ThresholdSettings(cfg["selection.quantile"], cfg["selection.static"],
-                                                   cfg["selection.ratio"]))
-        clean_share(side.scores, pooled, seed=cfg["seed"])
+        decision = threshold_rule(cfg.selection.threshold).decide(
+            side.scores, pooled, ThresholdSettings(cfg.selection.quantile, cfg.selection.static,
+                                                   cfg.selection.ratio))
+        clean_share(side.scores, pooled, seed=cfg.run.seed)
 
     with meter.step("select") as row:
         request = msg.SelectRequest(threshold=decision.get("threshold"), ratio=decision.get("ratio")).to_record()
@@ -328,7 +328,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     kept = chosen.rows
 
     with meter.step("retrain") as row:
-        for rnd in range(1, cfg["retrain.rounds"] + 1):
+        for rnd in range(1, cfg.retrain.rounds + 1):
             request = msg.TrainRequest(state, "retrain", rnd).to_record()
             row["received"] += msg.wire_bytes(request)
             got = msg.TrainRequest.from_record(request)

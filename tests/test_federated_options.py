@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from test_flower_inprocess import drive, run_config
 
 from clues_fl.config import ConfigError, parse_config
-from clues_fl.federation.messages import ScoreReply, ScoreRequest
+from clues_fl.federation.messages import SITE_COST, ScoreReply, ScoreRequest
 
 
 def _replies(grid, message_type):
@@ -51,7 +51,9 @@ def test_histogram_mode_reports_only_counts(tiny_model_dir, tmp_path):
     cfg, grid, run, metrics = drive(raw)
     for ex in _replies(grid, "query.score"):
         reply = ScoreReply.from_record(ex.reply.content)
-        assert set(ex.reply.content.keys()) == {"histogram", "metrics"}  # no scores, no ids
+        assert set(ex.reply.content.keys()) == {"histogram", "metrics", SITE_COST}  # no scores, no ids
+        assert set(ex.reply.content[SITE_COST].keys()) <= {"wall-seconds", "cpu-seconds", "peak-rss-mib",
+                                                           "cache-bytes"}  # the cost: seconds and sizes
         assert reply.scores is None and reply.ids == [] and reply.histogram is not None
         counts = np.asarray(reply.histogram)
         assert counts.shape == (16,) and counts.sum() == 8

@@ -47,7 +47,7 @@ def _domain_of(source: str) -> str:
 
 def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[list, list, list, list]:
     """Anchor, validation, test sets (from their files or split off the pool) and the rest."""
-    seed = cfg["seed"]
+    seed = cfg.run.seed
 
     def from_file(key: str) -> list[Sample] | None:
         if not cfg[key]:
@@ -57,9 +57,9 @@ def _anchor_eval(cfg: RunConfig, pool: list[Sample], skipped: list) -> tuple[lis
         return res.samples
 
     anchor, evaluation = from_file("data.anchor-file"), from_file("data.eval-file")
-    need_anchor = 0 if anchor is not None else cfg["data.anchor-size"]
-    need_val = 0 if evaluation is not None else cfg["data.val-size"]
-    need_test = 0 if evaluation is not None else cfg["data.test-size"]
+    need_anchor = 0 if anchor is not None else cfg.data.anchor_size
+    need_val = 0 if evaluation is not None else cfg.data.val_size
+    need_test = 0 if evaluation is not None else cfg.data.test_size
     if need_anchor or need_val or need_test:
         if not pool:
             raise ConfigError(
@@ -88,8 +88,8 @@ class _Pool:
 def _pool(cfg: RunConfig) -> _Pool:
     """The shared pool, or the pools per site when data.pool is given per site (a folder
     or a saved DatasetDict, data.sources.per_site_sources), with their skipped rows."""
-    pool_source = cfg["data.pool"] or cfg["data.source"]
-    per_site = per_site_sources(pool_source) if cfg["data.pool"] else None
+    pool_source = cfg.data.pool or cfg.data.source
+    per_site = per_site_sources(pool_source) if cfg.data.pool else None
     if per_site is not None:
         if not per_site:
             raise ConfigError(f"data.pool: folder '{pool_source}' holds no .json/.jsonl/.ndjson/.csv/.parquet "
@@ -101,7 +101,7 @@ def _pool(cfg: RunConfig) -> _Pool:
     samples: list[Sample] = []
     skipped: list[tuple[str, str]] = []
     # data.source may list several sources (comma-separated): one domain each.
-    for source in [pool_source] if cfg["data.pool"] else cfg.list("data.source"):
+    for source in [pool_source] if cfg.data.pool else cfg.data.list("source"):
         res = _load(cfg.data, source, domain=_domain_of(source))
         skipped += res.skipped
         samples += res.samples
@@ -110,7 +110,7 @@ def _pool(cfg: RunConfig) -> _Pool:
 
 def _server_reads_pool(cfg: RunConfig) -> bool:
     """Whether the server reads the pool: to split the anchor or evaluation set off it."""
-    return not (cfg["data.anchor-file"] and cfg["data.eval-file"])
+    return not (cfg.data.anchor_file and cfg.data.eval_file)
 
 
 def server_sets(cfg: RunConfig) -> tuple[list[Sample], list[Sample], list[Sample], list[tuple[str, str]]]:
@@ -127,7 +127,7 @@ def server_sets(cfg: RunConfig) -> tuple[list[Sample], list[Sample], list[Sample
 
 def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
     """Deterministic split of the configured data into anchor/val/test/clients."""
-    seed = cfg["seed"]
+    seed = cfg.run.seed
     pool = _pool(cfg)
     skipped = list(pool.skipped)
     if pool.sites is not None and len(pool.sites) != num_clients:
@@ -140,9 +140,9 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
         clients = pool.sites
         client_skipped = pool.site_skipped
     else:
-        method = cfg["partition.method"]
-        sizes = parse_sizes(cfg["partition.sizes"]) if method == "sizes" else None
-        per_client = cfg["data.samples-per-client"]
+        method = cfg.partition.method
+        sizes = parse_sizes(cfg.partition.sizes) if method == "sizes" else None
+        per_client = cfg.data.samples_per_client
         if per_client and method in ("iid", "domain"):
             sizes = [per_client] * num_clients
             method = "sizes" if method == "iid" else method
@@ -153,14 +153,14 @@ def build_scenario(cfg: RunConfig, num_clients: int) -> ScenarioData:
         if not _server_reads_pool(cfg) and client_skipped:
             client_skipped[0] = list(pool.skipped)
 
-    ratios = parse_ratios(cfg["pollution.ratios"]) if cfg["pollution.ratios"] else []
+    ratios = parse_ratios(cfg.pollution.ratios) if cfg.pollution.ratios else []
     if ratios:
         if len(ratios) != num_clients:
             raise ConfigError(f"pollution.ratios: {len(ratios)} values for {num_clients} clients")
-        kinds = cfg.list("pollution.types")
+        kinds = cfg.pollution.list("types")
         donors: list[Sample] = []
         if "cross-domain" in kinds:
-            for source in cfg.list("pollution.donors"):
+            for source in cfg.pollution.list("donors"):
                 donors += _load(cfg.data, source, domain=_domain_of(source)).samples
         clients = [
             pollute(samples, ratio, kinds, donors=donors, seed=seed + 1000 * (i + 1))

@@ -71,7 +71,7 @@ class Lab:
         if not self.fresh and (done := self.finished(name, cfg)) is not None:
             print(f"suite: {name} already finished with this run-config, reusing {self.out / 'runs' / name}")
             return done
-        n = len(cfg.list("pollution.ratios"))
+        n = len(cfg.pollution.list("ratios"))
         nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
         grid = InMemoryGrid(client_app.app, nodes, raw)
         # The same phases as server_app, without the equal-budget all-data reference; a

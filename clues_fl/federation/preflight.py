@@ -237,18 +237,18 @@ def check_plugins(cfg: RunConfig) -> None:
     when fed.strategy or fed.strategy-args differ from the default)."""
     for key, (expected, base) in PLUGIN_KEYS.items():
         value = cfg[key]
-        if key == "merge.rule" and cfg["retrain.mode"] != "merge":
+        if key == "merge.rule" and cfg.retrain.mode != "merge":
             continue
         if plugins.is_reference(value):
             accepts = callable if base is None else (lambda obj, b=base: isinstance(obj, type) and issubclass(obj, _base(b)))
             _keyed(key, lambda: plugins.load(value, key, accepts=accepts, expected=expected))
-    if cfg["selection.method"] == "clues+":
+    if cfg.selection.method == "clues+":
         from clues_fl.scoring.signals import direction_and_reason
 
-        for name in split_list(cfg["selection.signals"]):
+        for name in split_list(cfg.selection.signals):
             if plugins.is_reference(name):
                 _keyed("selection.signals", lambda name=name: direction_and_reason(name))
-    if str(cfg["fed.strategy"]).lower() != "fedavg" or cfg["fed.strategy-args"]:
+    if str(cfg.fed.strategy).lower() != "fedavg" or cfg.fed.strategy_args:
         from clues_fl.aggregation import fed_strategy
 
         _keyed("fed.strategy", lambda: fed_strategy.resolve(cfg.values))
@@ -264,9 +264,9 @@ def check_source(cfg: RunConfig, key: str, source: str, domain: str = "", split:
         if path.is_dir() and not disk_dataset_kind(path):
             raise PreflightError(f"{key}: '{source}' is a directory, not a data file"
                                  + (" (a folder of per-site files goes in data.pool)" if key != "data.pool" else ""))
-        return len(load_samples(source, question_field=cfg["data.question-field"] or None,
-                                answer_field=cfg["data.answer-field"] or None,
-                                on_error=cfg["data.on-error"], domain=domain, split=split).samples)
+        return len(load_samples(source, question_field=cfg.data.question_field or None,
+                                answer_field=cfg.data.answer_field or None,
+                                on_error=cfg.data.on_error, domain=domain, split=split).samples)
 
     return _keyed(key, load)
 
@@ -287,12 +287,12 @@ def site_entries(folder: Path, key: str) -> list[Path]:
 def pool_sites(cfg: RunConfig) -> list[tuple[str, str]] | None:
     """data.pool given per site, as (source, split) per site: a folder with one entry
     per site, or a saved DatasetDict with one split per site (None: one shared pool)."""
-    if not cfg["data.pool"]:
+    if not cfg.data.pool:
         return None
-    folder = Path(cfg["data.pool"]).expanduser()
+    folder = Path(cfg.data.pool).expanduser()
     if folder.is_dir() and not disk_dataset_kind(folder):
         site_entries(folder, "data.pool")
-    return per_site_sources(cfg["data.pool"])
+    return per_site_sources(cfg.data.pool)
 
 
 def check_server_data(cfg: RunConfig, own_site_data: bool = False) -> None:
@@ -303,13 +303,13 @@ def check_server_data(cfg: RunConfig, own_site_data: bool = False) -> None:
     for key in ("data.anchor-file", "data.eval-file"):
         if cfg[key]:
             check_source(cfg, key, cfg[key])
-    if not (cfg["data.anchor-file"] and cfg["data.eval-file"]):
+    if not (cfg.data.anchor_file and cfg.data.eval_file):
         _check_pool_sources(cfg)
-    key = "data.anchor-file" if cfg["data.anchor-file"] else "data.pool" if cfg["data.pool"] else "data.source"
+    key = "data.anchor-file" if cfg.data.anchor_file else "data.pool" if cfg.data.pool else "data.source"
     _keyed(key, lambda: server_sets(cfg))
     source = mc_source(cfg, own_site_data)
     if source is not None:
-        _keyed("eval.mc-source", lambda: _check_mc(source, cfg["eval.mc-items"]))
+        _keyed("eval.mc-source", lambda: _check_mc(source, cfg.eval.mc_items))
 
 
 def _check_pool_sources(cfg: RunConfig) -> None:
@@ -317,10 +317,10 @@ def _check_pool_sources(cfg: RunConfig) -> None:
     if per_site is not None:
         for source, split in per_site:
             check_source(cfg, "data.pool", source, split=split)
-    elif cfg["data.pool"]:
-        check_source(cfg, "data.pool", cfg["data.pool"])
+    elif cfg.data.pool:
+        check_source(cfg, "data.pool", cfg.data.pool)
     else:
-        for source in cfg.list("data.source"):
+        for source in cfg.data.list("source"):
             check_source(cfg, "data.source", source)
 
 
@@ -336,29 +336,29 @@ def _check_mc(source: str, items: int) -> None:
 
 def check_sites(cfg: RunConfig, sites: int, site_files: list[Path] | None) -> None:
     """Counts that must match the number of sites."""
-    if cfg["fed.min-nodes"] > sites:
+    if cfg.fed.min_nodes > sites:
         raise PreflightError(f"fed.min-nodes={cfg['fed.min-nodes']} but this run has {sites} site(s); "
                              "lower fed.min-nodes or start more sites")
     if site_files is not None:
         if len(site_files) != sites:
             raise PreflightError(f"{len(site_files)} site data files for {sites} sites")
         return  # each site reads its own file: no partition, no pollution
-    if cfg["pollution.ratios"]:
+    if cfg.pollution.ratios:
         from clues_fl.data.pollution import parse_ratios
 
-        ratios = _keyed("pollution.ratios", lambda: parse_ratios(cfg["pollution.ratios"]))
+        ratios = _keyed("pollution.ratios", lambda: parse_ratios(cfg.pollution.ratios))
         if len(ratios) != sites:
             raise PreflightError(f"pollution.ratios: {len(ratios)} values for {sites} sites "
                                  "(one per site; --num-supernodes sets the number of sites)")
-    if cfg["partition.method"] == "sizes":
+    if cfg.partition.method == "sizes":
         from clues_fl.data.splits import parse_sizes
 
-        sizes = _keyed("partition.sizes", lambda: parse_sizes(cfg["partition.sizes"]))
+        sizes = _keyed("partition.sizes", lambda: parse_sizes(cfg.partition.sizes))
         if len(sizes) != sites:
             raise PreflightError(f"partition.sizes: {len(sizes)} sizes for {sites} sites")
     per_site = pool_sites(cfg)
     if per_site is not None and len(per_site) != sites:
-        what = "split(s)" if disk_dataset_kind(Path(cfg["data.pool"]).expanduser()) else "data file(s)"
+        what = "split(s)" if disk_dataset_kind(Path(cfg.data.pool).expanduser()) else "data file(s)"
         raise PreflightError(f"data.pool: folder '{cfg['data.pool']}' has {len(per_site)} {what} for {sites} sites")
 
 
@@ -369,8 +369,8 @@ def check_site_data(cfg: RunConfig, sites: int, site_files: list[Path] | None) -
             check_source(cfg, f"site {i} data-file", str(f))
         return
     _check_pool_sources(cfg)
-    if cfg["pollution.ratios"] and "cross-domain" in cfg.list("pollution.types"):
-        for source in cfg.list("pollution.donors"):
+    if cfg.pollution.ratios and "cross-domain" in cfg.pollution.list("types"):
+        for source in cfg.pollution.list("donors"):
             check_source(cfg, "pollution.donors", source)
     from clues_fl.data.scenario import build_scenario
 
@@ -403,14 +403,14 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
         check_sites(cfg, sites, site_files)
     check_plugins(cfg)
     _keyed("model.quantization", lambda: check_quantization_available(cfg))
-    config = model_config(cfg["model.name"])
-    check_layers(cfg["lora.layers"], _num_layers(config) if config is not None else None)
-    check_target_modules(cfg.list("lora.target-modules"), weight_modules(config) if config is not None else None)
-    check_device(cfg["model.device"])
-    if cfg["quad.embedding-model"] and cfg["selection.method"] == "quad":
-        check_encoder(cfg["quad.embedding-model"], "quad.embedding-model")
-    if cfg["selection.method"] == "clues+" and "qa-sim" in cfg.list("selection.signals"):
-        check_encoder(cfg["selection.embedding-model"], "selection.embedding-model")
+    config = model_config(cfg.model.name)
+    check_layers(cfg.lora.layers, _num_layers(config) if config is not None else None)
+    check_target_modules(cfg.lora.list("target_modules"), weight_modules(config) if config is not None else None)
+    check_device(cfg.model.device)
+    if cfg.quad.embedding_model and cfg.selection.method == "quad":
+        check_encoder(cfg.quad.embedding_model, "quad.embedding-model")
+    if cfg.selection.method == "clues+" and "qa-sim" in cfg.selection.list("signals"):
+        check_encoder(cfg.selection.embedding_model, "selection.embedding-model")
     check_server_data(cfg, own_site_data=site_files is not None)
     if sites is not None:
         check_site_data(cfg, sites, site_files)

@@ -95,11 +95,11 @@ class RunState:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.name = cfg["run-name"]
+        self.name = cfg.run.run_name
         self.out = output_dir(cfg)
         self.dir = self.out / "state"
         self.config = results_config(cfg)
-        if not cfg["resume"] and self.dir.exists():
+        if not cfg.run.resume and self.dir.exists():
             log.info("run '%s': resume=false, starting over (clearing %s)", self.name, self.dir)
             shutil.rmtree(self.dir)
         self.index = self._read()
@@ -172,7 +172,7 @@ class RunState:
         # Only the rounds of steps not redone; federated sites are what scoring learnt:
         # nothing to keep when it is redone.
         values["rounds"] = {p: r for p, r in values.get("rounds", {}).items() if p in self.index["rounds"]}
-        if not (self.done("score") or self.cfg["mode"] == "merging"):
+        if not (self.done("score") or self.cfg.run.mode == "merging"):
             values["sites"] = {}
         files = saved["arrays"] if saved else {}
         arrays = {name: _load_tensors(self.dir / files[name]) for name in array_names(values)}

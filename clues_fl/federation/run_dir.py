@@ -67,7 +67,7 @@ def run_folder(cfg: RunConfig) -> Path:
 
 
 def choices(cfg: RunConfig) -> str:
-    name = cfg["run-name"]
+    name = cfg.run.run_name
     return (f"choose another run-name (e.g. run-name='{name}-2'; this one's outputs stay) or set resume=false "
             f"to run '{name}' again from the start (its saved state and outputs are replaced)")
 
@@ -84,7 +84,7 @@ def saved_state_problem(cfg: RunConfig) -> str | None:
     """One line when the run's saved state cannot be resumed with this run-config (another
     format version or another run-config), None when it can (or there is none, or
     resume=false clears it)."""
-    if not cfg["resume"]:
+    if not cfg.run.resume:
         return None
     index = _index(cfg)
     if index is None:
@@ -105,7 +105,7 @@ def saved_state_problem(cfg: RunConfig) -> str | None:
 
 def finished(cfg: RunConfig) -> str | None:
     """One line when the run has already finished with this run-config (nothing to do)."""
-    if not cfg["resume"] or saved_state_problem(cfg) is not None:
+    if not cfg.run.resume or saved_state_problem(cfg) is not None:
         return None
     index = _index(cfg)
     folder = run_folder(cfg)
@@ -195,5 +195,5 @@ def run_lock(cfg: RunConfig) -> RunLock:
     processes.MARKER) or, without a launcher, by this process alone."""
     from clues_fl.federation.processes import MARKER
 
-    check_run_name(cfg["run-name"])
+    check_run_name(cfg.run.run_name)
     return RunLock(run_folder(cfg), os.environ.get(MARKER))

@@ -48,8 +48,8 @@ def retrain_epochs(phase: str, kept: int, n: int, cfg) -> float:
     over them): the kept samples are revisited, and the all-data reference trains like
     the trace. `epochs`: train.local-epochs over the kept samples, and the all-data
     reference as many steps (equal_budget_epochs)."""
-    batch, epochs = cfg["train.batch-size"], cfg["train.local-epochs"]
-    if cfg["retrain.budget"] == "trace-steps":
+    batch, epochs = cfg.train.batch_size, cfg.train.local_epochs
+    if cfg.retrain.budget == "trace-steps":
         if phase == "all-data" or kept <= 0:
             return epochs
         return epochs * math.ceil(n / batch) / math.ceil(kept / batch)
@@ -88,7 +88,7 @@ def train_round(bench, cfg, encoded, cache, rows: list[int], state, moments, *, 
         epochs = retrain_epochs(phase, len(rows), len(encoded), cfg)
     result = bench.train(
         [encoded[i] for i in rows], cfg, state, moments=moments, epochs=epochs,
-        start_step=(steps_before(server_round, len(rows), cfg["train.batch-size"], cfg["train.local-epochs"])
+        start_step=(steps_before(server_round, len(rows), cfg.train.batch_size, cfg.train.local_epochs)
                     if moments is not None else 0),
         cache=subset_cache(cache, rows),
         seed_offset=server_round * 101 + partition_id,
@@ -111,8 +111,8 @@ class LocalRun:
 def local_run(bench, cfg, encoded, cache, rows: list[int], *, phase: str, partition_id: int) -> LocalRun:
     """Merging mode: trace.rounds (tracing, with one checkpoint per round) or
     retrain.rounds rounds on `rows`, each as long as `retrain.budget` says (retrain_epochs)."""
-    rounds = cfg["trace.rounds"] if phase == "trace" else cfg["retrain.rounds"]
-    per_round = cfg["train.local-epochs"] if phase == "trace" else retrain_epochs("aggregate", len(rows), len(encoded), cfg)
+    rounds = cfg.trace.rounds if phase == "trace" else cfg.retrain.rounds
+    per_round = cfg.train.local_epochs if phase == "trace" else retrain_epochs("aggregate", len(rows), len(encoded), cfg)
     result = bench.train(
         [encoded[i] for i in rows], cfg, None, epochs=rounds * per_round,
         num_checkpoints=rounds if phase == "trace" else 0, cache=subset_cache(cache, rows),
@@ -212,7 +212,7 @@ def has_quality_labels(cfg, node_config) -> bool:
     """Whether this site's samples carry quality labels: only an experiment that
     polluted them on purpose (`pollution.ratios`) knows which are bad; a user's own
     data (`data.pool`, a node's `data-file`) does not."""
-    return bool(str(cfg["pollution.ratios"]).strip()) and not cfg["data.pool"] and not node_config.get("data-file")
+    return bool(str(cfg.pollution.ratios).strip()) and not cfg.data.pool and not node_config.get("data-file")
 
 
 # -- the site's own report ----------------------------------------------------------

@@ -73,7 +73,7 @@ def _salt(folder: Path) -> bytes:
 
 def site_key(cfg: RunConfig, node_config: dict, folder: Path | None = None) -> bytes:
     folder = folder or site_dir(cfg, node_config)
-    context = json.dumps({"run-name": cfg["run-name"],
+    context = json.dumps({"run-name": cfg.run.run_name,
                           "node-config": {str(k): str(v) for k, v in node_config.items() if k != "site-dir"}},
                          sort_keys=True)
     return hmac.new(_salt(folder), context.encode(), hashlib.sha256).digest()

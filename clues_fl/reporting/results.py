@@ -78,12 +78,12 @@ def model_quality(cfg: RunConfig, run: ProtocolRun, model) -> dict:
 
 def aggregate_step(cfg: RunConfig, rounds_strategy: str) -> dict:
     """How the aggregate step made the published adapter (metrics.json "aggregate")."""
-    if cfg["retrain.mode"] == "rounds":
-        return {"mode": "rounds", "strategy": rounds_strategy, "strategy-args": cfg["fed.strategy-args"],
-                "rounds": cfg["retrain.rounds"],
-                **({"adapter-noise": cfg["privacy.adapter-noise"]} if cfg["privacy.adapter-noise"] > 0 else {})}
-    return {"mode": "merge", "rule": cfg["merge.rule"], "local-epochs": cfg["retrain.rounds"],
-            **({"density": cfg["merge.density"]} if cfg["merge.rule"] == "ties" else {})}
+    if cfg.retrain.mode == "rounds":
+        return {"mode": "rounds", "strategy": rounds_strategy, "strategy-args": cfg.fed.strategy_args,
+                "rounds": cfg.retrain.rounds,
+                **({"adapter-noise": cfg.privacy.adapter_noise} if cfg.privacy.adapter_noise > 0 else {})}
+    return {"mode": "merge", "rule": cfg.merge.rule, "local-epochs": cfg.retrain.rounds,
+            **({"density": cfg.merge.density} if cfg.merge.rule == "ties" else {})}
 
 
 def evaluate_and_report(run: ProtocolRun) -> dict:
@@ -113,14 +113,14 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
             traced = [s.trace_state for s in state.sites.values() if s.trace_state]
             if traced:
                 merged = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
-                                         density=cfg["merge.density"])
+                                         density=cfg.merge.density)
                 with merged.active(bench.model, bench.initial_state) as model:
                     losses["all-data"] = mean_loss(model, data.val, bench.first_layer, pad_id=bench.pad_id,
                                                    cache=data.val_cache)
     adapter_dir = out / "adapter"
     with final.active(bench.model, bench.initial_state) as model:
         quality = model_quality(cfg, run, model)
-        save_adapter(model, adapter_dir, bench.tokenizer, base_model_path(cfg["model.name"]),
+        save_adapter(model, adapter_dir, bench.tokenizer, base_model_path(cfg.model.name),
                      "merged" if final.merged else "default")
     if "validation-loss" in quality:
         losses["selected"] = quality.pop("validation-loss")
@@ -152,8 +152,8 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     selection = selection_summary(state, cfg, anchor_threshold)
     threshold = {**state.threshold, **({"merge-weights": final.merge_weights} if final.merged else {})}
     metrics = {
-        "run-name": cfg["run-name"],
-        "mode": cfg["mode"],
+        "run-name": cfg.run.run_name,
+        "mode": cfg.run.mode,
         "aggregate": aggregate_step(cfg, type(run.strategy.rounds).__name__),
         "selection": selection,
         "threshold": {k: v for k, v in threshold.items() if k != "anchor-scores"},
@@ -276,7 +276,7 @@ def read_manifests(out: Path, cfg: RunConfig) -> list[tuple[list, np.ndarray, np
     OSError if a manifest or a site's id map is missing."""
     from clues_fl.federation.site_ids import read_id_map
 
-    data = build_scenario(cfg, len(cfg.list("pollution.ratios")))
+    data = build_scenario(cfg, len(cfg.pollution.list("ratios")))
     sites = []
     for i, samples in enumerate(data.clients):
         with open(out / "manifest" / f"client-{i}.csv", newline="") as fh:

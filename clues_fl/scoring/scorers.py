@@ -137,10 +137,10 @@ class CluesPlusScorer(CluesScorer):
                        names=None) -> dict:
         """The signals (`names`, default ``selection.signals``) of the public anchors
         (`samples`: their records; `anchors`: their encodings)."""
-        losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg["scoring.batch-size"],
+        losses = signals.checkpoint_losses(bench, anchors, checkpoints, batch_size=cfg.scoring.batch_size,
                                            cache=cache)
         return signals.compute_signals(bench, samples, anchors, cfg, clues_scores=loo_scores, losses=losses,
-                                       cache=cache, names=names or tuple(cfg.list("selection.signals")))
+                                       cache=cache, names=names or tuple(cfg.selection.list("signals")))
 
     def score(self, site, payload):
         result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
@@ -175,7 +175,7 @@ class DataInfScorer(Scorer):
         load_lora_state(bench.model, payload.checkpoints[-1].state)
         return datainf_scores(
             bench.model, site.encoded, payload.anchor_gradients[-1], bench.first_layer,
-            pad_id=bench.pad_id, batch_size=site.cfg["scoring.batch-size"], cache=site.cache,
+            pad_id=bench.pad_id, batch_size=site.cfg.scoring.batch_size, cache=site.cache,
         )
 
 
@@ -188,7 +188,7 @@ class PplScorer(Scorer):
         bench = site.bench
         load_lora_state(bench.model, bench.initial_state)
         return ppl_scores(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
-                          batch_size=site.cfg["scoring.batch-size"], cache=site.cache)
+                          batch_size=site.cfg.scoring.batch_size, cache=site.cache)
 
 
 class IfdScorer(Scorer):
@@ -199,9 +199,9 @@ class IfdScorer(Scorer):
     def score(self, site, payload):
         bench, cfg = site.bench, site.cfg
         load_lora_state(bench.model, bench.initial_state)
-        answer_only = encode_answer_only(bench.tokenizer, site.encoded, cfg["data.system-prompt"] or None)
+        answer_only = encode_answer_only(bench.tokenizer, site.encoded, cfg.data.system_prompt or None)
         return ifd_scores(bench.model, site.encoded, answer_only, bench.first_layer, pad_id=bench.pad_id,
-                          batch_size=cfg["scoring.batch-size"], cache=site.cache)
+                          batch_size=cfg.scoring.batch_size, cache=site.cache)
 
 
 class QuadScorer(Scorer):
@@ -220,18 +220,18 @@ class QuadScorer(Scorer):
 
     def anchor_side(self, bench, anchors, checkpoints, cfg, cache=None, samples=None):
         side = quad.anchor_influence(bench, anchors, checkpoints, cfg, self.settings, cache=cache)
-        tau = global_threshold(cfg["quad.tau"], side.scores, quantile=cfg["quad.tau-quantile"],
-                               static=cfg["selection.static"])
+        tau = global_threshold(cfg.quad.tau, side.scores, quantile=cfg.quad.tau_quantile,
+                               static=cfg.selection.static)
         # Influence values are tiny and their scale depends on the model and damping;
         # rewards in units of the anchors' spread make the UCB bonus (alpha) meaningful.
         scale = float(np.std(side.scores, ddof=1))  # anchor_influence needs >= 2 anchors
         return AnchorSide(side.scores, side.references, {
-            "tau": float(tau), "budget": float(cfg["quad.budget"]), "scale": scale if scale > 0 else 1.0})
+            "tau": float(tau), "budget": float(cfg.quad.budget), "scale": scale if scale > 0 else 1.0})
 
     def score(self, site, payload):
         cfg, bench, encoded = site.cfg, site.bench, site.encoded
         labels = site_clusters(site)
-        budget = float(payload.config.get("budget", cfg["quad.budget"]))
+        budget = float(payload.config.get("budget", cfg.quad.budget))
         count = int(np.ceil(budget * len(encoded) - 1e-9)) if budget <= 1 else int(budget)
 
         scale = float(payload.config.get("scale", 1.0))
@@ -243,8 +243,8 @@ class QuadScorer(Scorer):
 
         result = quad.quad_select(
             labels, influence, budget=max(1, min(count, len(encoded))),
-            sampling_ratio=cfg["quad.sampling-ratio"], tau=float(payload.config["tau"]) / scale, alpha=cfg["quad.alpha"],
-            max_scored_fraction=cfg["quad.max-scored"], seed=cfg["seed"] * 1000 + site.partition_id,
+            sampling_ratio=cfg.quad.sampling_ratio, tau=float(payload.config["tau"]) / scale, alpha=cfg.quad.alpha,
+            max_scored_fraction=cfg.quad.max_scored, seed=cfg.run.seed * 1000 + site.partition_id,
         )
         self._extras = {
             "scored": int(result.n_scored), "clusters": int(labels.max() + 1),
@@ -263,19 +263,19 @@ def site_clusters(site: SiteData) -> np.ndarray:
     """k-means labels of a site's samples, computed once per process and site (the
     embeddings come from the base model, which does not change during a run)."""
     cfg = site.cfg
-    key = (cfg["model.name"], cfg["quad.embedding-model"], cfg["quad.clusters"], cfg["seed"],
+    key = (cfg.model.name, cfg.quad.embedding_model, cfg.quad.clusters, cfg.run.seed,
            tuple(e.id for e in site.encoded))
     if key not in _CLUSTERS:
         bench = site.bench
-        if cfg["quad.embedding-model"]:
-            emb = quad.embed_with_model(cfg["quad.embedding-model"], site.samples)
+        if cfg.quad.embedding_model:
+            emb = quad.embed_with_model(cfg.quad.embedding_model, site.samples)
         else:
             load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
             emb = quad.embed_samples(bench.model, site.encoded, bench.first_layer, pad_id=bench.pad_id,
-                                     batch_size=cfg["scoring.batch-size"], cache=site.cache)
+                                     batch_size=cfg.scoring.batch_size, cache=site.cache)
         if len(_CLUSTERS) >= 8:
             _CLUSTERS.pop(next(iter(_CLUSTERS)))
-        _CLUSTERS[key] = quad.cluster_samples(emb, cfg["quad.clusters"], seed=cfg["seed"])
+        _CLUSTERS[key] = quad.cluster_samples(emb, cfg.quad.clusters, seed=cfg.run.seed)
     return _CLUSTERS[key]
 
 
@@ -283,7 +283,7 @@ class RandomScorer(Scorer):
     name = "random"
 
     def score(self, site, payload):
-        return random_scores(len(site.encoded), site.cfg["seed"] * 1000 + site.partition_id)
+        return random_scores(len(site.encoded), site.cfg.run.seed * 1000 + site.partition_id)
 
 
 class KeepAll(Scorer):

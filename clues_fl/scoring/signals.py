@@ -412,10 +412,10 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
         out["loss"] = losses[-1]
     if "learn" in names:
         out["learn"] = losses[0] - losses[-1]
-    bs = cfg["scoring.batch-size"]
+    bs = cfg.scoring.batch_size
     if {"base-loss", "qinfo", "eos"} & set(names):
         load_lora_state(bench.model, bench.initial_state)  # LoRA B = 0: the base model
-    system = cfg["data.system-prompt"] or None
+    system = cfg.data.system_prompt or None
     end_loss = np.full(len(samples), np.nan)
     if {"base-loss", "qinfo"} & set(names):
         base = answer_losses_of(bench.model, encoded, bench.first_layer, pad_id=bench.pad_id, batch_size=bs,
@@ -431,7 +431,7 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
     if "eos" in names:
         rows = np.flatnonzero(np.isnan(end_loss))
         if rows.size:
-            ends = encode_answer_ends(bench.tokenizer, [samples[i] for i in rows], cfg["data.max-length"], system)
+            ends = encode_answer_ends(bench.tokenizer, [samples[i] for i in rows], cfg.data.max_length, system)
             end_loss[rows] = token_loss_stats(bench.model, ends, bench.first_layer, pad_id=bench.pad_id,
                                               batch_size=bs)[1]
         out["eos"] = end_loss
@@ -440,7 +440,7 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
     if "overlap" in names:
         out["overlap"] = question_overlap(samples)
     if "qa-sim" in names:
-        out["qa-sim"] = question_answer_similarity(samples, cfg["selection.embedding-model"], device_of(bench.model))
+        out["qa-sim"] = question_answer_similarity(samples, cfg.selection.embedding_model, device_of(bench.model))
     for name in names:
         if name not in SIGNALS:  # yours: module:attr
             values = np.asarray(_user_signal(name).compute(samples), dtype=float).reshape(-1)

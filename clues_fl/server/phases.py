@@ -149,7 +149,7 @@ class ProtocolRun:
 
     @property
     def federated(self) -> bool:
-        return self.cfg["mode"] == "federated"
+        return self.cfg.run.mode == "federated"
 
     def record_time(self, name: str, start: float) -> None:
         self.state.timings[name] = round(time.time() - start, 2)
@@ -202,16 +202,16 @@ class Trace(Phase):
         return run.strategy.scorer.needs_trace
 
     def plan(self, run: ProtocolRun) -> str:
-        rounds = run.cfg["trace.rounds"]
+        rounds = run.cfg.trace.rounds
         return f"{_n(len(run.nodes), 'site')}, {_n(rounds, _round(run) if run.federated else 'local checkpoint')}"
 
     def run(self, run: ProtocolRun) -> None:
-        lr = run.cfg["train.lr"]
+        lr = run.cfg.train.lr
         if run.federated:
             def keep(server_round: int, arrays) -> None:
                 run.state.checkpoints.append(record_checkpoint(arrays, lr))
 
-            run_rounds(run, self.name, run.cfg["trace.rounds"], keep=keep)
+            run_rounds(run, self.name, run.cfg.trace.rounds, keep=keep)
             if not run.state.checkpoints:
                 raise RuntimeError("tracing produced no checkpoint: no site finished a round")
             return
@@ -272,7 +272,7 @@ class Score(Phase):
                         site.anchor_scores, site.anchor_grads = side.scores, side.gradients
                         grads = side.gradients
             contents[node] = ScoreRequest(
-                cfg["selection.method"], list(ckpts), list(grads),
+                cfg.selection.method, list(ckpts), list(grads),
                 scorer=dict(side.config) if side is not None else {}, privacy=reporting,
             ).to_record()
         replies = run.sites.exchange(run.grid, self.name, contents, ScoreRequest.message_type)
@@ -316,19 +316,19 @@ class Threshold(Phase):
         scored = state.reported()
         if not scored:
             raise RuntimeError("no site returned scores")
-        settings = ThresholdSettings(quantile=cfg["selection.quantile"], static=cfg["selection.static"],
-                                     ratio=cfg["selection.ratio"])
+        settings = ThresholdSettings(quantile=cfg.selection.quantile, static=cfg.selection.static,
+                                     ratio=cfg.selection.ratio)
         if scorer.selection == "anchor":
             anchor_scores, all_scores = anchor_and_pooled(state, scored, cfg)
-            info = {"rule": cfg["selection.threshold"], "anchor-scores": anchor_scores.tolist(),
-                    "standardised": not run.federated, "reported": cfg["privacy.report"],
-                    "epsilon": cfg["privacy.epsilon"]}
+            info = {"rule": cfg.selection.threshold, "anchor-scores": anchor_scores.tolist(),
+                    "standardised": not run.federated, "reported": cfg.privacy.report,
+                    "epsilon": cfg.privacy.epsilon}
             info.update(run.strategy.threshold_rule.decide(anchor_scores, all_scores, settings))
         else:  # "fixed": selection flags; "ratio": the top selection.ratio of all pooled scores
             rule = threshold_rule("global-ratio" if scorer.selection == "ratio" else "fixed")
             info = {"rule": rule.name, **rule.decide(None, pooled_scores(state, scored, cfg), settings),
                     "standardised": False}
-        info["method"] = cfg["selection.method"]
+        info["method"] = cfg.selection.method
         state.threshold = info
 
     def result(self, run: ProtocolRun) -> str:
@@ -393,7 +393,7 @@ def _retraining_sites(run: ProtocolRun) -> set[int]:
     (NothingKept when none did: selection/rules.py retraining_sites)."""
     answered = {n: s for n, s in run.state.sites.items() if s.selected}
     threshold = run.state.threshold.get("threshold", run.state.threshold.get("ratio"))
-    names = retraining_sites({s.name: s.kept for s in answered.values()}, run.cfg["selection.min-kept"],
+    names = retraining_sites({s.name: s.kept for s in answered.values()}, run.cfg.selection.min_kept,
                              f"threshold {run.state.threshold.get('rule')} = {threshold:.4g}"
                              if isinstance(threshold, float) else "")
     return {n for n, s in answered.items() if s.name in names}
@@ -410,16 +410,16 @@ class Aggregate(Phase):
     writes = ("final", "sites.final_state", "round_losses")
 
     def plan(self, run: ProtocolRun) -> str:
-        cfg, rounds = run.cfg, run.cfg["retrain.rounds"]
-        plan = (_n(rounds, _round(run)) if cfg["retrain.mode"] == "rounds"
+        cfg, rounds = run.cfg, run.cfg.retrain.rounds
+        plan = (_n(rounds, _round(run)) if cfg.retrain.mode == "rounds"
                 else f"{_n(rounds, 'local epoch')}, {cfg['merge.rule']} merge")
-        retraining = sum(1 for s in run.state.sites.values() if s.kept >= run.cfg["selection.min-kept"])
+        retraining = sum(1 for s in run.state.sites.values() if s.kept >= run.cfg.selection.min_kept)
         return f"{_n(retraining, 'site')} with kept samples, {plan}"
 
     def run(self, run: ProtocolRun) -> None:
         cfg, state = run.cfg, run.state
-        if cfg["retrain.mode"] == "rounds":
-            arrays = run_rounds(run, self.name, cfg["retrain.rounds"], only=_retraining_sites(run))
+        if cfg.retrain.mode == "rounds":
+            arrays = run_rounds(run, self.name, cfg.retrain.rounds, only=_retraining_sites(run))
             if arrays is None:
                 raise RuntimeError("the aggregate step produced no model: no site finished a round")
             state.final = FinalAdapter(state=split_record(arrays)[0])
@@ -428,9 +428,9 @@ class Aggregate(Phase):
         contents = {n: request.to_record() for n in _retraining_sites(run)}
         for node, reply in run.sites.exchange(run.grid, self.name, contents, request.message_type).items():
             state.sites[node].final_state = LocalTrainReply.from_record(reply.content).state
-        state.final = plan_merge(cfg["merge.rule"], [(s.name, s.kept, s.mean_kept_score, s.final_state)
+        state.final = plan_merge(cfg.merge.rule, [(s.name, s.kept, s.mean_kept_score, s.final_state)
                                                      for s in state.sites.values() if s.final_state is not None],
-                                 density=cfg["merge.density"])
+                                 density=cfg.merge.density)
 
     def result(self, run: ProtocolRun) -> str:
         return _loss_result(run, self.name)
@@ -450,12 +450,12 @@ class AllDataReference(Phase):
 
     def applies(self, run: ProtocolRun) -> bool:
         cfg = run.cfg
-        return bool(run.reference and run.nodes and run.federated and cfg["retrain.mode"] == "rounds"
-                    and cfg["eval.validation"] and run.data.val)
+        return bool(run.reference and run.nodes and run.federated and cfg.retrain.mode == "rounds"
+                    and cfg.eval.validation and run.data.val)
 
     def run(self, run: ProtocolRun) -> None:
         try:
-            arrays = run_rounds(run, self.name, run.cfg["retrain.rounds"], only=_retraining_sites(run))
+            arrays = run_rounds(run, self.name, run.cfg.retrain.rounds, only=_retraining_sites(run))
             if arrays is None:
                 raise RuntimeError("all-data retraining produced no model: no site finished a round")
             run.state.all_data_state = split_record(arrays)[0]

@@ -50,7 +50,7 @@ def run_rounds(run: ProtocolRun, phase: str, rounds: int, *, only: set[int] | No
                                 else (0, initial_record(run, phase), False))
     losses = state.round_losses[phase] = list(state.round_losses.get(phase, []))[:done] if done else []
     adapter, moments = split_moments(arrays)
-    min_nodes = cfg["fed.min-nodes"] if only is None else min(cfg["fed.min-nodes"], len(only))
+    min_nodes = cfg.fed.min_nodes if only is None else min(cfg.fed.min_nodes, len(only))
 
     def failed(node: int, server_round: int, reason: str) -> None:
         run.sites.failed(node, f"{phase} round {server_round}", reason, server_round)
@@ -85,10 +85,10 @@ def run_rounds(run: ProtocolRun, phase: str, rounds: int, *, only: set[int] | No
         return record
 
     runner = strategy
-    if cfg["privacy.adapter-noise"] > 0:
+    if cfg.privacy.adapter_noise > 0:
         sampled = len(only) if only is not None else len(run.grid.get_node_ids())
-        runner = SiteDP(strategy, cfg["privacy.adapter-noise"], cfg["privacy.adapter-clip"], sampled)
-    result = run.strategy.run_rounds(runner, run.grid, adapter, rounds - done, cfg["fed.timeout"],
+        runner = SiteDP(strategy, cfg.privacy.adapter_noise, cfg.privacy.adapter_clip, sampled)
+    result = run.strategy.run_rounds(runner, run.grid, adapter, rounds - done, cfg.fed.timeout,
                                      train_config(phase), after_round)
     run.sites.note_gpu_peak(phase, strategy.gpu_peak)
     if result.arrays is not None:

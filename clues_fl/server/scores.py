@@ -16,32 +16,32 @@ from clues_fl.server.state import ProtocolState, SiteRecord
 def holds_exact_scores(cfg: RunConfig) -> bool:
     """Whether the scores the sites report are their exact scores (no privacy mode):
     only then can a resumed run hand them back to the sites for selection."""
-    return cfg["privacy.report"] == "scores" and not privacy.dp_enabled(cfg["privacy.epsilon"])
+    return cfg.privacy.report == "scores" and not privacy.dp_enabled(cfg.privacy.epsilon)
 
 
 def privacy_settings(cfg: RunConfig, anchor_scores: np.ndarray, anchor_threshold: bool) -> dict:
     """What sites need to report binned counts and/or noised scores: bin edges and a
     clipping range, both derived from the public anchor scores only ({} when neither)."""
-    histogram, dp = cfg["privacy.report"] == "histogram", privacy.dp_enabled(cfg["privacy.epsilon"])
+    histogram, dp = cfg.privacy.report == "histogram", privacy.dp_enabled(cfg.privacy.epsilon)
     if not (histogram or dp):
         return {}
     if not anchor_threshold:
         raise ValueError(f"privacy.report='histogram' and privacy.epsilon > 0 need an anchor-threshold "
                          f"method such as 'clues', not '{cfg['selection.method']}'")
-    settings = PrivacySettings(cfg["privacy.report"])
+    settings = PrivacySettings(cfg.privacy.report)
     if histogram:
-        edges = privacy.histogram_edges(anchor_scores, bins=cfg["privacy.bins"])
+        edges = privacy.histogram_edges(anchor_scores, bins=cfg.privacy.bins)
         settings.edges = [float(e) for e in edges[1:-1]]  # the outer edges are -inf, +inf
     if dp:
         lo, hi = privacy.clip_range(anchor_scores)
-        settings.epsilon, settings.delta = float(cfg["privacy.epsilon"]), float(cfg["privacy.delta"])
+        settings.epsilon, settings.delta = float(cfg.privacy.epsilon), float(cfg.privacy.delta)
         settings.clip_lo, settings.clip_hi = float(lo), float(hi)
     return settings.to_config()
 
 
 def histogram_edges(state: ProtocolState, cfg: RunConfig) -> np.ndarray:
     """The bins the sites counted in (privacy.report = histogram), from the anchor scores."""
-    return privacy.histogram_edges(np.asarray(state.anchor["scores"]), bins=cfg["privacy.bins"])
+    return privacy.histogram_edges(np.asarray(state.anchor["scores"]), bins=cfg.privacy.bins)
 
 
 def site_scores(state: ProtocolState, site: SiteRecord, cfg: RunConfig) -> np.ndarray:
@@ -65,7 +65,7 @@ def anchor_and_pooled(state: ProtocolState, sites: list[SiteRecord], cfg: RunCon
     """(anchor scores, pooled site scores) on one scale: as reported (federated mode: one
     shared set of checkpoints), or in units of each site's anchor-score spread (merging
     mode: local checkpoints give each site its own scale)."""
-    if cfg["mode"] == "federated":
+    if cfg.run.mode == "federated":
         return np.asarray(state.anchor["scores"]), pooled_scores(state, sites, cfg)
     return (np.concatenate([standardise(s.anchor_scores, s.anchor_scores) for s in sites]),
             np.concatenate([standardise(s.scores, s.anchor_scores) for s in sites]))

@@ -61,8 +61,8 @@ def share_and_distribution(state: ProtocolState, cfg: RunConfig, anchor_threshol
     try:
         anchors, pooled = anchor_and_pooled(state, reported, cfg)
         # merging mode: each site scored the same anchors against its own checkpoints
-        anchor_count = anchors.size if cfg["mode"] == "federated" else len(reported[0].anchor_scores)
-        out["estimated-clean-share"] = {**clean_share(anchors, pooled, seed=cfg["seed"]), "anchors": int(anchor_count)}
+        anchor_count = anchors.size if cfg.run.mode == "federated" else len(reported[0].anchor_scores)
+        out["estimated-clean-share"] = {**clean_share(anchors, pooled, seed=cfg.run.seed), "anchors": int(anchor_count)}
         out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
     except ValueError as err:  # too few finite scores
         log.warning("no clean-share estimate: %s", err)

@@ -81,11 +81,11 @@ class CluesStrategy(Strategy):
         if isinstance(scorer, Scorer):
             self.scorer = scorer
         else:
-            self.scorer = make_scorer(self.cfg["selection.method"], score_settings(self.cfg))
+            self.scorer = make_scorer(self.cfg.selection.method, score_settings(self.cfg))
         if isinstance(threshold, ThresholdRule):
             self.threshold_rule = threshold
         else:
-            self.threshold_rule = threshold_rule(self.cfg["selection.threshold"])
+            self.threshold_rule = threshold_rule(self.cfg.selection.threshold)
         self.current: Strategy | None = None  # the running round phase's SiteRounds (or its DP wrapper)
         self.last_run: ProtocolRun | None = None
 
@@ -109,7 +109,7 @@ class CluesStrategy(Strategy):
                                      ("fed.timeout", timeout)) if v is not None}
         if changes:
             self.cfg = parse_config({**self.cfg.values, **changes})
-        if initial_arrays is not None and self.cfg["mode"] != "federated":
+        if initial_arrays is not None and self.cfg.run.mode != "federated":
             raise ValueError("CluesStrategy.start: initial_arrays need mode='federated' (in merging mode each "
                              "site trains from its own start)")
         started = time.time()
@@ -118,16 +118,16 @@ class CluesStrategy(Strategy):
             console.setup(journal.out / "run.log")
             if journal.finished:
                 log.info("run '%s' has already finished (outputs in %s): nothing to resume; choose another "
-                         "run-name or set resume=false to run it again", self.cfg["run-name"], journal.out)
+                         "run-name or set resume=false to run it again", self.cfg.run.run_name, journal.out)
                 return Result()
             if journal.done("score") and not journal.done("aggregate") and not holds_exact_scores(self.cfg):
                 log.warning("resuming run '%s' in a privacy mode: the server holds no exact scores to hand back "
                             "to the sites for selection, so they score again (with privacy.epsilon > 0 that "
-                            "releases noised scores a second time)", self.cfg["run-name"])
+                            "releases noised scores a second time)", self.cfg.run.run_name)
                 journal.redo("score")
             talks_to_sites = not journal.done("aggregate")  # every phase before the report does
             # before the model loads: fed.wait-for-nodes is the time the sites have to connect
-            nodes = wait_for_nodes(grid, self.cfg["fed.min-nodes"], self.cfg["fed.wait-for-nodes"]) if talks_to_sites else []
+            nodes = wait_for_nodes(grid, self.cfg.fed.min_nodes, self.cfg.fed.wait_for_nodes) if talks_to_sites else []
             run = self.new_run(grid, journal, started=started, evaluate_fn=evaluate_fn,
                                initial_state=initial_arrays.to_torch_state_dict() if initial_arrays is not None else None)
             journal.restore(run, saved_phases(run))
@@ -145,8 +145,8 @@ class CluesStrategy(Strategy):
         bench = workbench(self.cfg)
         anchor, val, test, skipped = server_sets(self.cfg)
         state = ProtocolState()
-        sites = SiteRegistry(state, min_nodes=self.cfg["fed.min-nodes"], timeout=self.cfg["fed.timeout"],
-                             wait=self.cfg["fed.wait-for-nodes"])
+        sites = SiteRegistry(state, min_nodes=self.cfg.fed.min_nodes, timeout=self.cfg.fed.timeout,
+                             wait=self.cfg.fed.wait_for_nodes)
         return ProtocolRun(self.cfg, self, state, ServerData.build(self.cfg, bench, anchor, val, test), bench,
                            sites, grid, journal if journal is not None else MemoryJournal(), skipped=skipped, **kwargs)
 
@@ -188,10 +188,10 @@ class CluesStrategy(Strategy):
 
     def summary(self) -> None:
         cfg = self.cfg
-        aggregate = ("rounds of the rounds strategy" if cfg["retrain.mode"] == "rounds"
+        aggregate = ("rounds of the rounds strategy" if cfg.retrain.mode == "rounds"
                      else f"one-shot {cfg['merge.rule']} merge")
-        flwr_log(INFO, "\t├──> CLUES: selection %s, threshold %s, aggregate step: %s", cfg["selection.method"],
-                 cfg["selection.threshold"], aggregate)
+        flwr_log(INFO, "\t├──> CLUES: selection %s, threshold %s, aggregate step: %s", cfg.selection.method,
+                 cfg.selection.threshold, aggregate)
         flwr_log(INFO, "\t└──> rounds strategy: %s", type(self.rounds).__name__)
         if self.current is not None:
             self.current.summary()
