@@ -314,7 +314,7 @@ def today(anchors: dict, pool: dict, site: np.ndarray) -> dict:
 # ------------------------------------------------------------------------- the new method
 
 
-def calibrated(refined: bool):
+def calibrated(refined: bool, also_below: float = sg.REASON_Z):
     """signals.combine on the clean model of signals.calibrate, refined with each site's
     own pool (signals.refine) where `refined`; the threshold rules' clean picture is
     signals.clean_reference; the reasons are signals.reasons at the threshold."""
@@ -329,7 +329,7 @@ def calibrated(refined: bool):
                                                                pool_refined=refined)
 
         def reasons(threshold: float) -> list[list[str]]:
-            return sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)))
+            return sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)), also_below)
 
         return {"scores": scores, "reference": sg.clean_reference(len(next(iter(anchors.values())))),
                 "reasons": reasons}
@@ -340,6 +340,8 @@ def calibrated(refined: bool):
 METHODS = {
     "today (sum, anchors only)": today,
     "new (chi2 tail, site-refined)": calibrated(True),
+    "new, reasons: smallest set only": calibrated(True, -np.inf),
+    "new, reasons: also z <= -1.5": calibrated(True, -1.5),
     "chi2 tail, anchors only": calibrated(False),
 }
 
@@ -390,6 +392,9 @@ def evaluate(d: dict, draw: int, method) -> dict:
         row["reason"][kind] = (np.mean([word in w for w in words]) if words else np.nan, len(words))
         row["reason-first"][kind] = np.mean([bool(w) and w[0] == word for w in words]) if words else np.nan
         row["reason-words"][kind] = np.mean([len(set(w)) for w in words]) if words else np.nan
+    if "cross-domain" in kinds:  # "off-domain" given to a dropped sample of the pool's own domain
+        inside = np.flatnonzero((kinds != "cross-domain") & ~kept)
+        row["off-domain-inside"] = (np.mean(["clues" in named[i] for i in inside]) if inside.size else np.nan, inside.size)
     row["singles"] = single_signal_aucs(anchors, pool, kinds)
     return row
 
@@ -451,6 +456,11 @@ def print_tables(pools: list[tuple[str, dict]]) -> None:
                 n = np.mean([r["reason"][k][1] for r in rs])
                 cells.append(f"{share:.2f} ({first:.2f}; {words:.1f}; {n:.1f})".rjust(30))
             print(f"{label:32s} " + " ".join(cells))
+        if "off-domain-inside" in rows[next(iter(rows))][0]:
+            print("share of the dropped samples of the pool's own domain (clean or bad) called off-domain, mean (dropped per draw)")
+            for label, rs in rows.items():
+                print(f"{label:32s} {np.nanmean([r['off-domain-inside'][0] for r in rs]):.2f} "
+                      f"({np.mean([r['off-domain-inside'][1] for r in rs]):.1f})")
 
 
 def main() -> None:

@@ -632,22 +632,31 @@ def calibrated_scores(signals: dict[str, np.ndarray], cal: Calibration,
     return combine(z), z, cal
 
 
-def reasons(z: np.ndarray, names: Sequence[str], cut: float) -> list[list[str]]:
+# A signal this far below its clean model (the clean model's 2.3% tail) is named in a
+# dropped sample's reason even where others' shortfalls alone would have put it below the
+# threshold: a sample from another domain also ends and reads unlike the anchors, and
+# naming only the largest shortfalls would call it truncated or garbled.
+REASON_Z = -2.0
+
+
+def reasons(z: np.ndarray, names: Sequence[str], cut: float, also_below: float = REASON_Z) -> list[list[str]]:
     """Per sample, the signals whose shortfall put it below the threshold, worst first: the
     smallest set of signals that, were they typical (z = 0), would bring its summed squared
-    shortfall to `cut` (shortfall_threshold) or below, i.e. lift it to the threshold; empty
-    for a sample at or above it. Taking the largest shortfalls first gives the smallest set."""
+    shortfall to `cut` (shortfall_threshold) or below, i.e. lift it to the threshold (taking
+    the largest shortfalls first gives the smallest set), and with it every other signal
+    at or below `also_below`; empty for a sample at or above the threshold."""
     names = list(names)
     z = np.asarray(z, dtype=float).reshape(len(names), -1)
     out = []
     for column in z.T:
         short = np.minimum(column, 0.0) ** 2
         left, chosen = float(short.sum()), []
-        for j in np.argsort(-short, kind="stable"):
-            if left <= cut or short[j] == 0:
-                break
-            chosen.append(names[j])
-            left -= short[j]
+        if left > cut:
+            for j in np.argsort(column, kind="stable"):
+                if short[j] == 0 or (left <= cut and column[j] > also_below):
+                    break
+                chosen.append(names[j])
+                left -= short[j]
         out.append(chosen)
     return out
 
