@@ -647,6 +647,7 @@ def reasons(z: np.ndarray, names: Sequence[str], cut: float, also_below: float =
     at or below `also_below`; empty for a sample at or above the threshold."""
     names = list(names)
     z = np.asarray(z, dtype=float).reshape(len(names), -1)
+    cut = cut + 1e-9 * max(1.0, cut)  # shortfall_threshold's root is exact to 1e-10: a sample AT the threshold is kept
     out = []
     for column in z.T:
         short = np.minimum(column, 0.0) ** 2
