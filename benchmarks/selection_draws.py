@@ -446,7 +446,8 @@ def print_tables(pools: list[tuple[str, dict]]) -> None:
             print(f"{'  ' + label:32s} " + " ".join(f"{g:+.3f}".rjust(16) for g in gaps))
         print("\nreasons of the dropped bad samples: share naming their kind, mean over the draws "
               "(share named first; mean distinct reason words; dropped per draw)")
-        print(f"{'method':32s} " + " ".join(f"{k + ' -> ' + KIND_REASON[k]:>30s}"[-30:] for k in kind_names))
+        print("  (" + ", ".join(f"{k} -> {KIND_REASON[k]}" for k in kind_names) + ")")
+        print(f"{'method':32s} " + " ".join(f"{k:>30s}" for k in kind_names))
         for label, rs in rows.items():
             cells = []
             for k in kind_names:

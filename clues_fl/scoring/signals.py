@@ -3,8 +3,9 @@
 Gradient alignment (CLUES) catches answers from another domain and little else: an
 exchanged, cut or garbled answer in the right domain aligns with the anchors like a
 clean one. Other signals see those, but each on its own is a poor ranker (fluent bad
-answers exist), so raw values are not summed: each is first put in units of what the clean anchor
-set looks like, and a sample scores its total shortfall below a typical anchor.
+answers exist), so raw values are not summed: each gets a clean model (from the anchors,
+refined with the site's own pool), and a sample scores how far short of the clean models
+it falls on all signals together.
 
 Signals (computed at the site from the scoring pass it already makes, three forward
 passes of the base model (over the sample, its answer alone, its answer's end), one of a
@@ -38,10 +39,13 @@ name            what                                            good is   an out
 
 The server computes every signal for the anchors from their records (``clues``
 leave-one-out as the engine does; ``dup`` within the anchor set) and sends per-signal
-robust location and spread (median, 1.4826 MAD). A site turns a sample's signals into
-one-sided standard deviations ``z_j = direction_j (s_j - median_j) / spread_j`` (0 = a
-typical anchor, -3 = three spreads on the bad side) and reports only its total
-shortfall ``sum_j min(z_j, 0)`` (``combine``).
+robust location and spread (median, 1.4826 MAD) of the oriented values (``oriented``:
+higher is better, ``eos`` in log units) with the anchors' values. A site refines each
+signal's clean model with its own pool (``refine``), turns a sample's signals into
+standard deviations ``z_j`` under it (0 = typical clean, negative = worse) and reports
+only ``combine``: log10 of the share of clean samples whose summed squared shortfall
+``sum_j min(z_j, 0)^2`` is as large. ``reasons`` names the signals that put a dropped
+sample below the threshold.
 
 Plain numpy/torch: no Flower imports.
 """
