@@ -214,8 +214,10 @@ def select(message: Message, context: Context) -> Message:
     )
     context.state[KEPT_KEY] = ConfigRecord({"rows": chosen.rows})
     names, z = _signals(context)
+    threshold = float(request.threshold) if request.threshold is not None else float("nan")
+    own = threshold if request.anchor_mean is None else request.anchor_mean + threshold * request.anchor_std
     site.write_site_report(cfg, site.site_report_dir(cfg, context.node_config), samples, chosen.scores, chosen.kept,
-                           float(request.threshold) if request.threshold is not None else float("nan"), names, z)
+                           threshold, names, z, score_threshold=own)
     clusters = None
     if cfg.eval.coverage:
         clusters = site.coverage(SiteData(cfg, bench, samples, encoded, cache, _partition(context)), chosen.kept)

@@ -121,7 +121,8 @@ def test_mixture_ignores_non_finite_scores_and_handles_constant_anchors():
 
 
 def shortfalls(rng, n: int, shift: float = 0.0) -> np.ndarray:
-    """clues+-shaped scores: the sum of one-sided shortfalls of six standardised signals."""
+    """Scores with a heavy lower tail: the sum of one-sided shortfalls of six standardised
+    signals (the shape of clues+'s earlier combined score)."""
     return np.minimum(rng.normal(shift, 1.0, (6, n)), 0.0).sum(axis=0)
 
 

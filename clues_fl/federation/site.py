@@ -225,25 +225,37 @@ def site_report_dir(cfg, node_config) -> Path:
 
 
 def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float,
-                      signal_names: list[str] | None = None, signal_z=None) -> None:
+                      signal_names: list[str] | None = None, signal_z=None, score_threshold: float | None = None) -> None:
     """The data owner's audit of the drop, on this site's disk only: every dropped sample
-    with its text, its score and which signal put it below the threshold
+    with its text, its score and the signals whose shortfall put it below the threshold
     (clues_fl.scoring.signals.reasons; `signal_z`: the per-signal standardised values,
-    one row per name, for every sample of the site)."""
-    from clues_fl.scoring.signals import direction_and_reason, reasons
+    one row per name, for every sample of the site; `score_threshold`: the threshold on
+    the scorer's own scale where `threshold` is on another, as in merging mode).
+    `worst-signal` is the lowest of them."""
+    from clues_fl.scoring.signals import reason_text, reasons, shortfall_threshold, shortfalls
 
     names = list(signal_names or [])
     z = None if signal_z is None else np.asarray(signal_z, dtype=float).reshape(len(names), len(samples))
-    worst = None if z is None else reasons(z, names)
+    kept = np.asarray(kept, dtype=bool)
+    named = None
+    if z is not None:
+        own = threshold if score_threshold is None else score_threshold
+        if np.isfinite(own):
+            cut = shortfall_threshold(own, len(names))
+        else:  # a per-site ratio: the largest shortfall the site kept
+            cut = float(shortfalls(z[:, kept]).max()) if kept.any() else 0.0
+        named = reasons(z, names, cut)
     folder.mkdir(parents=True, exist_ok=True)
     by_reason: dict[str, int] = {}
     with open(folder / "dropped.jsonl", "w") as fh:
-        for i in np.flatnonzero(~np.asarray(kept, dtype=bool)):
+        for i in np.flatnonzero(~kept):
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
                    "score": float(scores[i]), "threshold": threshold}
             if z is not None:
-                row["reason"] = direction_and_reason(worst[i])[1]
-                row["worst-signal"] = worst[i]
+                lowest = names[int(np.argmin(z[:, i]))]
+                row["reason"] = reason_text(named[i] or [lowest])
+                row["reason-signals"] = named[i] or [lowest]
+                row["worst-signal"] = lowest
                 row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
             else:
                 row["reason"] = f"{cfg['selection.method']} score below the threshold"

@@ -63,7 +63,7 @@ class ScorePayload:
 class AnchorSide:
     """What the server derives from the public anchor set at the trace checkpoints."""
 
-    scores: np.ndarray  # leave-one-out scores of the anchors: threshold material
+    scores: np.ndarray  # threshold material: the anchors' leave-one-out scores (clues+: its clean reference)
     gradients: list[dict]  # the reference sent to the sites, one per checkpoint
     config: dict = field(default_factory=dict)  # scalars for the sites
 
@@ -112,11 +112,13 @@ class CluesScorer(Scorer):
 class CluesPlusScorer(CluesScorer):
     """CLUES+ (the default method): CLUES alignment plus base-model loss, question
     information, end-of-answer, near-duplicate and question-answer similarity signals
-    (``selection.signals``; clues_fl/scoring/signals.py), each in units of the anchors'
-    robust spread; a sample's score is the sum of its one-sided shortfalls (0 = nowhere
-    worse than a typical anchor, -3 = three spreads on the bad side in all). The server
-    calibrates on the anchors (leave-one-out) and sends the signal names with the
-    calibration; the sites report only that one number per sample."""
+    (``selection.signals``; clues_fl/scoring/signals.py). The server fits a clean model of
+    each signal to the anchors and sends it (with the anchors' values); a site refines it
+    with its own pool and scores each sample by how far short of it the sample falls on
+    all signals, as log10 of the share of clean samples that would fall as far short
+    (0 = nowhere short, -1.3 = worse than 95% of clean ones). The sites report only that
+    one number per sample; the threshold rules' picture of clean scores is the model's
+    (signals.clean_reference), not the anchors' own scores."""
 
     name = "clues+"
 
@@ -131,7 +133,7 @@ class CluesPlusScorer(CluesScorer):
         side = super().anchor_side(bench, anchors, checkpoints, cfg, cache=cache)  # CLUES's: the gradients
         values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, samples, cache)
         cal = signals.calibrate(values)
-        return AnchorSide(signals.anchor_loo_scores(values), side.gradients, cal.to_config())
+        return AnchorSide(signals.clean_reference(len(anchors)), side.gradients, cal.to_config())
 
     def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None,
                        names=None) -> dict:
@@ -148,7 +150,7 @@ class CluesPlusScorer(CluesScorer):
         cal = signals.Calibration.from_config(payload.config)
         raw = signals.compute_signals(site.bench, site.samples, site.encoded, site.cfg, clues_scores=result.scores,
                                       losses=result.losses, cache=site.cache, names=cal.names)
-        combined, z = signals.calibrated_scores(raw, cal)
+        combined, z, _ = signals.calibrated_scores(raw, cal)
         self.details = {"names": list(cal.names), "z": z, "raw": raw}
         return combined
 

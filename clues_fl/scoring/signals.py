@@ -3,8 +3,9 @@
 Gradient alignment (CLUES) catches answers from another domain and little else: an
 exchanged, cut or garbled answer in the right domain aligns with the anchors like a
 clean one. Other signals see those, but each on its own is a poor ranker (fluent bad
-answers exist), so raw values are not summed: each is first put in units of what the clean anchor
-set looks like, and a sample scores its total shortfall below a typical anchor.
+answers exist), so raw values are not summed: each gets a clean model (from the anchors,
+refined with the site's own pool), and a sample scores how far short of the clean models
+it falls on all signals together.
 
 Signals (computed at the site from the scoring pass it already makes, three forward
 passes of the base model (over the sample, its answer alone, its answer's end), one of a
@@ -38,10 +39,13 @@ name            what                                            good is   an out
 
 The server computes every signal for the anchors from their records (``clues``
 leave-one-out as the engine does; ``dup`` within the anchor set) and sends per-signal
-robust location and spread (median, 1.4826 MAD). A site turns a sample's signals into
-one-sided standard deviations ``z_j = direction_j (s_j - median_j) / spread_j`` (0 = a
-typical anchor, -3 = three spreads on the bad side) and reports only its total
-shortfall ``sum_j min(z_j, 0)`` (``combine``).
+robust location and spread (median, 1.4826 MAD) of the oriented values (``oriented``:
+higher is better, ``eos`` in log units) with the anchors' values. A site refines each
+signal's clean model with its own pool (``refine``), turns a sample's signals into
+standard deviations ``z_j`` under it (0 = typical clean, negative = worse) and reports
+only ``combine``: log10 of the share of clean samples whose summed squared shortfall
+``sum_j min(z_j, 0)^2`` is as large. ``reasons`` names the signals that put a dropped
+sample below the threshold.
 
 Plain numpy/torch: no Flower imports.
 """
@@ -49,12 +53,16 @@ Plain numpy/torch: no Flower imports.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from scipy.optimize import brentq
+from scipy.special import logsumexp
+from scipy.stats import chi2
 
 from clues_fl.config import DEFAULT_SIGNALS  # noqa: F401  (re-exported: the benchmarks and tests read it here)
 from clues_fl.model.forward import sample_losses
@@ -467,23 +475,50 @@ def checkpoint_losses(bench, encoded, checkpoints, *, batch_size: int = 8, cache
 # --------------------------------------------------------------------------- calibration
 
 
+# Signals read on a log scale: the end-token loss of clean answers has a long upper tail
+# (answers whose source text ends in a list's colon or a link: 4 of the 48 clean samples
+# of the suite's quick pool have an end loss of 10-16 nats against a median of 2.5), which
+# in loss units buries every other signal's shortfall under theirs.
+LOG_SCALE = frozenset({"eos"})
+# Anchor quantiles at which a site cuts its own pool to refine each signal's clean model
+# (refine): the pool's values above the cut are mostly clean on that signal.
+REFINE_QUANTILES = (0.3, 0.4, 0.5)
+
+
+def oriented(name: str, values) -> np.ndarray:
+    """A signal's values on the scale its clean model is fitted on: higher is better,
+    LOG_SCALE signals in log units; NaN (a value the sample does not have) stays NaN."""
+    v = np.asarray(values, dtype=float)
+    if name in LOG_SCALE:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.log(np.maximum(v, 1e-6))
+    return direction_and_reason(name)[0] * v
+
+
 @dataclass
 class Calibration:
-    """Per-signal robust location and spread of the anchors' values."""
+    """Per signal, the clean model of its oriented values (oriented): a normal
+    distribution with location `centre` and scale `spread`, and the public anchors'
+    oriented values it came from (`anchors`, signals x anchors; a site refines the model
+    with its own pool, refine)."""
 
     names: tuple[str, ...]
     centre: np.ndarray
     spread: np.ndarray
+    anchors: np.ndarray
 
     def to_config(self) -> dict:
         return {"signals": list(self.names), "signal-centre": [float(x) for x in self.centre],
-                "signal-spread": [float(x) for x in self.spread]}
+                "signal-spread": [float(x) for x in self.spread],
+                "signal-anchors": [float(x) for x in np.nan_to_num(self.anchors, nan=np.inf).ravel()]}
 
     @classmethod
     def from_config(cls, config) -> Calibration:
-        return cls(tuple(str(n) for n in config["signals"]),
-                   np.asarray([float(x) for x in config["signal-centre"]]),
-                   np.asarray([float(x) for x in config["signal-spread"]]))
+        names = tuple(str(n) for n in config["signals"])
+        anchors = np.asarray([float(x) for x in config["signal-anchors"]]).reshape(len(names), -1)
+        return cls(names, np.asarray([float(x) for x in config["signal-centre"]]),
+                   np.asarray([float(x) for x in config["signal-spread"]]),
+                   np.where(np.isinf(anchors), np.nan, anchors))
 
 
 def _robust(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
@@ -500,72 +535,143 @@ def _robust(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
 
 
 def calibrate(anchor_signals: dict[str, np.ndarray]) -> Calibration:
+    """The clean model from the anchors alone: per signal the median and 1.4826 MAD of
+    their oriented values (MIN_SPREAD as a floor)."""
     names = tuple(anchor_signals)
-    stats = [_robust(np.asarray(anchor_signals[n], dtype=float), MIN_SPREAD.get(n, 0.0)) for n in names]
-    return Calibration(names, np.array([c for c, _ in stats]), np.array([s for _, s in stats]))
+    values = np.vstack([oriented(n, anchor_signals[n]) for n in names])
+    stats = [_robust(row, MIN_SPREAD.get(n, 0.0)) for n, row in zip(names, values)]
+    return Calibration(names, np.array([c for c, _ in stats]), np.array([s for _, s in stats]), values)
+
+
+def refine(cal: Calibration, signals: dict[str, np.ndarray], quantiles=REFINE_QUANTILES) -> Calibration:
+    """The clean model refitted with a pool's own values (a site's samples): per signal a
+    normal distribution fitted jointly to the anchors (all of them) and to the pool's
+    values above a cut at an anchor quantile (a truncated normal: the pool's clean samples
+    and the bad kinds this signal does not see; the kinds it sees lie below the cut), the
+    fits at the cuts `quantiles` averaged (selection.rules.mixture_threshold's censored
+    fit, per signal). The pool is 10-100 times the anchor set, so location and spread
+    swing less with which anchors were drawn; a pool far below the anchors leaves few
+    values above the cut, and the anchors keep the fit where it was."""
+    from clues_fl.selection.rules import _fit_good
+
+    centre, spread = cal.centre.copy(), cal.spread.copy()
+    for j, name in enumerate(cal.names):
+        anchors = cal.anchors[j][np.isfinite(cal.anchors[j])]
+        pool = oriented(name, signals[name])
+        pool = pool[np.isfinite(pool)]
+        if anchors.size < 2 or pool.size == 0:
+            continue
+        za, zp = (anchors - cal.centre[j]) / cal.spread[j], (pool - cal.centre[j]) / cal.spread[j]
+        fits = [_fit_good(za, zp, float(np.quantile(za, q))) for q in quantiles]
+        centre[j] = cal.centre[j] + cal.spread[j] * float(np.mean([f[0] for f in fits]))
+        spread[j] = max(cal.spread[j] * float(np.mean([f[1] for f in fits])), MIN_SPREAD.get(name, 0.0))
+    return replace(cal, centre=centre, spread=spread)
 
 
 def standardised(signals: dict[str, np.ndarray], cal: Calibration) -> np.ndarray:
-    """(S, N) one-sided standard deviations: 0 = a typical anchor, negative = worse.
-    A missing value (NaN, e.g. the end token of a sample cut at max-length) counts as
-    typical (0)."""
+    """(S, N) standard deviations under the clean model: 0 = a typical clean sample,
+    negative = worse. A missing value (NaN, e.g. the end token of a sample cut at
+    max-length) counts as typical (0)."""
     rows = []
     for name, centre, spread in zip(cal.names, cal.centre, cal.spread):
-        direction = direction_and_reason(name)[0]
-        z = direction * (np.asarray(signals[name], dtype=float) - centre) / spread
+        z = (oriented(name, signals[name]) - centre) / spread
         rows.append(np.clip(np.nan_to_num(z, nan=0.0), Z_FLOOR, -Z_FLOOR))
     return np.vstack(rows)
 
 
+def _log_shortfall_tail(r2, k: int) -> np.ndarray:
+    """Natural log of P(sum_j min(z_j, 0)^2 >= r2) for k independent standard normal z_j:
+    m ~ Binomial(k, 1/2) of them fall short, and the sum of m squared shortfalls is
+    chi-square with m degrees of freedom."""
+    r2 = np.asarray(r2, dtype=float)
+    terms = [math.log(math.comb(k, m)) - k * math.log(2) + chi2.logsf(r2, m) for m in range(1, k + 1)]
+    return np.where(r2 > 0, logsumexp(np.stack(terms), axis=0), 0.0)
+
+
+def shortfalls(z: np.ndarray) -> np.ndarray:
+    """Each sample's squared shortfalls summed over signals, sum_j min(z_j, 0)^2."""
+    return (np.minimum(np.atleast_2d(np.asarray(z, dtype=float)), 0.0) ** 2).sum(axis=0)
+
+
 def combine(z: np.ndarray) -> np.ndarray:
-    """How anchor-like each sample is: the sum of its one-sided shortfalls, sum_j min(z_j, 0)
-    (0 = nowhere worse than a typical anchor). On the quick pool this ranked better than the
-    single worst deviation (min_j z_j) for every pollution type: a clean sample is rarely
-    somewhat low on several signals at once, a bad one often is."""
-    return np.minimum(z, 0.0).sum(axis=0)
+    """log10 of the share of clean samples that would fall as far short of the clean model
+    as this one: with k signals and r^2 = sum_j min(z_j, 0)^2, ``P(R^2 >= r^2)`` for
+    independent standard normal z_j (a mixture of chi-square tails, _log_shortfall_tail).
+    Clean samples score about log10 of a uniform number (0 = nowhere short, -1.3 = worse
+    than 95% of clean ones). Squares, not the plain sum of shortfalls: one signal far out
+    outweighs several a little short, so a signal that does not see a kind adds little
+    noise to the one that does, while a kind that several signals see (another domain)
+    still adds up (docs/selection.md, "Calibration over anchor draws")."""
+    z = np.atleast_2d(np.asarray(z, dtype=float))
+    return _log_shortfall_tail(shortfalls(z), z.shape[0]) / math.log(10)
 
 
-def calibrated_scores(signals: dict[str, np.ndarray], cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
-    """(combined score (N,), per-signal z (S, N))."""
+def shortfall_threshold(threshold: float, k: int) -> float:
+    """The summed squared shortfall r^2 at which the combined score (combine, k signals)
+    equals `threshold`: a sample is below the threshold exactly when its r^2 is above."""
+    target = float(threshold) * math.log(10)
+    if not target < 0:
+        return 0.0
+    high = 1.0
+    while _log_shortfall_tail(high, k) > target:
+        high *= 2
+    return float(brentq(lambda r2: float(_log_shortfall_tail(r2, k)) - target, 0.0, high, xtol=1e-10))
+
+
+def clean_reference(size: int) -> np.ndarray:
+    """The combined score of clean data at `size` evenly spaced quantiles: under the clean
+    model it is log10 of a uniform number, whatever the signals. The server sends it as
+    the threshold rules' picture of clean scores (AnchorSide.scores) in place of the
+    anchors' own scores, which 16 anchors give only coarsely."""
+    return np.log10((np.arange(size) + 0.5) / size)
+
+
+def calibrated_scores(signals: dict[str, np.ndarray], cal: Calibration,
+                      pool_refined: bool = True) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """(combined score (N,), per-signal z (S, N), the calibration used): the clean model
+    refined with these samples (refine; a site's pool) unless `pool_refined` is False."""
+    if pool_refined:
+        cal = refine(cal, signals)
     z = standardised(signals, cal)
-    return combine(z), z
+    return combine(z), z, cal
 
 
-def anchor_loo_scores(anchor_signals: dict[str, np.ndarray]) -> np.ndarray:
-    """The anchors' own combined scores, each against the calibration of the OTHER
-    anchors (an anchor inside its own median/MAD would look more typical than it is)."""
-    names = tuple(anchor_signals)
-    n = len(next(iter(anchor_signals.values())))
-    out = np.zeros(n)
-    for i in range(n):
-        others = {k: np.delete(np.asarray(v, dtype=float), i) for k, v in anchor_signals.items()}
-        one = {k: np.asarray(v, dtype=float)[i : i + 1] for k, v in anchor_signals.items()}
-        out[i] = combine(standardised(one, calibrate({k: others[k] for k in names})))[0]
+# A signal this far below its clean model (the clean model's 2.3% tail) is named in a
+# dropped sample's reason even where others' shortfalls alone would have put it below the
+# threshold: a sample from another domain also ends and reads unlike the anchors, and
+# naming only the largest shortfalls would call it truncated or garbled.
+REASON_Z = -2.0
+
+
+def reasons(z: np.ndarray, names: Sequence[str], cut: float, also_below: float = REASON_Z) -> list[list[str]]:
+    """Per sample, the signals whose shortfall put it below the threshold, worst first: the
+    smallest set of signals that, were they typical (z = 0), would bring its summed squared
+    shortfall to `cut` (shortfall_threshold) or below, i.e. lift it to the threshold (taking
+    the largest shortfalls first gives the smallest set), and with it every other signal
+    at or below `also_below`; empty for a sample at or above the threshold."""
+    names = list(names)
+    z = np.asarray(z, dtype=float).reshape(len(names), -1)
+    cut = cut + 1e-9 * max(1.0, cut)  # shortfall_threshold's root is exact to 1e-10: a sample AT the threshold is kept
+    out = []
+    for column in z.T:
+        short = np.minimum(column, 0.0) ** 2
+        left, chosen = float(short.sum()), []
+        if left > cut:
+            for j in np.argsort(column, kind="stable"):
+                if short[j] == 0 or (left <= cut and column[j] > also_below):
+                    break
+                chosen.append(names[j])
+                left -= short[j]
+        out.append(chosen)
     return out
 
 
-# A sample whose gradient alignment is this far below the anchors' is named off-domain
-# whatever else is low: a sample from another domain also ends, reads and relates to its
-# question unlike the anchors, and those shortfalls follow from it. Measured on the two
-# quick pools and the demo's checkpoints (benchmarks/signals.py, "reasons"): -1.5 named
-# more dropped cross-domain samples right than -2 or -2.5, at the cost of calling a few
-# wrongly dropped clean samples off-domain too.
-OFF_DOMAIN_Z = -1.5
-
-
-def reasons(z: np.ndarray, names: Sequence[str]) -> list[str]:
-    """Per sample of one site, the signal that put it low (a name of SIGNALS): "clues"
-    when its gradient alignment is OFF_DOMAIN_Z or more below the anchors', else the
-    signal on which it is rarest within its site (the smallest share of the site's samples
-    as low or lower). The raw worst z would name the heavy-tailed end-token signal for
-    most samples (the demo's off-domain drops were 58% "truncated")."""
-    names = list(names)
-    z = np.asarray(z, dtype=float).reshape(len(names), -1)
-    low = np.minimum(z, 0.0)
-    share = np.vstack([np.searchsorted(np.sort(row), row, side="right") / row.size for row in low])
-    share[low >= 0] = np.inf  # not low at all: never the reason
-    picked = [names[np.lexsort((z[:, i], share[:, i]))[0]] for i in range(z.shape[1])]  # rarest, then lowest z
-    if "clues" in names:
-        off = z[names.index("clues")] <= OFF_DOMAIN_Z
-        picked = ["clues" if o else p for o, p in zip(off, picked)]
-    return picked
+def reason_text(signal_names: Sequence[str]) -> str:
+    """The words of a reason: each named signal's reason once, worst first ("off-domain"
+    only when the gradient alignment is among them)."""
+    words: list[str] = []
+    for name in signal_names:
+        word = direction_and_reason(name)[1]
+        if word not in words:
+            words.append(word)
+    return "; ".join(words)

