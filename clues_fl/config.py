@@ -351,7 +351,7 @@ class ScoringSection(Section):
     prefix_cache: bool = option(True, "reuse the frozen layers' activations")
     cache_budget: str = option("0.5", "disk for each prefix cache: a share of the free disk of its folder, or a "
                                "size; over it the shortest samples that fit are cached and the others recompute "
-                               "the frozen layers (docs/scale.md)",
+                               "the frozen layers ([scale.md](scale.md))",
                                allowed="a share in (0, 1], or a size: `20GB`, `500MB`, `1.5TiB` (B, KB, MB, GB, "
                                "TB, KiB, MiB, GiB, TiB)")
 
