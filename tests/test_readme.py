@@ -78,14 +78,16 @@ def test_every_readme_command_exists_and_takes_its_options(command):
             f"{command}: {option} is not an option of {' '.join(target(command)[1:])}")
 
 
-def test_every_command_in_the_docs_names_a_module_or_script_that_exists():
-    for path in [README, *DOCS]:
-        for command in commands(path):
-            argv = target(command)
-            if argv[1] == "-m":
-                assert importlib.util.find_spec(argv[2]) is not None, f"{path.name}: {command}"
-            else:
-                assert Path(argv[1]).is_file(), f"{path.name}: {command}"
+def docs_commands() -> list[tuple[str, str]]:
+    return sorted({(path.name, command) for path in DOCS for command in commands(path)})
+
+
+@pytest.mark.parametrize("doc,command", docs_commands())
+def test_every_command_in_the_docs_answers_help_and_takes_its_options(doc, command):
+    shown = help_text(tuple(target(command)))
+    for option in re.findall(r"(?<![\w'\"=-])(--[a-z][a-z0-9-]*)", command):
+        assert re.search(re.escape(option) + r"(?![\w-])", shown), (
+            f"{doc}: {command}: {option} is not an option of {' '.join(target(command)[1:])}")
 
 
 def slug(heading: str) -> str:

@@ -153,7 +153,7 @@ def test_the_signal_list_is_configured_and_checked():
 
     assert tuple(sg.SIGNALS) == SIGNAL_NAMES
     assert tuple(parse_config({}).list("selection.signals")) == sg.DEFAULT_SIGNALS
-    assert parse_config({"selection.signals": "clues, overlap"}).list("selection.signals") == ["clues", "overlap"]
+    assert parse_config({"selection.signals": "clues, overlap"}).list("selection.signals") == ("clues", "overlap")
     for bad, message in (("clues,perplexity", "'perplexity' is not one of clues, loss"),
                          ("", "name at least one signal"), ("eos,eos", "'eos,eos' names a signal twice")):
         with pytest.raises(ConfigError, match=f"selection.signals: {message}"):

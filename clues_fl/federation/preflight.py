@@ -27,7 +27,6 @@ from clues_fl.config import (
     RunConfig,
     mc_source,
     parse_config,
-    split_list,
 )
 from clues_fl.federation.run_dir import saved_state_problem
 from clues_fl.model.quantization import check_quantization_available
@@ -245,7 +244,7 @@ def check_plugins(cfg: RunConfig) -> None:
     if cfg.selection.method == "clues+":
         from clues_fl.scoring.signals import direction_and_reason
 
-        for name in split_list(cfg.selection.signals):
+        for name in cfg.selection.list("signals"):
             if plugins.is_reference(name):
                 _keyed("selection.signals", lambda name=name: direction_and_reason(name))
     if str(cfg.fed.strategy).lower() != "fedavg" or cfg.fed.strategy_args:
