@@ -253,7 +253,7 @@ def draw_signals(d: dict, draw: int, names=sg.DEFAULT_SIGNALS) -> tuple[dict, di
     return anchors, pool
 
 
-# ------------------------------------------------------------- today's method (reference)
+# ------------------------------------------------------------- the earlier score (reference)
 # main before the combined score of signals.combine: anchors-only median/MAD, the plain sum
 # of one-sided shortfalls, the anchors' leave-one-out scores as the threshold rules' clean
 # picture, and the reason = the signal on which a sample is rarest within its site (or
@@ -295,7 +295,7 @@ def _rarest_reasons(z: np.ndarray, names) -> list[str]:
     return picked
 
 
-def today(anchors: dict, pool: dict, site: np.ndarray) -> dict:
+def earlier(anchors: dict, pool: dict, site: np.ndarray) -> dict:
     cal = _sum_calibrate(anchors)
     z = _sum_z(pool, cal)
     scores = np.minimum(z, 0).sum(0)
@@ -338,7 +338,7 @@ def calibrated(refined: bool, also_below: float = sg.REASON_Z):
 
 
 METHODS = {
-    "today (sum, anchors only)": today,
+    "earlier (sum, anchors only)": earlier,
     "new (chi2 tail, site-refined)": calibrated(True),
     "new, reasons: smallest set only": calibrated(True, -np.inf),
     "new, reasons: also z <= -1.5": calibrated(True, -1.5),
