@@ -12,7 +12,8 @@ on the CPU, what its ClientApp runs for each message, through the same plain fun
   score         the default method, clues+: gradient alignment at the trace checkpoints and
                 the other signals (query.score)
   select        the threshold applied, the site's report of its dropped samples (query.select)
-  retrain       retrain.rounds rounds on the kept samples (train messages)
+  retrain       retrain.rounds rounds on the kept samples (train messages of the aggregate
+                phase, each as long as retrain.budget says)
   quad          Quad instead of clues+: embeddings, k-means, bandit scoring (query.score)
 
 and, on the server, the anchors' side (clues+ and Quad: constant in N) and the
@@ -293,11 +294,15 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     signals.token_loss_stats = meter.timed("score: model signals", signals.token_loss_stats)
     signals.near_duplicate_scores = meter.timed("score: near-duplicates", signals.near_duplicate_scores)
     signals.question_answer_similarity = meter.timed("score: qa-sim", signals.question_answer_similarity)
-    with meter.step("score") as row:
+    def answer_score(row: dict, request, scorer, run_cfg):
+        """What the site's query.score handler does with `request`, its bytes counted in `row`."""
         row["received"] += msg.wire_bytes(request)
         got = msg.ScoreRequest.from_record(request)
         payload = ScorePayload(got.checkpoints, got.anchor_gradients, dict(got.scorer))
-        scored = site.score_samples(scorer, SiteData(cfg, bench, samples, encoded, cache, 0), payload)
+        return site.score_samples(scorer, SiteData(run_cfg, bench, samples, encoded, cache, 0), payload)
+
+    with meter.step("score") as row:
+        scored = answer_score(row, request, scorer, cfg)
         kept_state = ConfigRecord({"scores": [float(s) for s in scored.values]})  # the handler's context.state
         details = scored.details or {}
         signal_state = ConfigRecord({"names": [str(x) for x in details.get("names", [])],
@@ -329,10 +334,10 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
 
     with meter.step("retrain") as row:
         for rnd in range(1, cfg.retrain.rounds + 1):
-            request = msg.TrainRequest(state, "retrain", rnd).to_record()
+            request = msg.TrainRequest(state, "aggregate", rnd).to_record()
             row["received"] += msg.wire_bytes(request)
             got = msg.TrainRequest.from_record(request)
-            result = site.train_round(bench, cfg, encoded, cache, kept, got.state, None, phase="retrain",
+            result = site.train_round(bench, cfg, encoded, cache, kept, got.state, None, phase="aggregate",
                                       server_round=rnd, proximal_mu=0.0, partition_id=0)
             reply = msg.TrainReply(result.state, result.num_examples, result.loss, result.steps,
                                    result.seconds).to_record()
@@ -348,10 +353,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     quad.cluster_samples = meter.timed("quad: k-means", quad.cluster_samples)
     quad.quad_select = meter.timed("quad: bandit scoring", quad.quad_select)
     with meter.step("quad") as row:
-        row["received"] += msg.wire_bytes(request)
-        got = msg.ScoreRequest.from_record(request)
-        payload = ScorePayload(got.checkpoints, got.anchor_gradients, dict(got.scorer))
-        quad_scored = site.score_samples(quad_scorer, SiteData(quad_cfg, bench, samples, encoded, cache, 0), payload)
+        quad_scored = answer_score(row, request, quad_scorer, quad_cfg)
         reply = msg.ScoreReply(len(encoded), ids=ids, scores=[float(s) for s in quad_scored.values],
                                scored=int(quad_scored.extras["scored"]),
                                extras={k: v for k, v in quad_scored.extras.items() if k != "scored"}).to_record()

@@ -48,8 +48,10 @@ def synthetic_answers(n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def pairwise_in_python(texts: list[str]) -> np.ndarray:
-    """The signal as it was computed before (every pair of texts, in Python)."""
+def pairwise_in_python(texts: list[str], min_jaccard: float = 0.0) -> np.ndarray:
+    """The signal as it was computed before (every pair of texts, in Python); with
+    `min_jaccard`, as it is defined now (a pair below it counts as no overlap): the
+    reference tests/test_signals.py checks the prefix-filtered search against."""
     import re
 
     def shingles(text):
@@ -64,9 +66,9 @@ def pairwise_in_python(texts: list[str]) -> np.ndarray:
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
             a, b = sets[i], sets[j]
-            if a and b and (inter := len(a & b)):
+            if a and b and (inter := len(a & b)) and (sim := inter / len(a | b)) >= min_jaccard:
                 later = i if sizes[i] < sizes[j] else j
-                out[later] = max(out[later], inter / len(a | b))
+                out[later] = max(out[later], sim)
     return out
 
 

@@ -4,6 +4,8 @@ labels and the site-local report of dropped samples."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from clues_fl.data.scenario import build_scenario
 from clues_fl.selection.rules import clean_share
 from test_flower_inprocess import _strings_in, drive, run_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from scale_steps import pairwise_in_python  # noqa: E402  (every pair compared: the signal's reference)
+
 
 def test_near_duplicates_flag_the_less_complete_copies_only():
     texts = ["the cost of a mortgage depends on the rate and term",  # a near-copy (a word lost) of the 3rd
@@ -23,30 +28,6 @@ def test_near_duplicates_flag_the_less_complete_copies_only():
     d = sg.near_duplicate_scores(texts)
     assert d[1] == 0.0 and d[2] == 0.0  # the most complete (or first of equals) member stays
     assert d[0] > 0.5 and d[3] == 1.0
-
-
-def naive_near_duplicates(texts, min_jaccard):
-    """Every pair compared, as the signal is defined (the reference for the prefix filter)."""
-    import re
-
-    def shingles(text):
-        words = re.findall(r"\w+", text.lower())
-        if len(words) < 3:
-            return frozenset([" ".join(words)]) if words else frozenset()
-        return frozenset(" ".join(words[i : i + 3]) for i in range(len(words) - 2))
-
-    sets = [shingles(t) for t in texts]
-    sizes = [len(re.findall(r"\w+", t)) for t in texts]
-    out = np.zeros(len(texts))
-    for i in range(len(texts)):
-        for j in range(i + 1, len(texts)):
-            a, b = sets[i], sets[j]
-            if a and b and (inter := len(a & b)):
-                sim = inter / len(a | b)
-                later = i if sizes[i] < sizes[j] else j
-                if sim >= min_jaccard:
-                    out[later] = max(out[later], sim)
-    return out
 
 
 def pool_of_texts(n: int, seed: int) -> list[str]:
@@ -81,7 +62,7 @@ def test_near_duplicate_search_finds_every_pair_at_the_threshold(min_jaccard, se
     """The prefix-filtered search gives every pair's exact value where it reaches the
     threshold, as comparing all pairs does (0 = every pair sharing a 3-gram)."""
     texts = pool_of_texts(300, seed)
-    want = naive_near_duplicates(texts, min_jaccard)
+    want = pairwise_in_python(texts, min_jaccard)
     got = sg.near_duplicate_scores(texts, min_jaccard=min_jaccard)
     np.testing.assert_array_equal(got, want)
     assert (want > 0).sum() > 20  # the pool has near-copies at every threshold tried
@@ -92,7 +73,7 @@ def test_near_duplicates_with_more_words_than_three_fit_one_integer(monkeypatch)
     want = sg.near_duplicate_scores(texts)
     monkeypatch.setattr(sg, "_PACKED_KEYS", 0)  # 3-grams numbered by np.unique instead of packed
     np.testing.assert_array_equal(sg.near_duplicate_scores(texts), want)
-    np.testing.assert_array_equal(sg.near_duplicate_scores(texts[:50]), naive_near_duplicates(texts[:50], 0.2))
+    np.testing.assert_array_equal(sg.near_duplicate_scores(texts[:50]), pairwise_in_python(texts[:50], 0.2))
 
 
 def test_near_duplicate_threshold_and_edge_cases():

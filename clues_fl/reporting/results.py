@@ -113,7 +113,7 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
             traced = [s.trace_state for s in state.sites.values() if s.trace_state]
             if traced:
                 merged = FinalAdapter(rule="linear", weights=[1 / len(traced)] * len(traced), site_states=traced,
-                                         density=cfg.merge.density)
+                                      density=cfg.merge.density)
                 with merged.active(bench.model, bench.initial_state) as model:
                     losses["all-data"] = mean_loss(model, data.val, bench.first_layer, pad_id=bench.pad_id,
                                                    cache=data.val_cache)
