@@ -44,17 +44,18 @@ with console.held_warnings():  # the libraries' import-time deprecations go to s
     from clues_fl.federation.site_errors import report_site_errors
     from clues_fl.federation.site_ids import site_name, wire_ids
     from clues_fl.model.device import peak_memory_mib
-    from clues_fl.runtime import score_settings, workbench
+    from clues_fl.runtime import has_scoring_model, score_settings, selection_workbench, workbench
     from clues_fl.scoring.scorers import ScorePayload, SiteData, make_scorer
 
 
 
 def _cache_bytes(message: Message, context: Context) -> int | None:
-    """The site's prefix cache on disk, for a message that has loaded its data (query.site reads none)."""
+    """The site's prefix caches on disk (the trained model's and a scoring model's), for a
+    message that has loaded its data (query.site reads none)."""
     if message.metadata.message_type == DescribeRequest.message_type:
         return None
-    cache = _load(context)[4]
-    return cache.disk_bytes if cache is not None else None
+    caches = {id(c): c for c in (_load(context)[4], _selection(context)[2]) if c is not None}
+    return sum(c.disk_bytes for c in caches.values()) if caches else None
 
 
 # a site's error reaches the server as one line; every good reply says what it cost
@@ -84,6 +85,25 @@ def _site(run_config: str, node_config: str):
 
 def _load(context: Context):
     return _site(_frozen(context.run_config), _frozen(context.node_config))
+
+
+@functools.lru_cache(maxsize=4)
+def _selection_site(run_config: str, node_config: str):
+    """The model the selection runs with, this site's samples encoded for it and their
+    prefix cache: the trained model's, or scoring.model's with its own tokenizer."""
+    cfg, bench, samples, encoded, cache, _ = _site(run_config, node_config)
+    if not has_scoring_model(cfg):
+        return bench, encoded, cache
+    scoring = selection_workbench(cfg)
+    scoring_encoded = scoring.encode(samples, cfg)
+    if [e.id for e in scoring_encoded] != [e.id for e in encoded]:  # one row per sample in both encodings
+        raise RuntimeError("the scoring model's encoding of this site's samples does not match the trained model's")
+    return scoring, scoring_encoded, scoring.cache(scoring_encoded, cfg, desc="site prefix cache (scoring model)")
+
+
+def _selection(context: Context):
+    """(workbench, encoded samples, prefix cache) of the selection (tracing, scoring)."""
+    return _selection_site(_frozen(context.run_config), _frozen(context.node_config))
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,6 +169,8 @@ def train(message: Message, context: Context) -> Message:
     and go in their own record; FedProx's proximal-mu adds its proximal term."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
     request = TrainRequest.from_record(message.content)
+    if request.phase == "trace":  # the selection's model traces
+        bench, encoded, cache = _selection(context)
     kept = None if request.phase == "trace" else _kept_rows(context)
     rows = list(range(len(encoded))) if request.phase in ("trace", "all-data") else kept
     result = site.train_round(
@@ -168,6 +190,8 @@ def train_local(message: Message, context: Context) -> Message:
     """Merging mode: a whole local run, with K checkpoints when tracing."""
     cfg, bench, samples, encoded, cache, _ = _load(context)
     request = LocalTrainRequest.from_record(message.content)
+    if request.phase == "trace":  # the selection's model traces
+        bench, encoded, cache = _selection(context)
     rows = list(range(len(encoded))) if request.phase == "trace" else _kept_rows(context)
     run = site.local_run(bench, cfg, encoded, cache, rows, phase=request.phase, partition_id=_partition(context))
     return _reply(message, LocalTrainReply(
@@ -181,7 +205,8 @@ def train_local(message: Message, context: Context) -> Message:
 @_ids_hidden
 def score(message: Message, context: Context) -> Message:
     """Per-sample scores of the configured selection method (clues+ by default)."""
-    cfg, bench, samples, encoded, cache, skipped = _load(context)
+    cfg, _, samples, _, _, skipped = _load(context)
+    bench, encoded, cache = _selection(context)
     request = ScoreRequest.from_record(message.content)
     scorer = make_scorer(request.method, score_settings(cfg))
     payload = ScorePayload(request.checkpoints, request.anchor_gradients, dict(request.scorer))
@@ -205,7 +230,8 @@ def score(message: Message, context: Context) -> Message:
 @_ids_hidden
 def select(message: Message, context: Context) -> Message:
     """Apply the global threshold (or ratio) locally; report counts only."""
-    cfg, bench, samples, encoded, cache, _ = _load(context)
+    cfg, _, samples, _, _, _ = _load(context)
+    bench, encoded, cache = _selection(context)  # coverage: the clusters of the selection's embeddings
     request = SelectRequest.from_record(message.content)
     labelled = site.has_quality_labels(cfg, context.node_config)
     chosen = site.select(

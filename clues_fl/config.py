@@ -356,6 +356,11 @@ class ScoringSection(Section):
                                  choices=("sgd", "adam"))
     batch_size: int = option(8, "scoring batch", bound=">= 1")
     prefix_cache: bool = option(True, "reuse the frozen layers' activations")
+    model: str = option("", "the model the selection runs with (trace and scores), in any form `model.name` "
+                        "takes; empty: `model.name`. The published adapter is always trained on `model.name` "
+                        "([selection.md](selection.md#a-smaller-scoring-model))")
+    model_layers: str = option("top8", "the scoring model's decoder layers that get adapters (the forms of "
+                               "`lora.layers`); used with `scoring.model`")
     cache_budget: str = option("0.5", "disk for each prefix cache: a share of the free disk of its folder, or a "
                                "size; over it the shortest samples that fit are cached and the others recompute "
                                "the frozen layers ([scale.md](scale.md))",

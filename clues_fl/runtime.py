@@ -111,18 +111,48 @@ def _cached(model: ModelSection, lora: LoraSection, seed: int, gradient_checkpoi
     return Workbench(model, lora, seed, gradient_checkpointing)
 
 
-def workbench(cfg: RunConfig) -> Workbench:
-    check_quantization_available(cfg.model)  # the install command, before anything loads
+def _args(cfg: RunConfig, model: ModelSection, layers: str) -> tuple:
     # the sections are frozen, so they are the cache key; target modules as their list
-    lora = dataclasses.replace(cfg.lora, target_modules=",".join(cfg.lora.list("target_modules")))
-    args = (cfg.model, lora, cfg.run.seed, cfg.train.gradient_checkpointing)
+    lora = dataclasses.replace(cfg.lora, target_modules=",".join(cfg.lora.list("target_modules")), layers=layers)
+    return (model, lora, cfg.run.seed, cfg.train.gradient_checkpointing)
+
+
+def _training_args(cfg: RunConfig) -> tuple:
+    return _args(cfg, cfg.model, cfg.lora.layers)
+
+
+def _selection_args(cfg: RunConfig) -> tuple:
+    if not cfg.scoring.model:
+        return _training_args(cfg)
+    return _args(cfg, dataclasses.replace(cfg.model, name=cfg.scoring.model), cfg.scoring.model_layers)
+
+
+def _bench(cfg: RunConfig, args: tuple) -> Workbench:
+    check_quantization_available(cfg.model)  # the install command, before anything loads
     global _on_gpu
     if resolve(cfg.model.device, cfg.model.dtype)[0].type == "cuda":
-        if _on_gpu is not None and _on_gpu != args:  # one model per process on a GPU
+        run = (_training_args(cfg), _selection_args(cfg))
+        if _on_gpu is not None and _on_gpu != run:  # one run's model(s) per process on a GPU
             _cached.cache_clear()
             free_memory()
-        _on_gpu = args
+        _on_gpu = run
     return _cached(*args)
 
 
-_on_gpu: tuple | None = None  # the configuration of the workbench held on the GPU
+def workbench(cfg: RunConfig) -> Workbench:
+    """The trained model (`model`, `lora`): retraining, the published adapter, evaluation."""
+    return _bench(cfg, _training_args(cfg))
+
+
+def selection_workbench(cfg: RunConfig) -> Workbench:
+    """The model the selection runs with (tracing and scoring): `scoring.model` with its
+    adapter on `scoring.model-layers`, or, without one, the trained model's workbench."""
+    return _bench(cfg, _selection_args(cfg))
+
+
+def has_scoring_model(cfg: RunConfig) -> bool:
+    """The selection runs on a model apart from the trained one."""
+    return _selection_args(cfg) != _training_args(cfg)
+
+
+_on_gpu: tuple | None = None  # the (trained, selection) configurations of the workbenches held on the GPU

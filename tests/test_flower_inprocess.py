@@ -529,3 +529,68 @@ def test_a_sites_error_names_its_samples_by_hashed_ids_only(tiny_model_dir, tmp_
     assert "FloatingPointError" in text, text
     assert not any(i in text for i in real), text
     assert all(f"<id {h}>" in text for h in client_module._wire_ids(context)[:2]), text
+
+
+@pytest.fixture(scope="module")
+def tiny_scoring_model_dir(tiny_model_dir, tmp_path_factory):
+    """A second tiny random model of another family and shape (Qwen2, hidden 48, 3
+    layers) with the same tokenizer: a scoring model apart from the trained Llama."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _hidden_sizes(record) -> set[int]:
+    """The LoRA A matrices' input widths in an adapter record: the model's hidden size."""
+    return {int(v.shape[1]) for k, v in record.to_torch_state_dict().items() if "lora_A" in k and "moment" not in k}
+
+
+@pytest.mark.parametrize("mode,retrain", [("federated", "rounds"), ("merging", "merge")])
+def test_a_scoring_model_apart_selects_and_the_trained_model_is_published(
+        tiny_model_dir, tiny_scoring_model_dir, tmp_path, mode, retrain):
+    """scoring.model: the trace and the scores run on the scoring model (its adapters
+    travel while tracing, its anchor gradients go to the sites), the aggregate step and
+    the all-data reference on the trained model, which alone is evaluated and published."""
+    raw = run_config(tiny_model_dir, tmp_path, mode=mode, **{
+        "retrain.mode": retrain, "scoring.model": tiny_scoring_model_dir, "scoring.model-layers": "1-2"})
+    cfg, grid, run, metrics = drive(raw)
+    assert run.scoring_model_apart
+    assert run.selection_bench.model.config.hidden_size == 48 and run.bench.model.config.hidden_size == 32
+    assert_typed_views_cover_the_wire(grid)
+    phase_widths: dict[str, set[int]] = {}
+    for ex in grid.log:
+        assert not ex.reply.has_error(), ex.reply.error
+        if ex.message_type in ("train", "train.local"):
+            phase = (str(ex.sent.content["config"]["phase"]) if ex.message_type == "train"
+                     else msg.LocalTrainRequest.from_record(ex.sent.content).phase)
+            for record in ex.reply.content.values():
+                if isinstance(record, ArrayRecord):
+                    phase_widths.setdefault(phase, set()).update(_hidden_sizes(record))
+        if ex.message_type == "query.score":
+            request = msg.ScoreRequest.from_record(ex.sent.content)
+            assert {int(v.shape[1]) for g in request.anchor_gradients for k, v in g.items() if "lora_A" in k} == {48}
+            assert np.isfinite(msg.ScoreReply.from_record(ex.reply.content).scores).all()
+    assert phase_widths["trace"] == {48} and phase_widths["aggregate"] == {32}
+    if mode == "federated":
+        assert phase_widths["all-data"] == {32}
+
+    out = tmp_path / "inprocess"
+    written = json.loads((out / "metrics.json").read_text())
+    # the trace trained the scoring model: no "last trace checkpoint" of the published one
+    assert "last-trace-checkpoint" not in written["validation-loss"]
+    assert {"base", "selected"} <= set(written["validation-loss"])
+    assert ("all-data" in written["validation-loss"]) == (mode == "federated")
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {int(v.shape[1]) for k, v in adapter.items() if "lora_A" in k} == {32}
+    report = (out / "report.md").read_text()
+    assert f"scoring model `{tiny_scoring_model_dir}`" in report
+    assert "scored with" in (out / "adapter" / "README.md").read_text()

@@ -190,6 +190,23 @@ def test_a_local_model_folder_and_its_layers(tiny_model_dir):
     assert refused(smoke(**{"model.name": tiny_model_dir, "lora.layers": "top9"})).startswith("lora.layers: 'top9' is not")
 
 
+def test_a_scoring_model_and_its_layers_are_checked_before_servers_start(tiny_model_dir):
+    """scoring.model: where from_pretrained finds it, its own layers (scoring.model-layers,
+    default top8) and the adapter's target modules inside it, named by its keys."""
+    preflight(smoke(**{"scoring.model": tiny_model_dir, "scoring.model-layers": "1-3"}), sites=2)
+    assert refused(smoke(**{"scoring.model": "/nope/model"})) == "scoring.model: path '/nope/model' does not exist"
+    assert refused(smoke(**{"scoring.model": tiny_model_dir})) == (  # top8 of 4 layers
+        "scoring.model-layers: 'top8' is not 'all', 'topN', a range like '22-29' or a list like '20,22,24' "
+        "within 4 layers")
+    assert refused(smoke(**{"scoring.model": tiny_model_dir, "scoring.model-layers": "2-5"})) == \
+        "scoring.model-layers: [4, 5] outside 0..3"
+    from clues_fl.federation.preflight import PreflightError, check_target_modules
+
+    with pytest.raises(PreflightError, match="'q_proj' is not a linear layer of the scoring.model model; its linear "
+                                             "layers are qkv_proj; this model fuses"):
+        check_target_modules(["q_proj", "v_proj"], ["model.layers.0.self_attn.qkv_proj"], "scoring.model")
+
+
 def test_the_sentence_encoder_is_checked_when_a_signal_or_quad_uses_it(tmp_path, monkeypatch):
     missing = str(tmp_path / "no-encoder")
     assert refused(smoke(**{"selection.method": "clues+", "selection.embedding-model": missing})) == \

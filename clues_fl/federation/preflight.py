@@ -154,7 +154,7 @@ def weight_modules(config: Path) -> list[str] | None:
                    and any(digit(p) for p in name.split(".")[:-1])})
 
 
-def check_target_modules(targets: list[str], modules: list[str] | None) -> None:
+def check_target_modules(targets: list[str], modules: list[str] | None, model_key: str = "model.name") -> None:
     """lora.target-modules: each names a linear layer of the model (a module's last
     names, as peft matches them), where the model's modules are known."""
     if modules is None:
@@ -163,7 +163,8 @@ def check_target_modules(targets: list[str], modules: list[str] | None) -> None:
     if missing:
         present = sorted({m.rsplit(".", 1)[-1] for m in modules})
         hint = "; this model fuses q, k and v: lora.target-modules='qkv_proj'" if "qkv_proj" in present else ""
-        raise PreflightError(f"lora.target-modules: '{missing[0]}' is not a linear layer of this model; its "
+        model = "this model" if model_key == "model.name" else f"the {model_key} model"
+        raise PreflightError(f"lora.target-modules: '{missing[0]}' is not a linear layer of {model}; its "
                              f"linear layers are {', '.join(present)}{hint}")
 
 
@@ -184,8 +185,8 @@ def check_device(device: str) -> None:
                              f"(cuda:0..cuda:{count - 1}); use one of them or 'auto'")
 
 
-def check_layers(spec: str, num_layers: int | None) -> None:
-    """lora.layers: 'all', 'topN', '22-29' or '20,22,24', inside the model's layers."""
+def check_layers(spec: str, num_layers: int | None, key: str = "lora.layers") -> None:
+    """lora.layers (or scoring.model-layers): 'all', 'topN', '22-29' or '20,22,24', inside the model's layers."""
     spec = spec.strip()
     if spec in ("", "all"):
         return
@@ -200,11 +201,11 @@ def check_layers(spec: str, num_layers: int | None) -> None:
             lo, _, hi = part.partition("-")
             layers += range(int(lo), int(hi or lo) + 1)
     except ValueError:
-        raise PreflightError(f"lora.layers: '{spec}' is not 'all', 'topN', a range like '22-29' or a "
+        raise PreflightError(f"{key}: '{spec}' is not 'all', 'topN', a range like '22-29' or a "
                              "list like '20,22,24'" + (f" within {num_layers} layers" if num_layers else ""))
     bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
     if bad or not layers:
-        raise PreflightError(f"lora.layers: {bad or spec} outside 0..{(num_layers or 1) - 1}")
+        raise PreflightError(f"{key}: {bad or spec} outside 0..{(num_layers or 1) - 1}")
 
 
 def check_encoder(name: str, key: str) -> None:
@@ -405,6 +406,12 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     config = model_config(cfg.model.name)
     check_layers(cfg.lora.layers, _num_layers(config) if config is not None else None)
     check_target_modules(cfg.lora.list("target_modules"), weight_modules(config) if config is not None else None)
+    if cfg.scoring.model:
+        scoring = model_config(cfg.scoring.model, "scoring.model")
+        check_layers(cfg.scoring.model_layers, _num_layers(scoring) if scoring is not None else None,
+                     "scoring.model-layers")
+        check_target_modules(cfg.lora.list("target_modules"), weight_modules(scoring) if scoring is not None else None,
+                             "scoring.model")
     check_device(cfg.model.device)
     if cfg.quad.embedding_model and cfg.selection.method == "quad":
         check_encoder(cfg.quad.embedding_model, "quad.embedding-model")

@@ -100,11 +100,15 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     reference = ""  # what "all-data" is: a key of ALL_DATA_REFERENCES
     if cfg.eval.validation and data.val:
         losses["base"] = bench.loss(data.val, run.initial_state, cache=data.val_cache)
-        if state.checkpoints:  # federated trace: the last global adapter, trained on all raw data
+        # with scoring.model the trace trained the scoring model: its adapters are not this model's
+        traced = not run.scoring_model_apart
+        if state.checkpoints and traced:  # federated trace: the last global adapter, trained on all raw data
             losses["last-trace-checkpoint"] = bench.loss(data.val, state.checkpoints[-1].state, cache=data.val_cache)
         if state.all_data_state is not None:  # retrained on all data at the selection's budget
             losses["all-data"] = bench.loss(data.val, state.all_data_state, cache=data.val_cache)
             reference = "equal-budget"
+        elif not traced:
+            pass
         elif state.checkpoints:
             losses["all-data"] = losses["last-trace-checkpoint"]
             reference = "last-trace-checkpoint"

@@ -163,6 +163,10 @@ def write_run_report(out: Path, metrics: dict, run: ProtocolRun) -> Path:
              f"`{threshold.get('method', cfg.get('selection.method'))}`, threshold rule `{threshold.get('rule')}`"
              + (f" = {threshold['threshold']:.4g}" if isinstance(threshold.get("threshold"), float) else "")
              + (" (in units of each site's anchor spread)" if threshold.get("standardised") else "") + ".", ""]
+    if cfg.get("scoring.model"):
+        lines += [f"The selection (tracing and scoring) ran on the scoring model `{cfg['scoring.model']}` (adapter on "
+                  f"layers {cfg.get('scoring.model-layers')}); the published adapter was trained on "
+                  f"`{cfg.get('model.name')}`.", ""]
     if metrics.get("resumed-from"):
         lines += [f"Resumed from {metrics['resumed-from']}.", ""]
 
@@ -363,7 +367,9 @@ def model_card(cfg, metrics: dict, adapter_dir: Path | None = None) -> str:
          + (f", experiment pollution {cfg['pollution.ratios']} ({cfg['pollution.types']})" if cfg["pollution.ratios"]
             else "") + "); never left the sites."),
         f"- **Selection**: method `{threshold.get('method', cfg['selection.method'])}`, threshold rule "
-        f"`{threshold.get('rule')}`; the sites kept {kept} of {total} samples"
+        f"`{threshold.get('rule')}`"
+        + (f", scored with `{cfg['scoring.model']}`" if cfg["scoring.model"] else "")
+        + f"; the sites kept {kept} of {total} samples"
         + (" (" + ", ".join(f"{n} {m['kept']}" for n, m in sorted(per.items())) + ")" if per else "") + ".",
         f"- **Training**: {cfg['mode']} tracing ({cfg['trace.rounds']} rounds), then "
         + (f"{cfg['retrain.rounds']} {describe_aggregate(metrics['aggregate'])}" if cfg["retrain.mode"] == "rounds"

@@ -265,7 +265,7 @@ def site_clusters(site: SiteData) -> np.ndarray:
     """k-means labels of a site's samples, computed once per process and site (the
     embeddings come from the base model, which does not change during a run)."""
     cfg = site.cfg
-    key = (cfg.model.name, cfg.quad.embedding_model, cfg.quad.clusters, cfg.run.seed,
+    key = (cfg.scoring.model or cfg.model.name, cfg.quad.embedding_model, cfg.quad.clusters, cfg.run.seed,
            tuple(e.id for e in site.encoded))
     if key not in _CLUSTERS:
         bench = site.bench

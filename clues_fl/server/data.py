@@ -1,5 +1,6 @@
-"""The server's own data: the public anchor set and the clean validation and test sets,
-encoded for the run's model with their prefix caches."""
+"""The server's own data: the public anchor set, encoded for the model the selection runs
+with, and the clean validation and test sets for the trained model, with their prefix
+caches."""
 
 from __future__ import annotations
 
@@ -21,9 +22,13 @@ class ServerData:
     val_cache: object = None
 
     @classmethod
-    def build(cls, cfg: RunConfig, bench, anchor_samples, val_samples, test_samples=None) -> ServerData:
-        anchors = bench.encode(list(anchor_samples), cfg)
+    def build(cls, cfg: RunConfig, bench, anchor_samples, val_samples, test_samples=None,
+              selection_bench=None) -> ServerData:
+        """`bench`: the trained model's workbench; `selection_bench`: the scoring model's
+        (default: the same), which the anchors are encoded and cached for."""
+        selection_bench = selection_bench or bench
+        anchors = selection_bench.encode(list(anchor_samples), cfg)
         val = bench.encode(list(val_samples), cfg)
         return cls(list(anchor_samples), anchors, val, list(test_samples or []),
-                   anchor_cache=bench.cache(anchors, cfg, desc="anchor prefix cache"),
+                   anchor_cache=selection_bench.cache(anchors, cfg, desc="anchor prefix cache"),
                    val_cache=bench.cache(val, cfg, desc="validation prefix cache"))

@@ -118,12 +118,15 @@ class ProtocolRun:
     evaluate_fn: Callable | None = None  # Flower's evaluate_fn, after every round of every round phase
     evaluations: dict = field(default_factory=dict)  # aggregate round -> what evaluate_fn returned
     initial_state: dict | None = None  # the adapter the round phases start from (default: the bench's)
+    selection_bench: object = None  # the model tracing and scoring run with (scoring.model; default: bench)
     metrics: dict | None = None
     clock: tuple | None = None  # (phase, wall, cpu) since the server's seconds were last added to its cost
 
     def __post_init__(self) -> None:
         if self.initial_state is None:
             self.initial_state = self.bench.initial_state
+        if self.selection_bench is None:
+            self.selection_bench = self.bench
         if not isinstance(self.grid, MeteredGrid):  # every message of the run is counted (server/cost.py)
             self.grid = MeteredGrid(self.grid, lambda: self.state.cost)
 
@@ -146,6 +149,11 @@ class ProtocolRun:
             now_wall, now_cpu = time.time(), time.process_time()
             self.state.cost.add_server(phase, now_wall - wall, now_cpu - cpu)
             self.clock = (phase, now_wall, now_cpu)
+
+    @property
+    def scoring_model_apart(self) -> bool:
+        """The selection ran on a model apart from the trained one (scoring.model)."""
+        return self.selection_bench is not self.bench
 
     @property
     def federated(self) -> bool:
@@ -246,7 +254,7 @@ class Score(Phase):
         cfg, state, scorer = run.cfg, run.state, run.strategy.scorer
 
         def anchor_side(checkpoints):
-            return scorer.anchor_side(run.bench, run.data.anchors, checkpoints, cfg, cache=run.data.anchor_cache,
+            return scorer.anchor_side(run.selection_bench, run.data.anchors, checkpoints, cfg, cache=run.data.anchor_cache,
                                       samples=run.data.anchor_samples)
 
         shared, reporting = None, None

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 def initial_record(run: ProtocolRun, phase: str) -> ArrayRecord:
     """The adapter a phase's rounds start from; for tracing with zero Adam moments (= a
-    fresh optimiser)."""
-    state = run.initial_state
+    fresh optimiser), on the scoring model's initial adapter where the selection has one."""
+    state = run.selection_bench.initial_state if phase == "trace" and run.scoring_model_apart else run.initial_state
     if phase != "trace":
         return state_record(state)
     zeros = {k: torch.zeros_like(v) for k, v in state.items()}

@@ -38,7 +38,7 @@ from clues_fl import console
 from clues_fl.aggregation import fed_strategy, merging
 from clues_fl.config import RunConfig, parse_config
 from clues_fl.data.scenario import server_sets
-from clues_fl.runtime import score_settings, workbench
+from clues_fl.runtime import score_settings, selection_workbench, workbench
 from clues_fl.scoring.scorers import Scorer, make_scorer, method_name
 from clues_fl.selection.rules import ThresholdRule, rule_name, threshold_rule
 from clues_fl.server.cost import CONNECT
@@ -142,13 +142,15 @@ class CluesStrategy(Strategy):
     def new_run(self, grid: Grid, journal: Journal | None = None, **kwargs) -> ProtocolRun:
         """A run of the protocol over `grid` with a fresh state: the server's model and data
         loaded (`kwargs`: ProtocolRun's fields, e.g. nodes, reference)."""
-        bench = workbench(self.cfg)
+        bench, selection = workbench(self.cfg), selection_workbench(self.cfg)
         anchor, val, test, skipped = server_sets(self.cfg)
         state = ProtocolState()
         sites = SiteRegistry(state, min_nodes=self.cfg.fed.min_nodes, timeout=self.cfg.fed.timeout,
                              wait=self.cfg.fed.wait_for_nodes)
-        return ProtocolRun(self.cfg, self, state, ServerData.build(self.cfg, bench, anchor, val, test), bench,
-                           sites, grid, journal if journal is not None else MemoryJournal(), skipped=skipped, **kwargs)
+        data = ServerData.build(self.cfg, bench, anchor, val, test, selection_bench=selection)
+        return ProtocolRun(self.cfg, self, state, data, bench, sites, grid,
+                           journal if journal is not None else MemoryJournal(), skipped=skipped,
+                           selection_bench=selection, **kwargs)
 
     def result(self, run: ProtocolRun) -> Result:
         """Flower's Result of a run: the final adapter (one state; a merged adapter is built
