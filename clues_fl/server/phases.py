@@ -211,7 +211,8 @@ class Trace(Phase):
 
     def plan(self, run: ProtocolRun) -> str:
         rounds = run.cfg.trace.rounds
-        return f"{_n(len(run.nodes), 'site')}, {_n(rounds, _round(run) if run.federated else 'local checkpoint')}"
+        return (f"{_n(len(run.nodes), 'site')}, {_n(rounds, _round(run) if run.federated else 'local checkpoint')}"
+                + _on_scoring_model(run))
 
     def run(self, run: ProtocolRun) -> None:
         lr = run.cfg.train.lr
@@ -248,7 +249,8 @@ class Score(Phase):
               "sites.skipped_rows", "sites.truncated", "sites.scored", "sites.method_metrics")
 
     def plan(self, run: ProtocolRun) -> str:
-        return f"{_n(len(run.nodes), 'site')}, method {run.cfg['selection.method']}, {len(run.data.anchors)} anchors"
+        return (f"{_n(len(run.nodes), 'site')}, method {run.cfg['selection.method']}, {len(run.data.anchors)} anchors"
+                + _on_scoring_model(run))
 
     def run(self, run: ProtocolRun) -> None:
         cfg, state, scorer = run.cfg, run.state, run.strategy.scorer
@@ -541,6 +543,10 @@ def _n(count: int, what: str) -> str:
 def _round(run: ProtocolRun) -> str:
     """'FedAvg round', or the round of the rounds strategy chosen ('FedProx round')."""
     return f"{type(run.strategy.rounds).__name__} round"
+
+
+def _on_scoring_model(run: ProtocolRun) -> str:
+    return f", on the scoring model {run.cfg.scoring.model}" if run.scoring_model_apart else ""
 
 
 def _failed(run: ProtocolRun, name: str) -> str:
