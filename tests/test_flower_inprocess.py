@@ -639,3 +639,21 @@ def test_the_scoring_model_benchmark_compares_two_finished_runs(tiny_model_dir, 
         assert (spearman == 1.0) == same
         if same:
             assert int(both.group(2)) == int(both.group(3)) == 0 and "saved: 0 (0%)" in out
+
+
+def test_evaluate_fn_is_given_only_the_trained_models_arrays(tiny_model_dir, tiny_scoring_model_dir, tmp_path):
+    """CluesStrategy.start(evaluate_fn=...) with a scoring.model: called after the rounds
+    of the aggregate step and the all-data reference (the trained model's arrays), not
+    after the trace's rounds on the scoring model."""
+    from clues_fl.strategies.clues import CluesStrategy
+
+    raw = run_config(tiny_model_dir, tmp_path, **{"scoring.model": tiny_scoring_model_dir,
+                                                   "scoring.model-layers": "1-2"})
+    seen = []
+
+    def evaluate_fn(server_round, arrays):
+        seen.append((server_round, _hidden_sizes(arrays)))
+        return None
+
+    CluesStrategy(parse_config(raw)).start(grid=InMemoryGrid(client_module.app, NODES, raw), evaluate_fn=evaluate_fn)
+    assert seen == [(1, {32}), (1, {32})]  # retrain.rounds = 1: the aggregate step, then the all-data reference

@@ -77,8 +77,8 @@ def run_rounds(run: ProtocolRun, phase: str, rounds: int, *, only: set[int] | No
             run.add_server_seconds()  # saved with the round
             if run.on_round is not None:
                 run.on_round(phase, true_round)
-        if run.evaluate_fn is None:
-            return None
+        if run.evaluate_fn is None or (phase == "trace" and run.scoring_model_apart):
+            return None  # evaluate_fn evaluates the trained model; the trace's arrays are the scoring model's
         record = run.evaluate_fn(true_round, current)
         if record is not None and phase == "aggregate":  # the rounds of the published adapter
             run.evaluations[true_round] = record

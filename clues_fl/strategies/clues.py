@@ -94,10 +94,11 @@ class CluesStrategy(Strategy):
               timeout: float | None = None, train_config=None, evaluate_config=None, evaluate_fn=None) -> Result:
         """Run the protocol over `grid` and write outputs/<run-name>/ (resuming the run's
         saved state, federation/resume.py). `initial_arrays`: the adapter the round phases
-        start from (default: the run's seeded LoRA adapter); `num_rounds`: the rounds of
-        tracing and of the aggregate step (default: trace.rounds, retrain.rounds);
-        `timeout`: fed.timeout; `evaluate_fn(round, arrays)`: called after every round of
-        every round phase. The sites' training config comes from the run-config, so
+        start from (default: the run's seeded LoRA adapter; with a scoring.model the trace
+        starts from the scoring model's own); `num_rounds`: the rounds of tracing and of the
+        aggregate step (default: trace.rounds, retrain.rounds); `timeout`: fed.timeout;
+        `evaluate_fn(round, arrays)`: called after every round of every round phase whose
+        arrays are the trained model's (not the trace's on a scoring.model). The sites' training config comes from the run-config, so
         `train_config` and `evaluate_config` are not taken. Returns the final adapter
         (`Result.arrays`) and `evaluate_fn`'s records; `self.last_run` holds the run."""
         from clues_fl.federation.resume import RunState
