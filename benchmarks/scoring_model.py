@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 
-def site_scores(run: Path) -> dict[str, tuple[float, bool]]:
-    """sample id -> (score, kept) over the run's sites, from its manifests and the sites'
-    own id maps (a simulation keeps both under the run's folder)."""
+def site_scores(run: Path) -> dict[str, tuple[float, bool, str]]:
+    """sample id -> (score, kept, site) over the run's sites, from its manifests and the
+    sites' own id maps (a simulation keeps both under the run's folder)."""
     from clues_fl.federation.site_ids import read_id_map
 
     out = {}
@@ -37,7 +37,7 @@ def site_scores(run: Path) -> dict[str, tuple[float, bool]]:
         ids = read_id_map(run / "sites" / manifest.stem)
         with open(manifest, newline="") as fh:
             for row in csv.DictReader(fh):
-                out[ids[row["id-hash"]]] = (float(row["score"]), row["kept"] == "1")
+                out[ids[row["id-hash"]]] = (float(row["score"]), row["kept"] == "1", manifest.stem)
     return out
 
 
@@ -69,7 +69,7 @@ def summary(run: Path, scores: dict, polluted: dict | None) -> dict:
     seconds = {p: sum(phases.get(p, {}).get("site-seconds", {}).values()) for p in ("trace", "score", "aggregate")}
     ids = sorted(scores)
     row = {"run": run.name, "scoring model": cfg.get("scoring.model") or cfg.get("model.name"),
-           "kept": sum(k for _, k in scores.values()), "samples": len(scores),
+           "kept": sum(k for _, k, _ in scores.values()), "samples": len(scores),
            "validation loss": metrics.get("validation-loss", {}),
            "selection site-s": seconds["trace"] + seconds["score"], "retraining site-s": seconds["aggregate"],
            "ratio": cost["selection"].get("ratio"), "wall s": metrics.get("timings-seconds", {}).get("total", float("nan")),
@@ -83,16 +83,13 @@ def summary(run: Path, scores: dict, polluted: dict | None) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("self_run", type=Path, help="the run whose trained model scored for itself")
-    parser.add_argument("scored_run", type=Path, help="the same scenario with a scoring.model")
-    args = parser.parse_args()
-    a, b = site_scores(args.self_run), site_scores(args.scored_run)
+def compare(self_run: Path, scored_run: Path) -> None:
+    """Print the comparison of the two finished runs (the module's docstring)."""
+    a, b = site_scores(self_run), site_scores(scored_run)
     if set(a) != set(b):
         raise SystemExit("the two runs did not score the same samples: not one scenario")
-    polluted = labels(args.self_run)
-    rows = [summary(args.self_run, a, polluted), summary(args.scored_run, b, polluted)]
+    polluted = labels(self_run)
+    rows = [summary(self_run, a, polluted), summary(scored_run, b, polluted)]
     print("| run | scoring model | ROC-AUC | F1 | kept | val loss base / selected / all-data | "
           "selection site-s | retraining site-s | selection / retraining | trace + score wall s | run wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -106,13 +103,8 @@ def main() -> None:
     ids = sorted(a)
     sa, sb = np.array([a[i][0] for i in ids]), np.array([b[i][0] for i in ids])
     ka, kb = np.array([a[i][1] for i in ids]), np.array([b[i][1] for i in ids])
-    sites = {}
-    for manifest in sorted((args.self_run / "manifest").glob("*.csv")):
-        from clues_fl.federation.site_ids import read_id_map
-
-        members = set(read_id_map(args.self_run / "sites" / manifest.stem).values())
-        rows_of = np.array([i in members for i in ids])
-        sites[manifest.stem] = spearman(sa[rows_of], sb[rows_of])
+    site_of = np.array([a[i][2] for i in ids])
+    sites = {s: spearman(sa[site_of == s], sb[site_of == s]) for s in sorted(set(site_of))}
     print()
     print(f"Spearman of the scores: {spearman(sa, sb):.3f} over {len(ids)} samples; per site "
           + ", ".join(f"{s} {v:.3f}" for s, v in sites.items()))
@@ -120,6 +112,14 @@ def main() -> None:
           f"only by {rows[1]['run']} {int((~ka & kb).sum())}, by neither {int((~ka & ~kb).sum())}")
     saved = rows[0]["selection site-s"] - rows[1]["selection site-s"]
     print(f"selection site-seconds saved: {saved:.0f} ({saved / max(rows[0]['selection site-s'], 1e-9):.0%})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("self_run", type=Path, help="the run whose trained model scored for itself")
+    parser.add_argument("scored_run", type=Path, help="the same scenario with a scoring.model")
+    args = parser.parse_args()
+    compare(args.self_run, args.scored_run)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,10 @@ def main() -> None:
         start = time.time()
         Lab({**smoke, **POOL, **extra}, args.out / name, fresh=True).run(name)
         print(f"{name}: {time.time() - start:.0f} s", flush=True)
-    sys.argv = ["scoring_model.py", str(args.out / "self" / "runs" / "self"), str(args.out / "scored" / "runs" / "scored")]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import scoring_model
 
-    scoring_model.main()
+    scoring_model.compare(args.out / "self" / "runs" / "self", args.out / "scored" / "runs" / "scored")
 
 
 if __name__ == "__main__":

@@ -95,9 +95,7 @@ def _selection_site(run_config: str, node_config: str):
     if not has_scoring_model(cfg):
         return bench, encoded, cache
     scoring = selection_workbench(cfg)
-    scoring_encoded = scoring.encode(samples, cfg)
-    if [e.id for e in scoring_encoded] != [e.id for e in encoded]:  # one row per sample in both encodings
-        raise RuntimeError("the scoring model's encoding of this site's samples does not match the trained model's")
+    scoring_encoded = scoring.encode(samples, cfg)  # one row per sample, in order, as the trained model's
     return scoring, scoring_encoded, scoring.cache(scoring_encoded, cfg, desc="site prefix cache (scoring model)")
 
 

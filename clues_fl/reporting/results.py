@@ -101,18 +101,16 @@ def evaluate_and_report(run: ProtocolRun) -> dict:
     if cfg.eval.validation and data.val:
         losses["base"] = bench.loss(data.val, run.initial_state, cache=data.val_cache)
         # with scoring.model the trace trained the scoring model: its adapters are not this model's
-        traced = not run.scoring_model_apart
-        if state.checkpoints and traced:  # federated trace: the last global adapter, trained on all raw data
+        own_trace = not run.scoring_model_apart
+        if state.checkpoints and own_trace:  # federated trace: the last global adapter, trained on all raw data
             losses["last-trace-checkpoint"] = bench.loss(data.val, state.checkpoints[-1].state, cache=data.val_cache)
         if state.all_data_state is not None:  # retrained on all data at the selection's budget
             losses["all-data"] = bench.loss(data.val, state.all_data_state, cache=data.val_cache)
             reference = "equal-budget"
-        elif not traced:
-            pass
-        elif state.checkpoints:
+        elif own_trace and state.checkpoints:
             losses["all-data"] = losses["last-trace-checkpoint"]
             reference = "last-trace-checkpoint"
-        else:
+        elif own_trace:
             reference = "merged-trace-adapters"
             traced = [s.trace_state for s in state.sites.values() if s.trace_state]
             if traced:
