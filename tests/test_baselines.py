@@ -154,7 +154,7 @@ def test_encode_answer_only_keeps_the_answer_tokens():
     assert full[1].truncated and alone[1].truncated
     header = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
     for f, a in zip(full, alone):
-        assert a.input_ids[a.prompt_len :] == f.input_ids[f.prompt_len :]
+        assert a.input_ids[a.prompt_len :] == f.input_ids[f.prompt_len :].tolist()
         assert tok.decode(a.input_ids[: a.prompt_len]) == header
         assert len(a.input_ids) <= 64
 

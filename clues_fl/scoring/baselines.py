@@ -69,7 +69,7 @@ def empty_turn_header(tokenizer, system_prompt: str | None = None) -> list[int]:
     ``"Question: \\nAnswer: "``): the only context of an answer scored alone. The prompt
     is tokenised apart from the answer (encode_sample), so it is the same for every answer."""
     probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, system_prompt)
-    return list(probe.input_ids[: probe.prompt_len])
+    return list(map(int, probe.input_ids[: probe.prompt_len]))
 
 
 class AnswerOnly(Sequence):
@@ -86,7 +86,7 @@ class AnswerOnly(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         e = self.encoded[i]
-        return Encoded(e.id, self.header + list(e.input_ids[e.prompt_len :]), len(self.header), e.truncated)
+        return Encoded(e.id, self.header + list(map(int, e.input_ids[e.prompt_len :])), len(self.header), e.truncated)
 
 
 def encode_answer_only(tokenizer, encoded: Sequence[Encoded], system_prompt: str | None = None) -> AnswerOnly:

@@ -175,7 +175,7 @@ def encode_answer_ends(tokenizer, samples, max_length: int, system_prompt: str |
     out = []
     for s in samples:
         full = encode_sample(tokenizer, Sample(s.id, "", s.answer), 10**9, system_prompt)  # the whole answer + end
-        answer = list(full.input_ids[full.prompt_len :])[-max(1, max_length - len(header)) :]
+        answer = list(map(int, full.input_ids[full.prompt_len :]))[-max(1, max_length - len(header)) :]
         out.append(Encoded(s.id, header + answer, len(header), False))
     return out
 
@@ -238,15 +238,16 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
         return out
     # the kept texts' 3-grams (grouped by text already), ranked rarest first (ties by id:
     # one global order), as a sparse text x 3-gram matrix
-    if not keep.all():
-        mine = keep[owner]
+    mine = None if keep.all() else keep[owner]
+    del owner
+    if mine is not None:
         keys = keys[mine]
         del mine
-    del owner
     cols, distinct = _dense_ids(keys)  # 3-gram -> 0 .. distinct - 1
     del keys
-    rank = np.empty(distinct, dtype=np.int32)
-    rank[np.lexsort((np.arange(distinct), np.bincount(cols, minlength=distinct)))] = np.arange(distinct)
+    rank = np.empty(distinct, dtype=np.int32)  # a stable sort by count: ties by id
+    rank[np.argsort(np.bincount(cols, minlength=distinct).astype(np.int32), kind="stable")] = np.arange(
+        distinct, dtype=np.int32)
     set_size = counts[docs]
     indptr = np.concatenate([[0], np.cumsum(set_size)])
     full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int32), rank[cols], indptr), shape=(len(docs), distinct))
@@ -271,8 +272,8 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
         small, large = np.minimum(set_size[a], set_size[b]), np.maximum(set_size[a], set_size[b])
         pick = small >= min_jaccard * large - 1e-9  # J <= |smaller| / |larger|
         a, b = a[pick], b[pick]
-        for c in range(0, len(a), 1 << 18):
-            pa, pb = a[c : c + (1 << 18)], b[c : c + (1 << 18)]
+        for c in range(0, len(a), 1 << 14):  # 16,384 pairs at a time: their rows are copied here
+            pa, pb = a[c : c + (1 << 14)], b[c : c + (1 << 14)]
             inter = np.asarray(full[pa].multiply(full[pb]).sum(axis=1)).ravel()
             sim = inter / (set_size[pa] + set_size[pb] - inter)
             hit = (sim >= min_jaccard) & (inter > 0)
@@ -282,16 +283,19 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
     return out
 
 
-def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, int]:
+def _dense_ids(keys: np.ndarray, chunk: int = 1 << 20) -> tuple[np.ndarray, int]:
     """(int32 number of each key among the distinct keys, how many distinct), as
-    np.unique's inverse but with one sort and 4-byte numbers."""
+    np.unique's inverse but with one sort, 4-byte numbers and no sorted copy of the keys
+    (neighbours in sorted order compared `chunk` at a time)."""
     order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
     fresh = np.empty(len(keys), dtype=bool)
     fresh[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=fresh[1:])
-    del ordered
-    numbers = np.cumsum(fresh, dtype=np.int32) - 1
+    for lo in range(1, len(keys), chunk):
+        hi = min(lo + chunk, len(keys))
+        np.not_equal(keys[order[lo:hi]], keys[order[lo - 1 : hi - 1]], out=fresh[lo:hi])
+    numbers = np.cumsum(fresh, dtype=np.int32)
+    del fresh
+    numbers -= 1
     distinct = int(numbers[-1]) + 1 if len(numbers) else 0
     out = np.empty(len(keys), dtype=np.int32)
     out[order] = numbers
@@ -301,7 +305,7 @@ def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, int]:
 _PACKED_KEYS = 2**63  # three word numbers fit one int64 below this
 
 
-def _shingle_ids(texts: Sequence[str], chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shingle_ids(texts: Sequence[str], chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every text's set of word 3-grams of its lower-cased words (a text of 1-2 words: its
     words as one shingle) as exact integer ids: (ids, the text of each id, word count per
     text), grouped by text and sorted within it. Words are numbered; a 3-gram is its three
