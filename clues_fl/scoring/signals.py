@@ -250,7 +250,8 @@ def near_duplicate_scores(texts: Sequence[str], *, min_jaccard: float = NEAR_DUP
         distinct, dtype=np.int32)
     set_size = counts[docs]
     indptr = np.concatenate([[0], np.cumsum(set_size)])
-    full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int32), rank[cols], indptr), shape=(len(docs), distinct))
+    # 0/1 entries in one byte each (a row's 3-grams are distinct; sparse sums are taken in int64)
+    full = sparse.csr_matrix((np.ones(len(cols), dtype=np.int8), rank[cols], indptr), shape=(len(docs), distinct))
     del cols, rank
     full.sort_indices()  # each row's 3-grams rarest first
     need = np.ceil(min_jaccard * set_size - 1e-9).astype(np.int64) if min_jaccard > 0 else np.ones_like(set_size)
