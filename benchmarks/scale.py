@@ -225,8 +225,9 @@ class Meter:
 def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: str) -> dict:
     """Every step for one pool of n samples, in this process."""
     import torch
-    from flwr.app import ConfigRecord
+    from flwr.app import RecordDict
 
+    from clues_fl.client_app import KEPT_KEY, SCORES_KEY, keep_array, keep_signals, kept_array, kept_signals
     from clues_fl.config import parse_config
     from clues_fl.data.scenario import site_samples
     from clues_fl.data.sources import Sample
@@ -240,6 +241,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     from clues_fl.selection.rules import ThresholdSettings, clean_share, threshold_rule
 
     meter = Meter()
+    site_state = RecordDict()  # the site's context.state
     baseline_mib = (_status_kib("VmRSS") or 0) / 1024
     folder = workdir / f"site-{n}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -303,10 +305,8 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
 
     with meter.step("score") as row:
         scored = answer_score(row, request, scorer, cfg)
-        kept_state = ConfigRecord({"scores": [float(s) for s in scored.values]})  # the handler's context.state
-        details = scored.details or {}
-        signal_state = ConfigRecord({"names": [str(x) for x in details.get("names", [])],
-                                     "z": [float(x) for x in np.asarray(details.get("z", [])).ravel()]})
+        keep_array(site_state, SCORES_KEY, "scores", np.asarray(scored.values, dtype=np.float64))  # as the handler
+        keep_signals(site_state, scored.details)
         reported, _ = site.reported(scored.values)
         reply = msg.ScoreReply(len(encoded), ids=ids, scores=reported, score_seconds=scored.seconds).to_record()
         row["sent"] += msg.wire_bytes(reply)
@@ -322,15 +322,16 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
         request = msg.SelectRequest(threshold=decision.get("threshold"), ratio=decision.get("ratio")).to_record()
         row["received"] += msg.wire_bytes(request)
         got = msg.SelectRequest.from_record(request)
-        chosen = site.select(np.asarray(kept_state["scores"], dtype=float), got.decision)
+        chosen = site.select(kept_array(site_state, SCORES_KEY, "scores", np.float64), got.decision)
+        keep_array(site_state, KEPT_KEY, "rows", np.asarray(chosen.rows, dtype=np.int64))
         report = folder / "site-report"
+        names, z = kept_signals(site_state)
         site.write_site_report(cfg, report, samples, chosen.scores, chosen.kept,
-                               float(got.threshold) if got.threshold is not None else float("nan"),
-                               list(signal_state["names"]) or None, list(signal_state["z"]) or None)
+                               float(got.threshold) if got.threshold is not None else float("nan"), names, z)
         reply = msg.SelectReply(len(samples), int(chosen.kept.sum()), chosen.mean_kept_score, False).to_record()
         row["sent"] += msg.wire_bytes(reply)
     sizes["select"] = _disk(report)
-    kept = chosen.rows
+    kept = kept_array(site_state, KEPT_KEY, "rows", np.int64).tolist()  # what retraining reads
 
     with meter.step("retrain") as row:
         for rnd in range(1, cfg.retrain.rounds + 1):

@@ -145,10 +145,21 @@ def _ids_hidden(handler):
     return wrapper
 
 
+# A site's per-sample state (scores, signal values, kept rows) is held as the bytes of
+# one numpy array, not a list of Python numbers: 8 bytes a value against 32 (at 100k
+# samples and six signals, 6 MB against 24 MB for as long as the site runs).
+def keep_array(state, key: str, field: str, values) -> None:
+    state[key] = ConfigRecord({field: np.ascontiguousarray(values).tobytes()})
+
+
+def kept_array(state, key: str, field: str, dtype) -> np.ndarray:
+    return np.frombuffer(state[key][field], dtype=dtype)
+
+
 def _kept_rows(context: Context) -> list[int]:
     if KEPT_KEY not in context.state:
         raise RuntimeError("retraining asked for before selection: no kept samples on this site")
-    return [int(i) for i in context.state[KEPT_KEY]["rows"]]
+    return kept_array(context.state, KEPT_KEY, "rows", np.int64).tolist()
 
 
 def _reply(message: Message, content: RecordDict) -> Message:
@@ -209,8 +220,8 @@ def score(message: Message, context: Context) -> Message:
     scorer = make_scorer(request.method, score_settings(cfg))
     payload = ScorePayload(request.checkpoints, request.anchor_gradients, dict(request.scorer))
     result = site.score_samples(scorer, SiteData(cfg, bench, samples, encoded, cache, _partition(context)), payload)
-    context.state[SCORES_KEY] = ConfigRecord({"scores": [float(s) for s in result.values]})  # exact, stays here
-    _keep_signals(context, result.details)
+    keep_array(context.state, SCORES_KEY, "scores", np.asarray(result.values, dtype=np.float64))  # exact, stays here
+    keep_signals(context.state, result.details)
     how = request.privacy or PrivacySettings()  # none: exact per-sample scores
     scores, histogram = site.reported(result.values, report=how.report, epsilon=how.epsilon, delta=how.delta,
                                       edges=how.edges, clip_lo=how.clip_lo, clip_hi=how.clip_hi)
@@ -236,8 +247,8 @@ def select(message: Message, context: Context) -> Message:
         _own_scores(request, context), request.decision, anchor_mean=request.anchor_mean,
         anchor_std=request.anchor_std, polluted=[s.polluted for s in samples] if labelled else None,
     )
-    context.state[KEPT_KEY] = ConfigRecord({"rows": chosen.rows})
-    names, z = _signals(context)
+    keep_array(context.state, KEPT_KEY, "rows", np.asarray(chosen.rows, dtype=np.int64))
+    names, z = kept_signals(context.state)
     threshold = float(request.threshold) if request.threshold is not None else float("nan")
     own = threshold if request.anchor_mean is None else request.anchor_mean + threshold * request.anchor_std
     site.write_site_report(cfg, site.site_report_dir(cfg, context.node_config), samples, chosen.scores, chosen.kept,
@@ -253,23 +264,23 @@ def select(message: Message, context: Context) -> Message:
 SIGNALS_KEY = "clues.signals"
 
 
-def _keep_signals(context: Context, details: dict | None) -> None:
+def keep_signals(state, details: dict | None) -> None:
     """A multi-signal scorer's per-signal standardised values, kept in the site's own
-    state for its local report of dropped samples (never sent)."""
+    state (`context.state`) for its local report of dropped samples (never sent)."""
     if not details:
-        if SIGNALS_KEY in context.state:
-            del context.state[SIGNALS_KEY]
+        if SIGNALS_KEY in state:
+            del state[SIGNALS_KEY]
         return
-    z = np.asarray(details["z"], dtype=float)
-    context.state[SIGNALS_KEY] = ConfigRecord({"names": [str(n) for n in details["names"]],
-                                               "z": [float(x) for x in z.ravel()]})
+    z = np.asarray(details["z"], dtype=np.float64)
+    state[SIGNALS_KEY] = ConfigRecord({"names": [str(n) for n in details["names"]], "z": z.tobytes()})
 
 
-def _signals(context: Context) -> tuple[list[str] | None, list[float] | None]:
-    if SIGNALS_KEY not in context.state:
+def kept_signals(state) -> tuple[list[str] | None, np.ndarray | None]:
+    """(signal names, their z values flat, names x samples), or (None, None)."""
+    if SIGNALS_KEY not in state:
         return None, None
-    rec = context.state[SIGNALS_KEY]
-    return [str(n) for n in rec["names"]], [float(x) for x in rec["z"]]
+    rec = state[SIGNALS_KEY]
+    return [str(n) for n in rec["names"]], np.frombuffer(rec["z"], dtype=np.float64)
 
 
 def _own_scores(request: SelectRequest, context: Context) -> np.ndarray:
@@ -279,8 +290,8 @@ def _own_scores(request: SelectRequest, context: Context) -> np.ndarray:
         if request.scores is None:
             raise RuntimeError("selection asked for before scoring: no scores on this site")
         site.check_sent_scores(list(request.ids), _wire_ids(context))
-        context.state[SCORES_KEY] = ConfigRecord({"scores": [float(x) for x in request.scores]})
-    return np.asarray(context.state[SCORES_KEY]["scores"], dtype=float)
+        keep_array(context.state, SCORES_KEY, "scores", np.asarray(request.scores, dtype=np.float64))
+    return kept_array(context.state, SCORES_KEY, "scores", np.float64)
 
 
 @app.query("identify")

@@ -74,7 +74,7 @@ def test_dp_noise_on_reported_scores_only(tiny_model_dir, tmp_path):
         lo, hi = settings.clip_lo, settings.clip_hi
         assert settings.epsilon == 0.5 and settings.report == "scores"
         reported = np.asarray(ScoreReply.from_record(ex.reply.content).scores)
-        exact = np.asarray(grid._contexts[ex.node].state[client_app.SCORES_KEY]["scores"])
+        exact = client_app.kept_array(grid._contexts[ex.node].state, client_app.SCORES_KEY, "scores", np.float64)
         # sigma at epsilon 0.5 is several times the clip range: the noise dwarfs the signal
         assert np.abs(reported - np.clip(exact, lo, hi)).max() > (hi - lo)
     assert metrics["threshold"]["epsilon"] == 0.5
