@@ -31,7 +31,7 @@ held during that step, what the site process holds anyway (its pool, model and p
 cache's mapped pages) included. Disk: the prefix cache's file and the site's report. Bytes: the
 contents of the messages that step sends and receives (messages.wire_bytes).
 
-    python benchmarks/scale.py                 # 1k, 10k and 100k samples (100k: about an hour idle)
+    python benchmarks/scale.py                 # 1k, 10k and 100k samples (22 min on one idle core)
     python benchmarks/scale.py --quick         # 1k and 10k
     python benchmarks/scale.py --sizes 300,3000 --json scale.json
     python benchmarks/scale.py --sizes 10000 --cache-budget 100MB   # a cache over its budget
