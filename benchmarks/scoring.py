@@ -79,7 +79,7 @@ def method_loop(bench, encoded, ckpts, refs):
         load_lora_state(model, ckpt.state)
         anchor = _flat(ref, names)
         for i, e in enumerate(encoded):
-            ids = torch.tensor([e.input_ids])
+            ids = torch.as_tensor(np.asarray(e.input_ids, dtype=np.int64))[None]
             labels = ids.clone()
             labels[0, : e.prompt_len] = -100
             loss = model(input_ids=ids, labels=labels).loss  # full-vocab logits everywhere

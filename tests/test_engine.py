@@ -18,7 +18,7 @@ from clues_fl.model.prefix_cache import PrefixCache
 def naive_grad(model, sample: Enc) -> torch.Tensor:
     """Batch of one, the full HF forward, full-vocabulary logits: the reference."""
     params = lora_parameters(model)
-    ids = torch.tensor([sample.input_ids], device=next(iter(params.values())).device)
+    ids = torch.as_tensor(np.asarray(sample.input_ids, dtype=np.int64), device=next(iter(params.values())).device)[None]
     logits = model(input_ids=ids).logits[0]
     targets = ids[0, sample.prompt_len :]
     loss = F.cross_entropy(logits[sample.prompt_len - 1 : -1], targets)
@@ -103,7 +103,7 @@ def test_batched_loss_is_per_sample_mean_and_padding_free(setup):
     batch = collate(samples, list(range(len(samples))), pad_id=0)
     losses = sample_losses(model, batch, first)
     for i, s in enumerate(samples):
-        ids = torch.tensor([s.input_ids])
+        ids = torch.as_tensor(np.asarray(s.input_ids, dtype=np.int64))[None]
         logits = model(input_ids=ids).logits[0]
         ref = F.cross_entropy(logits[s.prompt_len - 1 : -1], ids[0, s.prompt_len :])
         assert abs(float(losses[i]) - float(ref)) < 1e-7 * abs(float(ref))
