@@ -305,7 +305,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
 
     with meter.step("score") as row:
         scored = answer_score(row, request, scorer, cfg)
-        keep_array(site_state, SCORES_KEY, "scores", np.asarray(scored.values, dtype=np.float64))  # as the handler
+        keep_array(site_state, SCORES_KEY, "scores", scored.values, np.float64)  # as the handler
         keep_signals(site_state, scored.details)
         reported, _ = site.reported(scored.values)
         reply = msg.ScoreReply(len(encoded), ids=ids, scores=reported, score_seconds=scored.seconds).to_record()
@@ -323,7 +323,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
         row["received"] += msg.wire_bytes(request)
         got = msg.SelectRequest.from_record(request)
         chosen = site.select(kept_array(site_state, SCORES_KEY, "scores", np.float64), got.decision)
-        keep_array(site_state, KEPT_KEY, "rows", np.asarray(chosen.rows, dtype=np.int64))
+        keep_array(site_state, KEPT_KEY, "rows", chosen.rows, np.int64)
         report = folder / "site-report"
         names, z = kept_signals(site_state)
         site.write_site_report(cfg, report, samples, chosen.scores, chosen.kept,

@@ -148,8 +148,8 @@ def _ids_hidden(handler):
 # A site's per-sample state (scores, signal values, kept rows) is held as the bytes of
 # one numpy array, not a list of Python numbers: 8 bytes a value against 32 (at 100k
 # samples and six signals, 6 MB against 24 MB for as long as the site runs).
-def keep_array(state, key: str, field: str, values) -> None:
-    state[key] = ConfigRecord({field: np.ascontiguousarray(values).tobytes()})
+def keep_array(state, key: str, field: str, values, dtype) -> None:
+    state[key] = ConfigRecord({field: np.asarray(values, dtype=dtype).tobytes()})
 
 
 def kept_array(state, key: str, field: str, dtype) -> np.ndarray:
@@ -220,7 +220,7 @@ def score(message: Message, context: Context) -> Message:
     scorer = make_scorer(request.method, score_settings(cfg))
     payload = ScorePayload(request.checkpoints, request.anchor_gradients, dict(request.scorer))
     result = site.score_samples(scorer, SiteData(cfg, bench, samples, encoded, cache, _partition(context)), payload)
-    keep_array(context.state, SCORES_KEY, "scores", np.asarray(result.values, dtype=np.float64))  # exact, stays here
+    keep_array(context.state, SCORES_KEY, "scores", result.values, np.float64)  # exact, stays here
     keep_signals(context.state, result.details)
     how = request.privacy or PrivacySettings()  # none: exact per-sample scores
     scores, histogram = site.reported(result.values, report=how.report, epsilon=how.epsilon, delta=how.delta,
@@ -247,7 +247,7 @@ def select(message: Message, context: Context) -> Message:
         _own_scores(request, context), request.decision, anchor_mean=request.anchor_mean,
         anchor_std=request.anchor_std, polluted=[s.polluted for s in samples] if labelled else None,
     )
-    keep_array(context.state, KEPT_KEY, "rows", np.asarray(chosen.rows, dtype=np.int64))
+    keep_array(context.state, KEPT_KEY, "rows", chosen.rows, np.int64)
     names, z = kept_signals(context.state)
     threshold = float(request.threshold) if request.threshold is not None else float("nan")
     own = threshold if request.anchor_mean is None else request.anchor_mean + threshold * request.anchor_std
@@ -290,7 +290,7 @@ def _own_scores(request: SelectRequest, context: Context) -> np.ndarray:
         if request.scores is None:
             raise RuntimeError("selection asked for before scoring: no scores on this site")
         site.check_sent_scores(list(request.ids), _wire_ids(context))
-        keep_array(context.state, SCORES_KEY, "scores", np.asarray(request.scores, dtype=np.float64))
+        keep_array(context.state, SCORES_KEY, "scores", request.scores, np.float64)
     return kept_array(context.state, SCORES_KEY, "scores", np.float64)
 
 

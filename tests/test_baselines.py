@@ -38,7 +38,7 @@ def answer_only(samples: list[Enc], header=(7, 8)) -> list[Enc]:
 
 def hf_loss(model, sample: Enc) -> torch.Tensor:
     """HF's own loss: labels = -100 on the prompt, shifted inside the model."""
-    ids = torch.as_tensor(np.asarray(sample.input_ids, dtype=np.int64))[None]
+    ids = torch.tensor([sample.input_ids])
     labels = ids.clone()
     labels[0, : sample.prompt_len] = -100
     return model(input_ids=ids, labels=labels).loss
@@ -46,7 +46,7 @@ def hf_loss(model, sample: Enc) -> torch.Tensor:
 
 def naive_grads(model, sample: Enc) -> dict[str, torch.Tensor]:
     params = lora_parameters(model)
-    ids = torch.as_tensor(np.asarray(sample.input_ids, dtype=np.int64))[None]
+    ids = torch.tensor([sample.input_ids])
     logits = model(input_ids=ids).logits[0]
     loss = F.cross_entropy(logits[sample.prompt_len - 1 : -1], ids[0, sample.prompt_len :])
     return {n: g.double() for n, g in zip(params, torch.autograd.grad(loss, list(params.values())))}

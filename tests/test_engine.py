@@ -103,7 +103,7 @@ def test_batched_loss_is_per_sample_mean_and_padding_free(setup):
     batch = collate(samples, list(range(len(samples))), pad_id=0)
     losses = sample_losses(model, batch, first)
     for i, s in enumerate(samples):
-        ids = torch.as_tensor(np.asarray(s.input_ids, dtype=np.int64))[None]
+        ids = torch.tensor([s.input_ids])
         logits = model(input_ids=ids).logits[0]
         ref = F.cross_entropy(logits[s.prompt_len - 1 : -1], ids[0, s.prompt_len :])
         assert abs(float(losses[i]) - float(ref)) < 1e-7 * abs(float(ref))

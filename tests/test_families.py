@@ -76,7 +76,7 @@ def tiny(family: str, seed: int = 0, layers=(SPLIT_LAYER, 3), own_forward: bool 
 
 def own_loss(model, sample) -> torch.Tensor:
     """The model's own forward, batch of one, full-vocabulary logits."""
-    ids = torch.as_tensor(np.asarray(sample.input_ids, dtype=np.int64))[None]
+    ids = torch.tensor([sample.input_ids])
     logits = model(input_ids=ids).logits[0]
     return F.cross_entropy(logits[sample.prompt_len - 1 : -1], ids[0, sample.prompt_len :])
 

@@ -88,7 +88,7 @@ def test_embeddings_are_centred_answer_token_means_of_final_hidden_states(model,
     stack = backbone(model)  # the full HF stack (with the LoRA modules), one sample at a time
     with torch.no_grad():
         means = np.stack([
-            stack(input_ids=torch.as_tensor(np.asarray(s.input_ids, dtype=np.int64))[None]).last_hidden_state[0, s.prompt_len:].mean(0).numpy()
+            stack(input_ids=torch.tensor([s.input_ids])).last_hidden_state[0, s.prompt_len:].mean(0).numpy()
             for s in samples
         ])
     centred = means - means.mean(0)

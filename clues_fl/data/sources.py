@@ -534,7 +534,7 @@ def encode_samples(
         lengths.append(len(encoded.input_ids))
         prompt_lens.append(encoded.prompt_len)
         truncated.append(encoded.truncated)
-    ids = np.frombuffer(flat, dtype=np.intc) if len(flat) else np.zeros(0, dtype=np.intc)  # C int: int32
+    ids = np.frombuffer(flat, dtype=np.intc)  # C int: int32
     ids.flags.writeable = False
     ends = np.cumsum(np.frombuffer(lengths, dtype=np.int64)).tolist()
     starts = [0, *ends[:-1]]

@@ -96,10 +96,10 @@ def prompt_ids(tokenizer, question: str, system_prompt: str | None = None,
     probe = Sample("_", question, ".")
     full = encode_sample(tokenizer, probe, 10**9, system_prompt)
     if max_prompt_tokens is None or full.prompt_len <= max_prompt_tokens:
-        return list(map(int, full.input_ids[: full.prompt_len]))
+        return list(full.input_ids[: full.prompt_len])
     n_answer = len(full.input_ids) - full.prompt_len
     cut = encode_sample(tokenizer, probe, max_prompt_tokens + n_answer, system_prompt)
-    return list(map(int, cut.input_ids[: cut.prompt_len]))
+    return list(cut.input_ids[: cut.prompt_len])
 
 
 def _decode_new(tokenizer, tokens: Sequence[int], stops: Sequence[int]) -> str:
@@ -256,7 +256,7 @@ def option_loglikelihoods(model, tokenizer, items: Sequence[dict], *, system_pro
         for j, (_, line) in enumerate(options):
             enc = encode_sample(tokenizer, Sample(f"{i}:{j}", question, line), max_length, system_prompt)
             n_text = len(tokenizer.encode(line, add_special_tokens=False))
-            ids = list(map(int, enc.input_ids[: enc.prompt_len + n_text]))  # drop the end-of-turn token
+            ids = list(enc.input_ids[: enc.prompt_len + n_text])  # drop the end-of-turn token
             encoded.append(Encoded(enc.id, ids, enc.prompt_len, enc.truncated))
         spans.append((start, len(encoded)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

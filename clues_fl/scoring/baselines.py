@@ -69,7 +69,7 @@ def empty_turn_header(tokenizer, system_prompt: str | None = None) -> list[int]:
     ``"Question: \\nAnswer: "``): the only context of an answer scored alone. The prompt
     is tokenised apart from the answer (encode_sample), so it is the same for every answer."""
     probe = encode_sample(tokenizer, Sample("_", "", "."), 10**9, system_prompt)
-    return list(map(int, probe.input_ids[: probe.prompt_len]))
+    return list(probe.input_ids[: probe.prompt_len])
 
 
 class AnswerOnly(Sequence):

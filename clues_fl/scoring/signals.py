@@ -175,7 +175,7 @@ def encode_answer_ends(tokenizer, samples, max_length: int, system_prompt: str |
     out = []
     for s in samples:
         full = encode_sample(tokenizer, Sample(s.id, "", s.answer), 10**9, system_prompt)  # the whole answer + end
-        answer = list(map(int, full.input_ids[full.prompt_len :]))[-max(1, max_length - len(header)) :]
+        answer = list(full.input_ids[full.prompt_len :])[-max(1, max_length - len(header)) :]
         out.append(Encoded(s.id, header + answer, len(header), False))
     return out
 
