@@ -20,8 +20,8 @@ and, on the server, the anchors' side (clues+ and Quad: constant in N) and the
 threshold over the scores of 4 such sites (their score replies unpacked and pooled,
 the anchor-f1 rule and the clean-share estimate). The model is a tiny random Llama of
 a fixed shape built in code (hidden 32, 4 layers, LoRA r=8 on q,v of the top two) with
-a word-level tokenizer of that vocabulary (600 words), and the qa-sim signal's sentence
-encoder a tiny random BERT: figures measure the code's scaling, not a real model's speed.
+a word-level tokenizer of that vocabulary (600 words), and the qa-sim and domain signals'
+sentence encoder a tiny random BERT: figures measure the code's scaling, not a real model's speed.
 One thread (`--threads`): these tensors are too small for a second one to help.
 
 Each pool size runs in its own process. Peak RSS per step: before the step the heap's
@@ -62,7 +62,7 @@ SITE_STEPS = ("load", "encode", "prefix-cache", "trace", "score", "select", "ret
 SERVER_STEPS = ("server: anchors", "server: threshold (4 sites)")
 QUAD_STEPS = ("server: quad anchors", "quad")
 ALL_STEPS = SITE_STEPS + SERVER_STEPS + QUAD_STEPS
-PARTS = ("score: gradient alignment", "score: model signals", "score: near-duplicates", "score: qa-sim",
+PARTS = ("score: gradient alignment", "score: model signals", "score: near-duplicates", "score: sentence encoder",
          "quad: embeddings", "quad: k-means", "quad: bandit scoring")
 SITES = 4  # the threshold's pool: this many sites of this size
 ANCHORS = 32
@@ -295,7 +295,7 @@ def measure_site(n: int, workdir: Path, llm: str, encoder: str, cache_budget: st
     baselines.answer_losses_of = meter.timed("score: model signals", baselines.answer_losses_of)
     signals.token_loss_stats = meter.timed("score: model signals", signals.token_loss_stats)
     signals.near_duplicate_scores = meter.timed("score: near-duplicates", signals.near_duplicate_scores)
-    signals.question_answer_similarity = meter.timed("score: qa-sim", signals.question_answer_similarity)
+    signals.question_signals = meter.timed("score: sentence encoder", signals.question_signals)
     def answer_score(row: dict, request, scorer, run_cfg):
         """What the site's query.score handler does with `request`, its bytes counted in `row`."""
         row["received"] += msg.wire_bytes(request)

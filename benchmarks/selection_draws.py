@@ -5,7 +5,11 @@ subset of a reservoir of candidate anchors.
 pools), traces it (the real FedAvg trace through the in-memory Flower grid, or one
 central LoRA run where the README's signal pools did so), and saves to an npz:
 
-- every per-sample signal of the pool (as the sites compute them) except ``clues``;
+- every per-sample signal of the pool (as the sites compute them) except ``clues`` and
+  ``domain``, which depend on the anchors drawn;
+- the sentence encoder's embeddings of the pool's and the candidate anchors' questions,
+  so that ``domain`` against any subset of the candidates follows exactly (``embed``
+  adds them to a file saved without them: it rebuilds the pool's text, no training);
 - for ``draws`` x ``anchors`` candidate anchors (draw 0: the run-config's own anchor set;
   draws 1.. : further samples of the anchor source that no site, validation or test set
   holds) the same signals, and their answers (``dup`` is within the anchor set);
@@ -19,6 +23,7 @@ central LoRA run where the README's signal pools did so), and saves to an npz:
 
     python benchmarks/selection_draws.py measure --pool suite-11 --out /tmp/sel/suite-11.npz
     python benchmarks/selection_draws.py measure --pool demo --out /tmp/sel/demo.npz
+    python benchmarks/selection_draws.py embed --pool demo /tmp/sel/demo.npz   # a file saved without embeddings
     python benchmarks/selection_draws.py tables /tmp/sel/*.npz
 """
 
@@ -47,7 +52,7 @@ POOLS = {
     "full": ("central", {"data.samples-per-client": 40, "trace.rounds": 3, "data.max-length": 128,
                          "pollution.types": "cross-domain,exchange,cut,delete", "pollution.ratios": "0.5,0.5,0.5,0.5"}),
 }
-POOL_SIGNALS = tuple(n for n in sg.SIGNALS if n not in ("clues", "loss", "learn"))
+POOL_SIGNALS = tuple(n for n in sg.SIGNALS if n not in ("clues", "domain", "loss", "learn"))
 
 
 def pool_config(name: str, seed: int, out: Path, overrides: dict | None = None) -> tuple[str, dict]:
@@ -83,7 +88,7 @@ def reservoir(cfg, data, draws: int) -> list:
 
     size = len(data.anchor)
     used = {s.id for s in data.anchor + data.val + data.test} | {s.id for site in data.clients for s in site}
-    pool, _ = _pool(cfg, [])
+    pool = _pool(cfg).shared
     if cfg.data.anchor_file:
         pool = _load(cfg.data, cfg.data.anchor_file).samples
     spare = [s for s in pool if s.id not in used]
@@ -190,7 +195,8 @@ def measure(pool: str, seed: int, draws: int, out: Path, overrides: dict | None 
     site_sig = [signal_values(samples, enc, cache) for samples, (enc, cache) in zip(data.clients, sites)]
     print(f"signals {time.time() - t0:.0f}s", flush=True)
     samples = [s for site in data.clients for s in site]
-    saved = {f"anchor/{k}": v for k, v in anchor_sig.items()}
+    saved = question_embeddings(cfg, samples, candidates)
+    saved.update({f"anchor/{k}": v for k, v in anchor_sig.items()})
     saved.update({f"site/{k}": np.concatenate([s[k] for s in site_sig]) for k in POOL_SIGNALS})
     saved.update(products)
     saved.update({
@@ -201,6 +207,38 @@ def measure(pool: str, seed: int, draws: int, out: Path, overrides: dict | None 
         "seconds": np.array(time.time() - t0),
     })
     return saved
+
+
+def question_embeddings(cfg, samples, candidates) -> dict:
+    """The sentence encoder's embeddings of the pool's and the candidate anchors' questions
+    (the ``domain`` signal's inputs)."""
+    from clues_fl.model.sentence_encoder import embed_texts
+
+    return {"site-question-emb": embed_texts([s.question for s in samples], cfg.selection.embedding_model),
+            "anchor-question-emb": embed_texts([s.question for s in candidates], cfg.selection.embedding_model)}
+
+
+def embed(pool: str, path: Path) -> None:
+    """Add the question embeddings to a file `measure` saved without them: the pool and the
+    candidate anchors are rebuilt from the pool's run-config (seed 0; no training), checked
+    against the file (pollution kinds, the text-only ``overlap`` signal, the anchors'
+    answers), then embedded."""
+    from clues_fl.config import parse_config
+    from clues_fl.data.scenario import build_scenario
+
+    saved = load(path)
+    _, raw = pool_config(pool, 0, path)
+    cfg = parse_config(raw)
+    data = build_scenario(cfg, len(cfg.pollution.list("ratios")))
+    candidates = reservoir(cfg, data, int(saved["anchor-draw"].max()) + 1)
+    samples = [s for site in data.clients for s in site]
+    if ([s.pollution for s in samples] != [str(k) for k in saved["kinds"]]
+            or not np.allclose(sg.question_overlap(samples), saved["site/overlap"], equal_nan=True)
+            or [sg.sample_texts([s])[0] for s in candidates] != [str(t) for t in saved["anchor-answers"]]):
+        raise SystemExit(f"{path}: the rebuilt '{pool}' pool is not the one saved there")
+    saved.update(question_embeddings(cfg, samples, candidates))
+    np.savez(path, **saved)
+    print(f"added the question embeddings to {path}")
 
 
 # --------------------------------------------------------------------------- offline
@@ -232,14 +270,21 @@ def clues_scores(d: dict, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def draw_signals(d: dict, draw: int, names=sg.DEFAULT_SIGNALS) -> tuple[dict, dict]:
-    """(anchors' signals, pool's signals) with the anchors of draw `draw`: CLUES against
-    them, ``dup`` within them, the rest as measured."""
+    """(anchors' signals, pool's signals) with the anchors of draw `draw`: CLUES and
+    ``domain`` against them, ``dup`` within them, the rest as measured."""
     subset = np.flatnonzero(d["anchor-draw"] == draw)
     pool_clues, anchor_clues = clues_scores(d, subset)
     anchors, pool = {}, {}
     for name in names:
         if name == "clues":
             anchors[name], pool[name] = anchor_clues, pool_clues
+        elif name == "domain":
+            if "anchor-question-emb" not in d:
+                raise SystemExit("the file has no question embeddings: run `selection_draws.py embed` on it")
+            emb = d["anchor-question-emb"][subset].astype(np.float64)
+            anchors[name] = sg.leave_one_out_cosines(emb)
+            centre = emb.sum(0) / np.linalg.norm(emb.sum(0))
+            pool[name] = d["site-question-emb"].astype(np.float64) @ centre
         elif name == "dup":
             anchors[name] = sg.near_duplicate_scores([str(t) for t in d["anchor-answers"][subset]])
             # saved as the highest 3-gram Jaccard whatever its size; near_duplicate_scores now
@@ -335,12 +380,16 @@ def calibrated(refined: bool, also_below: float = sg.REASON_Z):
     return method
 
 
+# The signals of clues+ before ``domain`` joined the default.
+WITHOUT_DOMAIN = tuple(n for n in sg.DEFAULT_SIGNALS if n != "domain")
+# label -> (the signals in the score, the method)
 METHODS = {
-    "earlier (sum, anchors only)": earlier,
-    "new (chi2 tail, site-refined)": calibrated(True),
-    "new, reasons: smallest set only": calibrated(True, -np.inf),
-    "new, reasons: also z <= -1.5": calibrated(True, -1.5),
-    "chi2 tail, anchors only": calibrated(False),
+    "earlier (sum, anchors only)": (WITHOUT_DOMAIN, earlier),
+    "chi2 tail, without domain": (WITHOUT_DOMAIN, calibrated(True)),
+    "new (chi2 tail, site-refined)": (sg.DEFAULT_SIGNALS, calibrated(True)),
+    "new, reasons: smallest set only": (sg.DEFAULT_SIGNALS, calibrated(True, -np.inf)),
+    "new, reasons: also z <= -1.5": (sg.DEFAULT_SIGNALS, calibrated(True, -1.5)),
+    "chi2 tail, anchors only": (sg.DEFAULT_SIGNALS, calibrated(False)),
 }
 
 # A pollution kind -> the reason words that name it (clues_fl/data/pollution.py: cross-domain
@@ -366,15 +415,17 @@ def single_signal_aucs(anchors: dict, pool: dict, kinds: np.ndarray) -> dict[str
 
 
 def evaluate(d: dict, draw: int, method) -> dict:
-    """One anchor draw, one method: per-kind AUC, F1 at anchor-f1, clean dropped, bad kept,
-    reasons per kind."""
+    """One anchor draw, one method ((signal names, rule): METHODS): per-kind AUC, F1 at
+    anchor-f1, clean dropped, bad kept, reasons per kind, and every default signal's AUC
+    alone."""
     from clues_fl.selection.metrics import per_type_auc, roc_auc
     from clues_fl.selection.rules import global_threshold
 
     kinds = np.array([str(k) for k in d["kinds"]])
     clean = kinds == ""
-    anchors, pool = draw_signals(d, draw)
-    result = method(anchors, pool, d["site"])
+    names, rule = method
+    anchors, pool = draw_signals(d, draw, names)
+    result = rule(anchors, pool, d["site"])
     scores = result["scores"]
     threshold = global_threshold("anchor-f1", result["reference"], scores)
     kept = scores >= threshold
@@ -392,8 +443,9 @@ def evaluate(d: dict, draw: int, method) -> dict:
         row["reason-words"][kind] = np.mean([len(set(w)) for w in words]) if words else np.nan
     if "cross-domain" in kinds:  # "off-domain" given to a dropped sample of the pool's own domain
         inside = np.flatnonzero((kinds != "cross-domain") & ~kept)
-        row["off-domain-inside"] = (np.mean(["clues" in named[i] for i in inside]) if inside.size else np.nan, inside.size)
-    row["singles"] = single_signal_aucs(anchors, pool, kinds)
+        off = [any(sg.direction_and_reason(n)[1] == "off-domain" for n in named[i]) for i in inside]
+        row["off-domain-inside"] = (np.mean(off) if inside.size else np.nan, inside.size)
+    row["singles"] = single_signal_aucs(*draw_signals(d, draw), kinds)
     return row
 
 
@@ -472,6 +524,9 @@ def main() -> None:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--run-config", default="", metavar="'K=V ...'",
                    help="run-config values over the pool's, e.g. \"scoring.model='my-1b' scoring.model-layers='top8'\"")
+    e = sub.add_parser("embed", help="add the question embeddings to a file saved without them")
+    e.add_argument("--pool", choices=tuple(POOLS), required=True)
+    e.add_argument("file", type=Path)
     t = sub.add_parser("tables", help="the selection tables of saved pools (docs/selection.md)")
     t.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
@@ -484,6 +539,8 @@ def main() -> None:
         overrides = parse_config_args([" ".join(run_config_tokens(args.run_config))]) if args.run_config else {}
         np.savez(args.out, **measure(args.pool, args.seed, args.draws, args.out, overrides))
         print(f"saved {args.out}")
+    elif args.command == "embed":
+        embed(args.pool, args.file)
     else:
         print_tables([(p.stem, load(p)) for p in args.files])
 

@@ -424,7 +424,7 @@ class SelectionSection(Section):
                           "[selection.md](selection.md#your-own-signal))",
                           allowed="some of " + ", ".join(f"`{n}`" for n in SIGNAL_NAMES) + ", `module:attr`",
                           items=True)
-    embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` signal: the bundled "
+    embedding_model: str = option("all-MiniLM-L6-v2", "the sentence encoder of the `qa-sim` and `domain` signals: the bundled "
                                   "`all-MiniLM-L6-v2` or a local model folder")
 
     def __post_init__(self) -> None:

@@ -11,15 +11,17 @@ THRESHOLD_RULES = ("anchor-f1", "anchor-mean", "anchor-quantile", "mixture", "ra
 """The rules selection.threshold takes (selection/rules.py RULES, which also has the
 selections of the methods without an anchor threshold)."""
 
-SIGNAL_NAMES = ("clues", "loss", "learn", "base-loss", "qinfo", "eos", "dup", "overlap", "qa-sim")
+SIGNAL_NAMES = ("clues", "domain", "loss", "learn", "base-loss", "qinfo", "eos", "dup", "overlap", "qa-sim")
 """The built-in per-sample signals of `clues+` (scoring/signals.py SIGNALS)."""
 
 # Chosen on the measurement pools and the demo's FedAvg checkpoints (benchmarks/signals.py,
 # docs/selection.md): the signals that add. "loss" (the last checkpoint's) is left out: it
 # moves with base-loss (the LoRA barely changes answer losses), so the two would count one
 # shortfall twice. "qa-sim" replaced "overlap": on the four within-domain pools it ranked
-# exchanged answers 0.94/0.93/0.89/0.94, overlap 0.88/0.86/0.85/0.80.
-DEFAULT_SIGNALS = ("clues", "base-loss", "qinfo", "eos", "dup", "qa-sim")
+# exchanged answers 0.94/0.93/0.89/0.94, overlap 0.88/0.86/0.85/0.80. "domain" (the
+# questions' embedding similarity with the anchors') ranks another domain's samples at
+# 0.991-0.994 alone and lets a dropped cross-domain sample's reason say so (docs/selection.md).
+DEFAULT_SIGNALS = ("clues", "domain", "base-loss", "qinfo", "eos", "dup", "qa-sim")
 
 MERGE_RULES = ("linear", "weighted", "ties")
 """aggregation/merging.py MERGE_RULES: the one-shot merge rules of retrain.mode = merge."""

@@ -419,7 +419,7 @@ def preflight(values: dict[str, Any], *, sites: int | None = None,
     check_device(cfg.model.device)
     if cfg.quad.embedding_model and cfg.selection.method == "quad":
         check_encoder(cfg.quad.embedding_model, "quad.embedding-model")
-    if cfg.selection.method == "clues+" and "qa-sim" in cfg.selection.list("signals"):
+    if cfg.selection.method == "clues+" and {"qa-sim", "domain"} & set(cfg.selection.list("signals")):
         check_encoder(cfg.selection.embedding_model, "selection.embedding-model")
     check_server_data(cfg, own_site_data=site_files is not None)
     if sites is not None:

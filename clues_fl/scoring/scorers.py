@@ -133,6 +133,11 @@ class CluesPlusScorer(CluesScorer):
         side = super().anchor_side(bench, anchors, checkpoints, cfg, cache=cache)  # CLUES's: the gradients
         values = self.anchor_signals(bench, anchors, checkpoints, cfg, side.scores, samples, cache)
         cal = signals.calibrate(values)
+        if "domain" in cal.names:
+            from clues_fl.model.device import device_of
+
+            cal.domain_centre = signals.domain_centre_of(samples, cfg.selection.embedding_model,
+                                                         device_of(bench.model))
         return AnchorSide(signals.clean_reference(len(anchors)), side.gradients, cal.to_config())
 
     def anchor_signals(self, bench, anchors, checkpoints, cfg, loo_scores, samples, cache=None,
@@ -148,8 +153,12 @@ class CluesPlusScorer(CluesScorer):
         result = site.bench.score(site.encoded, payload.checkpoints, payload.anchor_gradients, site.cfg,
                                   cache=site.cache, settings=self.settings)
         cal = signals.Calibration.from_config(payload.config)
+        if "domain" in cal.names and cal.domain_centre is None:
+            raise ValueError("selection.signals: 'domain' needs the anchors' mean question embedding "
+                             "(signal-domain-centre) in the server's message, and it has none")
         raw = signals.compute_signals(site.bench, site.samples, site.encoded, site.cfg, clues_scores=result.scores,
-                                      losses=result.losses, cache=site.cache, names=cal.names)
+                                      losses=result.losses, cache=site.cache, names=cal.names,
+                                      domain_centre=cal.domain_centre)
         combined, z, _ = signals.calibrated_scores(raw, cal)
         self.details = {"names": list(cal.names), "z": z, "raw": raw}
         return combined

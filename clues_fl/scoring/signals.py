@@ -16,6 +16,8 @@ small sentence encoder and the text; ``DEFAULT_SIGNALS`` are the ones ``clues+``
 name            what                                            good is   an outlier below means
 ==============  ==============================================  ========  ==========================
 ``clues``       CLUES alignment with the anchor gradient         high      off-domain
+``domain``      cosine of the question's sentence embedding      high      off-domain
+                with the anchors' mean question embedding
 ``loss``        answer loss at the last trace checkpoint         low       garbled (not in the default:
                                                                             it moves with base-loss)
 ``learn``       loss drop first -> last checkpoint (learning)    high      garbled (not in the default:
@@ -70,6 +72,7 @@ from clues_fl.model.forward import sample_losses
 # name -> (direction: +1 higher is better / -1 lower is better, reason when it is the worst)
 SIGNALS: dict[str, tuple[int, str]] = {
     "clues": (+1, "off-domain"),
+    "domain": (+1, "off-domain"),
     "loss": (-1, "garbled"),
     "learn": (+1, "garbled"),
     "base-loss": (-1, "garbled"),
@@ -395,6 +398,55 @@ def question_answer_similarity(samples, encoder: str, device=None) -> np.ndarray
     return paired_cosines([s.question for s in samples], [s.answer for s in samples], encoder, device=device)
 
 
+def question_signals(samples, encoder: str, *, names: Sequence[str], domain_centre=None, device=None,
+                     chunk: int = 4096) -> dict[str, np.ndarray]:
+    """``qa-sim`` and ``domain`` (those of `names`) from one pass of the sentence encoder
+    over the questions (and, for ``qa-sim``, the answers), `chunk` samples at a time (so a
+    site holds no more than a chunk's embeddings). ``domain``: the cosine of each
+    question's embedding with `domain_centre` (domain_centre_of the anchors); without one,
+    with the mean of the other samples' (the anchors' leave-one-out, as ``clues``). A
+    question from another domain lies far from the anchors' questions whatever its
+    answer."""
+    from clues_fl.model.sentence_encoder import embed_texts
+
+    out = {n: np.zeros(len(samples)) for n in ("qa-sim", "domain") if n in names}
+    if not out:
+        return out
+    questions = [s.question for s in samples]
+    if "domain" in out and domain_centre is None:  # the anchors: a small set, held whole
+        emb = embed_texts(questions, encoder, device=device).astype(np.float64)
+        out["domain"] = leave_one_out_cosines(emb)
+        if "qa-sim" in out:
+            out["qa-sim"] = question_answer_similarity(samples, encoder, device)
+        return out
+    centre = None if domain_centre is None else np.asarray(domain_centre, dtype=np.float64)
+    for start in range(0, len(samples), chunk):
+        q = embed_texts(questions[start : start + chunk], encoder, device=device).astype(np.float64)
+        if "qa-sim" in out:
+            a = embed_texts([s.answer for s in samples[start : start + chunk]], encoder, device=device)
+            out["qa-sim"][start : start + chunk] = (q * a).sum(axis=1)
+        if "domain" in out:
+            out["domain"][start : start + chunk] = q @ centre
+    return out
+
+
+def leave_one_out_cosines(emb: np.ndarray) -> np.ndarray:
+    """(N,) cosine of each unit row with the mean of the other rows."""
+    total = emb.sum(axis=0)
+    others = total[None, :] - emb
+    norms = np.maximum(np.linalg.norm(others, axis=1), 1e-12)
+    return (emb * others).sum(axis=1) / norms
+
+
+def domain_centre_of(samples, encoder: str, device=None) -> np.ndarray:
+    """The anchors' mean question embedding, unit length: what a site's ``domain`` signal
+    compares its questions with (the server sends it; it is made of public anchors only)."""
+    from clues_fl.model.sentence_encoder import embed_texts
+
+    mean = embed_texts([s.question for s in samples], encoder, device=device).astype(np.float64).sum(axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
 def sample_texts(samples) -> list[str]:
     """The text the duplicate signal compares: the answer (a near-copy keeps it; the
     server knows only the anchors' encoded answers)."""
@@ -405,13 +457,15 @@ def sample_texts(samples) -> list[str]:
 
 
 def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, losses: np.ndarray,
-                    cache=None, names: Sequence[str] = tuple(SIGNALS)) -> dict[str, np.ndarray]:
+                    cache=None, names: Sequence[str] = tuple(SIGNALS), domain_centre=None) -> dict[str, np.ndarray]:
     """Every signal of `names` for these samples (a site's pool, or the anchors on the
     server). `clues_scores` (N,) and `losses` (K, N) come from the scoring pass (the
     engine's ScoreResult; for anchors the leave-one-out scores and their per-checkpoint
     losses). Costs one base-model forward (with the prefix cache), for ``qinfo`` one over
-    the answers alone, for ``eos`` one over the answers' ends, and for ``qa-sim`` one of
-    the sentence encoder over the questions and the answers."""
+    the answers alone, for ``eos`` one over the answers' ends, and for ``qa-sim`` and
+    ``domain`` one of the sentence encoder over the questions (and the answers, for
+    ``qa-sim``). ``domain`` compares with `domain_centre` (a site: the Calibration's), or
+    without one each sample with the others (the anchors, leave-one-out)."""
     from clues_fl.model.device import device_of
     from clues_fl.model.loading import load_lora_state
     from clues_fl.scoring.baselines import answer_losses_of, encode_answer_only
@@ -452,8 +506,9 @@ def compute_signals(bench, samples, encoded, cfg, *, clues_scores: np.ndarray, l
         out["dup"] = near_duplicate_scores(sample_texts(samples))
     if "overlap" in names:
         out["overlap"] = question_overlap(samples)
-    if "qa-sim" in names:
-        out["qa-sim"] = question_answer_similarity(samples, cfg.selection.embedding_model, device_of(bench.model))
+    if {"qa-sim", "domain"} & set(names):
+        out.update(question_signals(samples, cfg.selection.embedding_model, names=names,
+                                    domain_centre=domain_centre, device=device_of(bench.model)))
     for name in names:
         if name not in SIGNALS:  # yours: module:attr
             values = np.asarray(_user_signal(name).compute(samples), dtype=float).reshape(-1)
@@ -511,19 +566,25 @@ class Calibration:
     centre: np.ndarray
     spread: np.ndarray
     anchors: np.ndarray
+    domain_centre: np.ndarray | None = None  # the anchors' mean question embedding (``domain``)
 
     def to_config(self) -> dict:
-        return {"signals": list(self.names), "signal-centre": [float(x) for x in self.centre],
-                "signal-spread": [float(x) for x in self.spread],
-                "signal-anchors": [float(x) for x in np.nan_to_num(self.anchors, nan=np.inf).ravel()]}
+        config = {"signals": list(self.names), "signal-centre": [float(x) for x in self.centre],
+                  "signal-spread": [float(x) for x in self.spread],
+                  "signal-anchors": [float(x) for x in np.nan_to_num(self.anchors, nan=np.inf).ravel()]}
+        if self.domain_centre is not None:
+            config["signal-domain-centre"] = [float(x) for x in self.domain_centre]
+        return config
 
     @classmethod
     def from_config(cls, config) -> Calibration:
         names = tuple(str(n) for n in config["signals"])
         anchors = np.asarray([float(x) for x in config["signal-anchors"]]).reshape(len(names), -1)
+        centre = config["signal-domain-centre"] if "signal-domain-centre" in config else None
         return cls(names, np.asarray([float(x) for x in config["signal-centre"]]),
                    np.asarray([float(x) for x in config["signal-spread"]]),
-                   np.where(np.isinf(anchors), np.nan, anchors))
+                   np.where(np.isinf(anchors), np.nan, anchors),
+                   None if centre is None else np.asarray([float(x) for x in centre]))
 
 
 def _robust(values: np.ndarray, floor: float = 0.0) -> tuple[float, float]:
@@ -673,7 +734,7 @@ def reasons(z: np.ndarray, names: Sequence[str], cut: float, also_below: float =
 
 def reason_text(signal_names: Sequence[str]) -> str:
     """The words of a reason: each named signal's reason once, worst first ("off-domain"
-    only when the gradient alignment is among them)."""
+    only when the gradient alignment or the domain similarity is among them)."""
     words: list[str] = []
     for name in signal_names:
         word = direction_and_reason(name)[1]
