@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from clues_fl.scoring import signals as sg
+from clues_fl.selection.rules import CALIBRATED_SHARE_QUANTILES, SHARE_QUANTILES
 
 SIGNAL_TYPES = "cross-domain,exchange,cut,delete,near-duplicate"
 POOLS = {
@@ -357,10 +358,11 @@ def earlier(anchors: dict, pool: dict, site: np.ndarray) -> dict:
 # ------------------------------------------------------------------------- the new method
 
 
-def calibrated(refined: bool, also_below: float = sg.REASON_Z):
+def calibrated(refined: bool, also_below: float = sg.REASON_Z, share_quantiles=CALIBRATED_SHARE_QUANTILES):
     """signals.combine on the clean model of signals.calibrate, refined with each site's
     own pool (signals.refine) where `refined`; the threshold rules' clean picture is
-    signals.clean_reference; the reasons are signals.reasons at the threshold."""
+    signals.clean_reference, anchor-f1 reading the clean share off it at `share_quantiles`;
+    the reasons are signals.reasons at the threshold."""
 
     def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
         cal = sg.calibrate(anchors)
@@ -375,17 +377,19 @@ def calibrated(refined: bool, also_below: float = sg.REASON_Z):
             return sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)), also_below)
 
         return {"scores": scores, "reference": sg.clean_reference(len(next(iter(anchors.values())))),
-                "reasons": reasons}
+                "reasons": reasons, "share_quantiles": share_quantiles}
 
     return method
 
 
 # The signals of clues+ before ``domain`` joined the default.
 WITHOUT_DOMAIN = tuple(n for n in sg.DEFAULT_SIGNALS if n != "domain")
-# label -> (the signals in the score, the method)
+# label -> (the signals in the score, the method). "without domain" is the previous default (six
+# signals, anchor-f1 reading the clean share at the middle cuts rules.SHARE_QUANTILES).
 METHODS = {
     "earlier (sum, anchors only)": (WITHOUT_DOMAIN, earlier),
-    "chi2 tail, without domain": (WITHOUT_DOMAIN, calibrated(True)),
+    "chi2 tail, without domain": (WITHOUT_DOMAIN, calibrated(True, share_quantiles=SHARE_QUANTILES)),
+    "with domain, middle cuts": (sg.DEFAULT_SIGNALS, calibrated(True, share_quantiles=SHARE_QUANTILES)),
     "new (chi2 tail, site-refined)": (sg.DEFAULT_SIGNALS, calibrated(True)),
     "new, reasons: smallest set only": (sg.DEFAULT_SIGNALS, calibrated(True, -np.inf)),
     "new, reasons: also z <= -1.5": (sg.DEFAULT_SIGNALS, calibrated(True, -1.5)),
@@ -427,7 +431,8 @@ def evaluate(d: dict, draw: int, method) -> dict:
     anchors, pool = draw_signals(d, draw, names)
     result = rule(anchors, pool, d["site"])
     scores = result["scores"]
-    threshold = global_threshold("anchor-f1", result["reference"], scores)
+    threshold = global_threshold("anchor-f1", result["reference"], scores,
+                                 share_quantiles=result.get("share_quantiles", SHARE_QUANTILES))
     kept = scores >= threshold
     named = result["reasons"](threshold)
     row = {"auc": roc_auc(scores, clean), "kind-auc": per_type_auc(scores, list(kinds)),

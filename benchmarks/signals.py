@@ -163,12 +163,13 @@ def reason_table(d: dict) -> None:
     """How often the site report's reason (clues_fl.scoring.signals.reasons)
     names a dropped bad sample's pollution kind, with the default signals and the
     anchor-f1 threshold."""
-    from clues_fl.selection.rules import global_threshold
+    from clues_fl.selection.rules import CALIBRATED_SHARE_QUANTILES, global_threshold
 
     names = sg.DEFAULT_SIGNALS
     anchors, sites = split(d, names)
     score, z = site_scores(anchors, sites, d["site"])
-    threshold = global_threshold("anchor-f1", sg.clean_reference(len(next(iter(anchors.values())))), score)
+    threshold = global_threshold("anchor-f1", sg.clean_reference(len(next(iter(anchors.values())))), score,
+                                 share_quantiles=CALIBRATED_SHARE_QUANTILES)
     named = np.array([sg.reason_text(r) for r in sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)))],
                      dtype=object)
     kinds = np.array([str(k) for k in d["kinds"]])

@@ -147,7 +147,7 @@ def _ids_hidden(handler):
 
 # A site's per-sample state (scores, signal values, kept rows) is held as the bytes of
 # one numpy array, not a list of Python numbers: 8 bytes a value against 32 (at 100k
-# samples and six signals, 6 MB against 24 MB for as long as the site runs).
+# samples and seven signals, 7 MB against 26 MB for as long as the site runs).
 def keep_array(state, key: str, field: str, values, dtype) -> None:
     state[key] = ConfigRecord({field: np.asarray(values, dtype=dtype).tobytes()})
 

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from clues_fl.scoring import signals as sg
 from clues_fl.data.scenario import build_scenario
-from clues_fl.selection.rules import clean_share
+from clues_fl.selection.rules import CALIBRATED_SHARE_QUANTILES, clean_share, clean_share_estimate
 from test_flower_inprocess import _strings_in, drive, run_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -261,10 +261,59 @@ def _draw_scores(pool, sites, anchor_values, refined: bool):
     return score, z, cal.names
 
 
+def test_the_clean_share_is_read_at_the_lower_cuts_of_an_exact_clean_reference():
+    """clean_share_estimate at CALIBRATED_SHARE_QUANTILES (clues+'s) against the naive
+    ratio: the smallest pooled share above a cut over the reference's, over cuts at the
+    reference's 15/25/35/45% quantiles; where a clean model fitted wide bunches the clean
+    scores near 0 (clean tail probabilities p with density 2p, not uniform), the middle
+    cuts read the share further off than the lower ones."""
+    from clues_fl.selection.rules import SHARE_QUANTILES
+
+    rng = np.random.default_rng(3)
+    reference = sg.clean_reference(16)
+    clean = np.log10(np.sqrt(rng.random(600)))  # p = sqrt(U): density 2p, bunched near 1
+    bad = np.log10(rng.random(400) * 1e-3)  # far below
+    pooled = np.concatenate([clean, bad])
+    naive = min(np.mean(pooled >= np.quantile(reference, q)) / np.mean(reference >= np.quantile(reference, q))
+                for q in CALIBRATED_SHARE_QUANTILES)
+    lower = clean_share_estimate(reference, pooled, quantiles=CALIBRATED_SHARE_QUANTILES)
+    middle = clean_share_estimate(reference, pooled, quantiles=SHARE_QUANTILES)
+    assert lower == pytest.approx(min(1.0, naive))
+    assert abs(lower - 0.6) < abs(middle - 0.6) and abs(lower - 0.6) < 0.12  # 1.15 x 0.6 against 1.3 x 0.6
+
+
+@pytest.mark.parametrize("bad", [0.1, 0.3, 0.5, 0.8])
+def test_the_lower_share_cuts_keep_no_more_bad_samples_at_any_bad_share(bad):
+    """clues+'s anchor-f1 (the clean share read at the lower cuts of its exact clean
+    reference) against the middle cuts, on synthetic signal vectors at 10/30/50/80% bad
+    over five draws of 16 anchors: no more bad samples kept, the F1 no lower and the
+    share estimate no further off (each within 0.01; measured: bad kept 0.085/0.140/
+    0.071/0.061 against 0.120/0.173/0.063/0.061)."""
+    from clues_fl.selection.rules import SHARE_QUANTILES, global_threshold
+
+    rng = np.random.default_rng(int(bad * 100))
+    pool, kinds = _synthetic_pool(rng, 400, bad)
+    clean = kinds == ""
+    sites = np.arange(400) % 4
+    got = {q: {"bad kept": [], "f1": [], "error": []} for q in (SHARE_QUANTILES, CALIBRATED_SHARE_QUANTILES)}
+    for draw in range(5):
+        anchor_values, _ = _synthetic_pool(rng, 16, 0.0, heavy=0.0)
+        anchor_values["dup"] = np.zeros(16)
+        score = _draw_scores(pool, sites, anchor_values, True)[0]
+        for q, row in got.items():
+            kept = score >= global_threshold("anchor-f1", sg.clean_reference(16), score, share_quantiles=q)
+            row["bad kept"].append(kept[~clean].mean())
+            row["f1"].append(2 * np.sum(kept & clean) / (kept.sum() + clean.sum()))
+            row["error"].append(abs(clean_share_estimate(sg.clean_reference(16), score, quantiles=q) - clean.mean()))
+    lower, middle = ({k: np.mean(v) for k, v in got[q].items()} for q in (CALIBRATED_SHARE_QUANTILES, SHARE_QUANTILES))
+    assert lower["bad kept"] <= middle["bad kept"] + 0.01, (lower, middle)
+    assert lower["f1"] >= middle["f1"] - 0.01 and lower["error"] <= middle["error"] + 0.01, (lower, middle)
+
+
 @pytest.mark.parametrize("bad", [0.1, 0.3, 0.5, 0.8])
 def test_the_site_refined_rule_holds_over_anchor_draws_at_any_bad_share(bad):
     """clues+ on synthetic signal vectors at 10/30/50/80% bad over five draws of 16 anchors,
-    the anchor-f1 rule on the clean reference: with each site's clean model refined with its
+    the anchor-f1 rule on the clean reference (at clues+'s cuts): with each site's clean model refined with its
     own pool, the F1 swings at most half as much across the draws as with the anchors' model
     alone, few clean samples are dropped, every kind ranks near the single signal that sees
     it, and a dropped bad sample's reason names the signal of its kind."""
@@ -281,7 +330,8 @@ def test_the_site_refined_rule_holds_over_anchor_draws_at_any_bad_share(bad):
         anchor_values["dup"] = np.zeros(16)
         for refined in (True, False):
             score, z, names = _draw_scores(pool, sites, anchor_values, refined)
-            threshold = global_threshold("anchor-f1", sg.clean_reference(16), score)
+            threshold = global_threshold("anchor-f1", sg.clean_reference(16), score,
+                                         share_quantiles=CALIBRATED_SHARE_QUANTILES)
             kept = score >= threshold
             f1s[refined].append(2 * np.sum(kept & clean) / (kept.sum() + clean.sum()))
             if not refined:
@@ -447,8 +497,15 @@ def test_clues_plus_with_the_anchor_f1_rule_runs_end_to_end(tiny_model_dir, tmp_
     sent = [ex.sent.content["scorer"] for ex in grid.log if ex.message_type == "query.score"]
     assert sent and all(list(s["signals"]) == ["clues", "overlap", "dup"] for s in sent)
     assert metrics["threshold"]["rule"] == "anchor-f1"
+    # the rule read the clean share off clues+'s exact clean reference at the lower cuts
+    assert metrics["threshold"]["share-quantiles"] == list(CALIBRATED_SHARE_QUANTILES)
     share = metrics["selection"]["estimated-clean-share"]
     assert 0.0 <= share["low"] <= share["estimate"] <= share["high"] <= 1.0
+    if report == "scores":  # the reported estimate is the one at the rule's cuts
+        pooled = [float(row.split(",")[1]) for f in sorted((tmp_path / "inprocess" / "manifest").glob("client-*.csv"))
+                  for row in f.read_text().splitlines()[1:]]
+        assert share["estimate"] == pytest.approx(clean_share_estimate(
+            sg.clean_reference(share["anchors"]), np.asarray(pooled), quantiles=CALIBRATED_SHARE_QUANTILES))
 
 
 def test_unlabelled_pool_reports_no_precision_recall_f1(tiny_model_dir, tmp_path, capsys):

@@ -23,7 +23,7 @@ from clues_fl.config import ConfigError, parse_config
 from clues_fl.federation.inmemory_grid import InMemoryGrid
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_manifests, read_run
-from clues_fl.selection.rules import global_threshold, keep, keep_mask
+from clues_fl.selection.rules import SHARE_QUANTILES, global_threshold, keep, keep_mask
 from clues_fl.federation.state import array_names, dump, load
 from clues_fl.server.phases import MemoryJournal, run_phases
 from clues_fl.strategies.clues import CluesStrategy
@@ -170,7 +170,7 @@ def _best_f1(scores: np.ndarray, clean: np.ndarray) -> float:
 
 
 def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, intervals: int = 10,
-                   seed: int = 0, rules=GRID_RULES) -> list[dict]:
+                   seed: int = 0, rules=GRID_RULES, share_quantiles=SHARE_QUANTILES) -> list[dict]:
     """Every threshold rule on a grid of pools: each pollution type alone and all mixed, at
     10/30/50/80% bad, and four sites with 80/20/10/50% bad (mixed types). A pool of `size`
     is drawn (with replacement) from one scored pool's samples, `draws` times; per cell the
@@ -178,7 +178,8 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
     (an oracle threshold) and of anchor-f1 told the true clean share ("anchor-f1, true
     share": what the share estimate costs), and the clean-share estimate (selection.rules.clean_share) with how
     often its 90% bootstrap interval covered the truth (on the first `intervals` draws).
-    `rules`: (name, keyword arguments) pairs, GRID_RULES unless given."""
+    `rules`: (name, keyword arguments) pairs, GRID_RULES unless given; `share_quantiles`: where
+    anchor-f1 and the estimate read the clean share (the run's, thresholds.json)."""
     from clues_fl.selection.rules import anchor_f1_threshold, clean_share
 
     scores, anchors = np.asarray(scores, dtype=float), np.asarray(anchors, dtype=float)
@@ -200,13 +201,14 @@ def threshold_grid(scores, anchors, kinds, *, size: int = 100, draws: int = 10, 
                                                    rng.choice(clean_rows, per - round(sh * per))]) for sh in shares])
             s, c = scores[rows], kinds[rows] == ""
             for name, kw in rules:
-                res[name].append(_f1(s >= global_threshold(name.split()[0], anchors, s, **kw), c))
+                res[name].append(_f1(s >= global_threshold(name.split()[0], anchors, s, share_quantiles=share_quantiles,
+                                                            **kw), c))
             res["keep-all"].append(_f1(np.ones_like(c), c))
             res["best threshold"].append(_best_f1(s, c))
             res["anchor-f1, true share"].append(_f1(s >= anchor_f1_threshold(anchors, s, share=c.mean())[0], c))
             res["true"].append(float(c.mean()))
             if draw < intervals:
-                est = clean_share(anchors, s, seed=int(rng.integers(1 << 30)))
+                est = clean_share(anchors, s, seed=int(rng.integers(1 << 30)), quantiles=share_quantiles)
                 res["estimated"].append(est["estimate"])
                 res["covered"].append(est["low"] <= c.mean() <= est["high"])
                 res["width"].append(est["high"] - est["low"])
@@ -474,8 +476,10 @@ def _signals_grid(size: dict, out: Path, fresh: bool = False) -> list[str]:
         aucs = per_type_auc(o.scores, o.kinds)
         auc_rows.append([method, roc_auc(o.scores, ~o.polluted), *[aucs.get(k, float("nan")) for k in kinds],
                          rule, o.metrics["selection"].get("f1", float("nan"))])
-        anchors = json.loads((out / "runs" / o.name / "thresholds.json").read_text())["anchor-scores"]
-        lines += [f"**{method}** (scores of run `{o.name}`):", "", grid_table(threshold_grid(o.scores, anchors, o.kinds)), ""]
+        th = json.loads((out / "runs" / o.name / "thresholds.json").read_text())
+        grid = threshold_grid(o.scores, th["anchor-scores"], o.kinds,
+                              share_quantiles=tuple(th.get("share-quantiles", SHARE_QUANTILES)))
+        lines += [f"**{method}** (scores of run `{o.name}`):", "", grid_table(grid), ""]
     return [_table(["method", "AUC all", *[f"AUC {k}" for k in kinds], "threshold", "F1 (this pool)"], auc_rows), "",
             "Threshold rules: mean F1 over 10 pools of 100 samples drawn with replacement from each run's scored "
             "pool (the trace saw that 50% mixed pool); best threshold = the F1-optimal threshold on the same scores.",

@@ -34,7 +34,7 @@ from clues_fl.scoring.baselines import (
 from clues_fl.scoring.alignment import ScoreSettings
 from clues_fl.model.training import Checkpoint
 from clues_fl.model.loading import load_lora_state
-from clues_fl.selection.rules import global_threshold
+from clues_fl.selection.rules import CALIBRATED_SHARE_QUANTILES, SHARE_QUANTILES, global_threshold
 
 
 @dataclass
@@ -76,6 +76,8 @@ class Scorer:
     # leave-one-out anchor scores (CLUES); "ratio" = one global threshold keeping the
     # top selection.ratio of all pooled scores; "fixed" = keep score >= 0.5.
     selection = "ratio"
+    # where anchor-f1 reads the clean share off the clean reference (rules.clean_share_estimate)
+    share_quantiles = SHARE_QUANTILES
     settings: ScoreSettings | None = None  # gradient scorers: how the engine scores
 
     def score(self, site: SiteData, payload: ScorePayload) -> np.ndarray:
@@ -110,10 +112,11 @@ class CluesScorer(Scorer):
 
 
 class CluesPlusScorer(CluesScorer):
-    """CLUES+ (the default method): CLUES alignment plus base-model loss, question
-    information, end-of-answer, near-duplicate and question-answer similarity signals
-    (``selection.signals``; clues_fl/scoring/signals.py). The server fits a clean model of
-    each signal to the anchors and sends it (with the anchors' values); a site refines it
+    """CLUES+ (the default method): CLUES alignment plus domain similarity, base-model
+    loss, question information, end-of-answer, near-duplicate and question-answer
+    similarity signals (``selection.signals``; clues_fl/scoring/signals.py). The server
+    fits a clean model of each signal to the anchors and sends it (with the anchors'
+    values and their mean question embedding, for ``domain``); a site refines it
     with its own pool and scores each sample by how far short of it the sample falls on
     all signals, as log10 of the share of clean samples that would fall as far short
     (0 = nowhere short, -1.3 = worse than 95% of clean ones). The sites report only that
@@ -121,6 +124,7 @@ class CluesPlusScorer(CluesScorer):
     (signals.clean_reference), not the anchors' own scores."""
 
     name = "clues+"
+    share_quantiles = CALIBRATED_SHARE_QUANTILES  # its clean reference is exact (signals.clean_reference)
 
     def __init__(self, settings: ScoreSettings):
         super().__init__(settings)

@@ -36,6 +36,15 @@ from clues_fl.names import THRESHOLD_RULES
 # cut at 0.5 +0.10, at 0.7 +0.22 (anchors are few, and polluted samples that look clean
 # push the higher cuts up).
 SHARE_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7)
+# The same for a calibrated score whose clean reference is its model's law, not the anchors'
+# scores (clues+: signals.clean_reference, clean scores log10 of a uniform number): every
+# quantile is exact, so the cuts can sit in the lower half, where clean samples are many
+# and the bad ones few. The upper half is where a clean model fitted a little wide or
+# narrow for the anchors drawn bunches or spreads the clean scores, and the middle cuts
+# then read the share 0.08-0.17 off: over five draws of 16 anchors on suite-11 and the
+# demo (benchmarks/selection_draws.py) the estimates were 0.44-0.67 (true 0.50) and
+# 0.52-0.72 (0.60) with the middle cuts, 0.41-0.62 and 0.52-0.65 with these.
+CALIBRATED_SHARE_QUANTILES = (0.15, 0.25, 0.35, 0.45)
 # Bandwidth of the anchors' kernel density (anchor-f1), as a fraction of Scott's rule
 # (sd * n^-1/5). 0.25, 0.5 and 1.0 gave the same grid F1 within 0.006.
 KDE_BANDWIDTH = 0.5
@@ -71,6 +80,8 @@ class ThresholdSettings:
     quantile: float = 0.1
     static: float = 0.0
     ratio: float = 0.5
+    # where anchor-f1 reads the clean share off the clean reference (the scorer's: Scorer.share_quantiles)
+    share_quantiles: tuple[float, ...] = SHARE_QUANTILES
 
 
 class ThresholdRule:
@@ -98,7 +109,8 @@ class AnchorF1(ThresholdRule):
     def decide(self, anchor_scores, all_scores, settings):
         if all_scores is None:
             raise ValueError("threshold rule 'anchor-f1' needs all_scores (the scores of all samples)")
-        return {"threshold": anchor_f1_threshold(_anchors(anchor_scores), all_scores)[0]}
+        return {"threshold": anchor_f1_threshold(_anchors(anchor_scores), all_scores,
+                                                 quantiles=settings.share_quantiles)[0]}
 
 
 class AnchorMean(ThresholdRule):
@@ -203,6 +215,7 @@ def global_threshold(
     *,
     quantile: float = 0.1,
     static: float = 0.0,
+    share_quantiles: tuple[float, ...] = SHARE_QUANTILES,
 ) -> float:
     """One threshold for every client (keep samples with ``score >= threshold``).
 
@@ -225,7 +238,7 @@ def global_threshold(
             "threshold rule 'ratio' has no global threshold: it keeps the top fraction of "
             "each client's own scores; use keep_mask(scores, ratio=...)"
         )
-    settings = ThresholdSettings(quantile=quantile, static=static)
+    settings = ThresholdSettings(quantile=quantile, static=static, share_quantiles=tuple(share_quantiles))
     return threshold_rule(rule).decide(anchor_scores, all_scores, settings)["threshold"]
 
 
@@ -374,10 +387,12 @@ def _anchor_sf(anchors: np.ndarray, scale: float):
     return lambda t: norm.sf((np.asarray(t, dtype=float)[:, None] - anchors[None, :]) / width).mean(axis=1)
 
 
-def anchor_f1_threshold(anchor_scores, all_scores, share: float | None = None) -> tuple[float, float]:
+def anchor_f1_threshold(anchor_scores, all_scores, share: float | None = None, *,
+                        quantiles: tuple[float, ...] = SHARE_QUANTILES) -> tuple[float, float]:
     """``(threshold, clean share)`` of the ``anchor-f1`` rule.
 
-    The clean share ``alpha`` is :func:`clean_share_estimate`, or ``share`` where given (a
+    The clean share ``alpha`` is :func:`clean_share_estimate` (at the reference's
+    `quantiles`), or ``share`` where given (a
     known share: the benchmarks' reference for what the estimate costs); the clean scores'
     survival function ``G(t)`` is a kernel density on the anchors. Every pooled score
     is a candidate ``t``: ``TP = alpha N G(t)``, ``FP = #(s >= t) - TP`` (at least 0),
@@ -389,7 +404,7 @@ def anchor_f1_threshold(anchor_scores, all_scores, share: float | None = None) -
     """
     anchors = _anchors(anchor_scores)
     scores = _finite(all_scores, "all_scores", 1)
-    alpha = clean_share_estimate(anchors, scores) if share is None else float(share)
+    alpha = clean_share_estimate(anchors, scores, quantiles=quantiles) if share is None else float(share)
     if alpha <= 0.0:
         return math.inf, 0.0
     scale = float(anchors.std(ddof=1))
@@ -475,8 +490,10 @@ def standardise(scores, anchor_scores) -> np.ndarray:
     return out / std if std > 0 else out
 
 
-def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.9, seed: int = 0) -> dict:
-    """The estimated clean share of the pooled scores (:func:`clean_share_estimate`) with a
+def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.9, seed: int = 0,
+                quantiles: tuple[float, ...] = SHARE_QUANTILES) -> dict:
+    """The estimated clean share of the pooled scores (:func:`clean_share_estimate` at the
+    reference's `quantiles`) with a
     bootstrap interval: ``{"estimate", "low", "high", "level", "method"}``. Anchors and pooled
     scores are resampled together `reps` times; the low end is the lower percentile of the
     estimate (the minimum of the ratios, which leans low), the high end the upper percentile
@@ -492,7 +509,7 @@ def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.
     104 of 500 on seeds 0 and 1)."""
     anchors = _anchors(anchor_scores)
     scores = _finite(all_scores, "all_scores", 1)
-    alpha = clean_share_estimate(anchors, scores)
+    alpha = clean_share_estimate(anchors, scores, quantiles=quantiles)
     rng = np.random.default_rng(seed)
     lows, highs = [], []
     for _ in range(reps):
@@ -500,8 +517,8 @@ def clean_share(anchor_scores, all_scores, *, reps: int = 200, level: float = 0.
         if np.ptp(a) == 0:
             continue
         pool = rng.choice(scores, scores.size)
-        lows.append(clean_share_estimate(a, pool))
-        highs.append(clean_share_estimate(a, pool, upper=True))
+        lows.append(clean_share_estimate(a, pool, quantiles=quantiles))
+        highs.append(clean_share_estimate(a, pool, quantiles=quantiles, upper=True))
     tail = (1 - level) / 2
     low, high = ((np.quantile(lows, tail), np.quantile(highs, 1 - tail)) if lows else (alpha, alpha))
     return {"estimate": float(alpha), "low": float(min(low, alpha)), "high": float(max(high, alpha)),

@@ -327,10 +327,11 @@ class Threshold(Phase):
         if not scored:
             raise RuntimeError("no site returned scores")
         settings = ThresholdSettings(quantile=cfg.selection.quantile, static=cfg.selection.static,
-                                     ratio=cfg.selection.ratio)
+                                     ratio=cfg.selection.ratio, share_quantiles=tuple(scorer.share_quantiles))
         if scorer.selection == "anchor":
             anchor_scores, all_scores = anchor_and_pooled(state, scored, cfg)
             info = {"rule": cfg.selection.threshold, "anchor-scores": anchor_scores.tolist(),
+                    "share-quantiles": list(settings.share_quantiles),
                     "standardised": not run.federated, "reported": cfg.privacy.report,
                     "epsilon": cfg.privacy.epsilon}
             info.update(run.strategy.threshold_rule.decide(anchor_scores, all_scores, settings))

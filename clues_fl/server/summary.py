@@ -8,7 +8,7 @@ import logging
 
 from clues_fl.config import RunConfig
 from clues_fl.selection.metrics import add_counts, selection_metrics
-from clues_fl.selection.rules import clean_share, score_distribution
+from clues_fl.selection.rules import SHARE_QUANTILES, clean_share, score_distribution
 from clues_fl.server.scores import anchor_and_pooled
 from clues_fl.server.state import ProtocolState, SiteRecord
 
@@ -62,7 +62,9 @@ def share_and_distribution(state: ProtocolState, cfg: RunConfig, anchor_threshol
         anchors, pooled = anchor_and_pooled(state, reported, cfg)
         # merging mode: each site scored the same anchors against its own checkpoints
         anchor_count = anchors.size if cfg.run.mode == "federated" else len(reported[0].anchor_scores)
-        out["estimated-clean-share"] = {**clean_share(anchors, pooled, seed=cfg.run.seed), "anchors": int(anchor_count)}
+        quantiles = tuple(state.threshold.get("share-quantiles", SHARE_QUANTILES))  # the threshold's own
+        out["estimated-clean-share"] = {**clean_share(anchors, pooled, seed=cfg.run.seed, quantiles=quantiles),
+                                        "anchors": int(anchor_count)}
         out["score-distribution"] = {"sites": score_distribution(pooled), "anchors": score_distribution(anchors)}
     except ValueError as err:  # too few finite scores
         log.warning("no clean-share estimate: %s", err)
