@@ -15,7 +15,8 @@ import numpy as np
 
 from clues_fl.selection.metrics import confusion_counts, per_type_auc, roc_auc, selection_metrics
 from clues_fl.reporting.results import read_run
-from clues_fl.selection.rules import anchor_f1_threshold, clean_share, global_threshold, mixture_threshold
+from clues_fl.selection.rules import (SHARE_QUANTILES, anchor_f1_threshold, clean_share, global_threshold,
+                                     mixture_threshold)
 
 
 def main(run_dir: str) -> None:
@@ -35,7 +36,9 @@ def main(run_dir: str) -> None:
     def f1(t: float) -> float:
         return selection_metrics(confusion_counts(scores >= t, polluted))["f1"]
 
-    thresholds = [(name, global_threshold(name.split()[0], anchors, scores, **kwargs)) for name, kwargs in rules]
+    cuts = tuple(metrics["threshold"].get("share-quantiles", SHARE_QUANTILES))  # where the run's rule read the share
+    thresholds = [(name, global_threshold(name.split()[0], anchors, scores, share_quantiles=cuts, **kwargs))
+                  for name, kwargs in rules]
     thresholds += [("anchor-f1, true share",  # what estimating the clean share costs
                     anchor_f1_threshold(anchors, scores, share=1 - polluted.mean())[0]),
                    ("best threshold", max(np.unique(scores), key=f1))]
@@ -44,7 +47,7 @@ def main(run_dir: str) -> None:
         print(f"{name:<24}{t:>12.4g}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['f1']:>7.3f}{m['accuracy']:>7.3f}")
     _, alpha = mixture_threshold(anchors, scores)
     print(f"mixture: estimated clean share {alpha:.3f}, true {1 - polluted.mean():.3f}")
-    share = clean_share(anchors, scores)
+    share = clean_share(anchors, scores, quantiles=cuts)
     print(f"clean_share (metrics.json): {share['estimate']:.3f}, 90% interval {share['low']:.3f}-{share['high']:.3f}")
 
 
