@@ -481,6 +481,9 @@ def test_clues_plus_run_reports_one_number_and_keeps_the_audit_on_the_site(tiny_
         for ex in grid.log:  # nothing of the report travels
             for record in ex.reply.content.values():
                 assert row["answer"] not in _strings_in(record)
+    words = [row["reason"].split("; ") for row in rows]  # the summary counts each reason word once a drop
+    assert summary["dropped-by-reason"] == {w: sum(w in ws for ws in words) for w in {w for ws in words for w in ws}}
+    assert summary["dropped-by-main-reason"] == {w: sum(ws[0] == w for ws in words) for w in {ws[0] for ws in words}}
     header = (tmp_path / "inprocess" / "manifest" / "client-0.csv").read_text().splitlines()[0]
     assert header == "id-hash,score,kept,score-z"
     assert "estimated-clean-share" in metrics["selection"]

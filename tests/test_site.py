@@ -75,3 +75,4 @@ def test_site_report_lists_the_dropped_samples(tmp_path):
     assert [r["id"] for r in rows] == ["s1", "s2"] and rows[0]["reason"] == "clues score below the threshold"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["kept"], summary["dropped"], summary["threshold"]) == (1, 2, 1.0)
+    assert summary["dropped-by-reason"] == summary["dropped-by-main-reason"] == {"clues score below the threshold": 2}

@@ -246,7 +246,8 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
             cut = float(shortfalls(z[:, kept]).max()) if kept.any() else 0.0
         named = reasons(z, names, cut)
     folder.mkdir(parents=True, exist_ok=True)
-    by_reason: dict[str, int] = {}
+    by_reason: dict[str, int] = {}  # per reason word: the dropped samples whose reason names it
+    by_main_reason: dict[str, int] = {}  # per first (worst) reason word
     with open(folder / "dropped.jsonl", "w") as fh:
         for i in np.flatnonzero(~kept):
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
@@ -259,9 +260,14 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
                 row["signals"] = {n: round(float(z[j, i]), 3) for j, n in enumerate(names)}
             else:
                 row["reason"] = f"{cfg['selection.method']} score below the threshold"
-            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + 1
+            words = row["reason"].split("; ")
+            for word in words:
+                by_reason[word] = by_reason.get(word, 0) + 1
+            by_main_reason[words[0]] = by_main_reason.get(words[0], 0) + 1
             fh.write(json.dumps(row) + "\n")
     (folder / "summary.json").write_text(json.dumps({
         "samples": len(samples), "kept": int(np.sum(kept)), "dropped": int(len(samples) - np.sum(kept)),
-        "threshold": threshold, "dropped-by-reason": by_reason,
+        "threshold": threshold,
+        "dropped-by-reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+        "dropped-by-main-reason": dict(sorted(by_main_reason.items(), key=lambda kv: -kv[1])),
         "note": "written by this site for its own audit; nothing of it is sent to the server"}, indent=2))
