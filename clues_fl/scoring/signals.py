@@ -413,20 +413,19 @@ def question_signals(samples, encoder: str, *, names: Sequence[str], domain_cent
     if not out:
         return out
     questions = [s.question for s in samples]
-    if "domain" in out and domain_centre is None:  # the anchors: a small set, held whole
-        emb = embed_texts(questions, encoder, device=device).astype(np.float64)
-        out["domain"] = leave_one_out_cosines(emb)
-        if "qa-sim" in out:
-            out["qa-sim"] = question_answer_similarity(samples, encoder, device)
-        return out
     centre = None if domain_centre is None else np.asarray(domain_centre, dtype=np.float64)
+    held = []  # without a centre (the anchors, a small set): every question embedding, for leave-one-out
     for start in range(0, len(samples), chunk):
         q = embed_texts(questions[start : start + chunk], encoder, device=device).astype(np.float64)
         if "qa-sim" in out:
             a = embed_texts([s.answer for s in samples[start : start + chunk]], encoder, device=device)
             out["qa-sim"][start : start + chunk] = (q * a).sum(axis=1)
-        if "domain" in out:
+        if "domain" in out and centre is None:
+            held.append(q)
+        elif "domain" in out:
             out["domain"][start : start + chunk] = q @ centre
+    if held:
+        out["domain"] = leave_one_out_cosines(np.vstack(held))
     return out
 
 
