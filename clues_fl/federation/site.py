@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,8 +247,8 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
             cut = float(shortfalls(z[:, kept]).max()) if kept.any() else 0.0
         named = reasons(z, names, cut)
     folder.mkdir(parents=True, exist_ok=True)
-    by_reason: dict[str, int] = {}  # per reason word: the dropped samples whose reason names it
-    by_main_reason: dict[str, int] = {}  # per first (worst) reason word
+    by_reason = Counter()  # per reason word: the dropped samples whose reason names it
+    by_main_reason = Counter()  # per first (worst) reason word
     with open(folder / "dropped.jsonl", "w") as fh:
         for i in np.flatnonzero(~kept):
             row = {"id": samples[i].id, "question": samples[i].question, "answer": samples[i].answer,
@@ -261,13 +262,12 @@ def write_site_report(cfg, folder: Path, samples, scores, kept, threshold: float
             else:
                 row["reason"] = f"{cfg['selection.method']} score below the threshold"
             words = row["reason"].split("; ")
-            for word in words:
-                by_reason[word] = by_reason.get(word, 0) + 1
-            by_main_reason[words[0]] = by_main_reason.get(words[0], 0) + 1
+            by_reason.update(words)
+            by_main_reason[words[0]] += 1
             fh.write(json.dumps(row) + "\n")
     (folder / "summary.json").write_text(json.dumps({
         "samples": len(samples), "kept": int(np.sum(kept)), "dropped": int(len(samples) - np.sum(kept)),
         "threshold": threshold,
-        "dropped-by-reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
-        "dropped-by-main-reason": dict(sorted(by_main_reason.items(), key=lambda kv: -kv[1])),
+        "dropped-by-reason": dict(by_reason.most_common()),
+        "dropped-by-main-reason": dict(by_main_reason.most_common()),
         "note": "written by this site for its own audit; nothing of it is sent to the server"}, indent=2))
