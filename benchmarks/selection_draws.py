@@ -284,8 +284,7 @@ def draw_signals(d: dict, draw: int, names=sg.DEFAULT_SIGNALS) -> tuple[dict, di
                 raise SystemExit("the file has no question embeddings: run `selection_draws.py embed` on it")
             emb = d["anchor-question-emb"][subset].astype(np.float64)
             anchors[name] = sg.leave_one_out_cosines(emb)
-            centre = emb.sum(0) / np.linalg.norm(emb.sum(0))
-            pool[name] = d["site-question-emb"].astype(np.float64) @ centre
+            pool[name] = d["site-question-emb"].astype(np.float64) @ sg.mean_direction(emb)
         elif name == "dup":
             anchors[name] = sg.near_duplicate_scores([str(t) for t in d["anchor-answers"][subset]])
             # saved as the highest 3-gram Jaccard whatever its size; near_duplicate_scores now

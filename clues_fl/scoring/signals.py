@@ -442,8 +442,13 @@ def domain_centre_of(samples, encoder: str, device=None) -> np.ndarray:
     compares its questions with (the server sends it; it is made of public anchors only)."""
     from clues_fl.model.sentence_encoder import embed_texts
 
-    mean = embed_texts([s.question for s in samples], encoder, device=device).astype(np.float64).sum(axis=0)
-    return mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return mean_direction(embed_texts([s.question for s in samples], encoder, device=device))
+
+
+def mean_direction(emb: np.ndarray) -> np.ndarray:
+    """The unit vector along the sum of the rows of `emb` (float64)."""
+    total = np.asarray(emb, dtype=np.float64).sum(axis=0)
+    return total / max(float(np.linalg.norm(total)), 1e-12)
 
 
 def sample_texts(samples) -> list[str]:
