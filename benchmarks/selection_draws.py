@@ -25,12 +25,14 @@ central LoRA run where the README's signal pools did so), and saves to an npz:
     python benchmarks/selection_draws.py measure --pool demo --out /tmp/sel/demo.npz
     python benchmarks/selection_draws.py embed --pool demo /tmp/sel/demo.npz   # a file saved without embeddings
     python benchmarks/selection_draws.py tables /tmp/sel/*.npz
+    python benchmarks/selection_draws.py ceiling /tmp/sel/*.npz
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -518,6 +520,91 @@ def print_tables(pools: list[tuple[str, dict]]) -> None:
                       f"({np.mean([r['off-domain-inside'][1] for r in rs]):.1f})")
 
 
+# ------------------------------------------------------------- what any weighting can reach
+# The combined score adds every signal's squared shortfall with one weight. Which weights
+# would a user with the labels choose, and how close does the best choice come to each
+# kind's best single signal? Under the product's clean model (the anchors refined with each
+# site's pool) and under the clean model the labels give (each site's clean samples' median
+# and 1.4826 MAD per signal): what no weighting of these signals reaches is a limit of the
+# signals, not of the calibration or the combination's weights.
+
+CEILING_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def site_standardised(d: dict, draw: int, clean_model: str) -> tuple[np.ndarray, list[str]]:
+    """(S, N) per-signal z of the pool under a clean model: "product" (signals.calibrate on
+    the draw's anchors, refined with each site's pool) or "labels" (each site's clean
+    samples' robust centre and spread)."""
+    kinds = np.array([str(k) for k in d["kinds"]])
+    anchors, pool = draw_signals(d, draw)
+    cal = sg.calibrate(anchors)
+    z = np.zeros((len(cal.names), kinds.size))
+    for s in np.unique(d["site"]):
+        rows = np.flatnonzero(d["site"] == s)
+        sub = {k: v[rows] for k, v in pool.items()}
+        if clean_model == "labels":
+            clean = kinds[rows] == ""
+            stats = [sg._robust(sg.oriented(n, sub[n][clean]), sg.MIN_SPREAD.get(n, 0.0)) for n in cal.names]
+            site_cal = replace(cal, centre=np.array([c for c, _ in stats]), spread=np.array([w for _, w in stats]))
+        else:
+            site_cal = sg.refine(cal, sub)
+        z[:, rows] = sg.standardised(sub, site_cal)
+    return z, list(cal.names)
+
+
+def weighted_kind_gaps(z: np.ndarray, kinds: np.ndarray, best: dict, weights: np.ndarray) -> np.ndarray:
+    """(C, kinds) per-kind ROC-AUC of the scores -sum_j w_j min(z_j, 0)^2 for each row of
+    `weights` (C, S), minus the kind's best single signal (`best`)."""
+    from scipy.stats import rankdata
+
+    scores = -(weights @ np.minimum(z, 0.0) ** 2)
+    clean = kinds == ""
+    out = []
+    for kind in sorted(best):
+        rows = clean | (kinds == kind)
+        ranks = rankdata(scores[:, rows], axis=1)
+        n_pos, n_neg = int(clean.sum()), int((kinds == kind).sum())
+        auc = (ranks[:, clean[rows]].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        out.append(auc - best[kind])
+    return np.stack(out, axis=1)
+
+
+def print_ceiling(pools: list[tuple[str, dict]], draws: int = 5) -> None:
+    import itertools
+
+    print("\nper kind, combined ROC-AUC minus the best single signal, worst of the draws: the product's "
+          "equal weights, and the weights (each of " + "/".join(f"{w:g}" for w in CEILING_WEIGHTS)
+          + " x the first signal's) that maximise the smallest such gap, chosen with the labels")
+    for clean_model in ("product", "labels"):
+        gaps_of: dict[str, np.ndarray] = {}
+        weights = names = None
+        for pool_name, d in pools:
+            kinds = np.array([str(k) for k in d["kinds"]])
+            worst = None
+            for draw in range(draws):
+                z, names = site_standardised(d, draw, clean_model)
+                if weights is None:
+                    grid = np.array(list(itertools.product(CEILING_WEIGHTS, repeat=len(names) - 1)))
+                    weights = np.hstack([np.ones((len(grid), 1)), grid])
+                singles = single_signal_aucs(*draw_signals(d, draw), kinds)
+                best = {k: max(singles[s][k] for s in singles) for k in sorted(set(kinds) - {""})}
+                gaps = weighted_kind_gaps(z, kinds, best, weights)
+                worst = gaps if worst is None else np.minimum(worst, gaps)
+            gaps_of[pool_name] = worst
+        equal = int(np.flatnonzero(np.all(weights == 1.0, axis=1))[0])
+        overall = np.min([g.min(axis=1) for g in gaps_of.values()], axis=0)
+        joint = int(np.argmax(overall))
+        print(f"\nclean model: {clean_model}; signals {', '.join(names)}")
+        print(f"  weights of the best joint choice: " + ", ".join(f"{n} {w:g}" for n, w in zip(names, weights[joint])))
+        for pool_name, d in pools:
+            kinds = sorted(set(str(k) for k in d["kinds"]) - {""})
+            g = gaps_of[pool_name]
+            own = int(np.argmax(g.min(axis=1)))
+            print(f"  {pool_name}: " + "   ".join(f"{k} {g[equal, i]:+.3f} / {g[joint, i]:+.3f} / {g[own, i]:+.3f}"
+                                                 for i, k in enumerate(kinds))
+                  + "   (equal / best over the pools / best for this pool alone)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -533,6 +620,8 @@ def main() -> None:
     e.add_argument("file", type=Path)
     t = sub.add_parser("tables", help="the selection tables of saved pools (docs/selection.md)")
     t.add_argument("files", nargs="+", type=Path)
+    c = sub.add_parser("ceiling", help="what the best signal weights, chosen with the labels, reach per kind")
+    c.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
     if args.command == "measure":
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -545,6 +634,8 @@ def main() -> None:
         print(f"saved {args.out}")
     elif args.command == "embed":
         embed(args.pool, args.file)
+    elif args.command == "ceiling":
+        print_ceiling([(p.stem, load(p)) for p in args.files])
     else:
         print_tables([(p.stem, load(p)) for p in args.files])
 

@@ -629,3 +629,25 @@ def test_your_own_signal_by_module_attr(tmp_path, monkeypatch):
         check_plugins(parse_config({"selection.signals": "clues,nosuch:x"}))
     with pytest.raises(ConfigError, match="'bogus' is not one of .* or module:attr"):
         parse_config({"selection.signals": "bogus"})
+
+
+def test_the_weight_ceiling_scores_each_weighting_as_the_naive_per_kind_auc():
+    """benchmarks/selection_draws.py ceiling: every row of weights gives, per kind, the
+    ROC-AUC of -sum_j w_j min(z_j, 0)^2 (per_type_auc on that score, computed one weighting
+    at a time) minus the kind's best single signal."""
+    from selection_draws import weighted_kind_gaps
+
+    from clues_fl.selection.metrics import per_type_auc
+
+    rng = np.random.default_rng(5)
+    kinds = np.array([""] * 30 + ["cut"] * 7 + ["exchange"] * 5)
+    z = rng.normal(size=(3, kinds.size))
+    z[1, kinds == "cut"] -= 2.0
+    z[2, kinds == "exchange"] -= 3.0
+    z[0, :4] = 0.5  # ties at no shortfall
+    weights = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.25, 4.0, 2.0]])
+    best = {"cut": 0.9, "exchange": 0.95}
+    gaps = weighted_kind_gaps(z, kinds, best, weights)
+    for row, w in zip(gaps, weights):
+        naive = per_type_auc(-(w @ np.minimum(z, 0.0) ** 2), list(kinds))
+        assert row == pytest.approx([naive["cut"] - 0.9, naive["exchange"] - 0.95], abs=1e-12)
