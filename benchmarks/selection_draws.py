@@ -20,6 +20,9 @@ central LoRA run where the README's signal pools did so), and saves to an npz:
   (``clues_scores``), so one pass gives every draw's scores without rescoring.
 
 `tables` then evaluates the selection rules offline on the saved pools (docs/selection.md).
+`ceiling` asks what the combination could reach with the labels' help: the best signal
+weights chosen with them, and the clean model of every signal, or of one, taken from each
+site's clean samples.
 
     python benchmarks/selection_draws.py measure --pool suite-11 --out /tmp/sel/suite-11.npz
     python benchmarks/selection_draws.py measure --pool demo --out /tmp/sel/demo.npz
@@ -531,10 +534,20 @@ def print_tables(pools: list[tuple[str, dict]]) -> None:
 CEILING_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def site_standardised(d: dict, draw: int, clean_model: str) -> tuple[np.ndarray, list[str]]:
-    """(S, N) per-signal z of the pool under a clean model: "product" (signals.calibrate on
-    the draw's anchors, refined with each site's pool) or "labels" (each site's clean
-    samples' robust centre and spread)."""
+def site_clean_model(cal: sg.Calibration, sub: dict, clean: np.ndarray, from_labels) -> sg.Calibration:
+    """A site's clean model: the product's (the anchors' `cal` refined with the site's pool
+    `sub`), with the signals `from_labels` taken from the site's clean samples instead (their
+    median and 1.4826 MAD; `clean` the site's labels)."""
+    site_cal = sg.refine(cal, sub)
+    centre, spread = site_cal.centre.copy(), site_cal.spread.copy()
+    for j, name in enumerate(cal.names):
+        if name in from_labels:
+            centre[j], spread[j] = sg._robust(sg.oriented(name, sub[name][clean]), sg.MIN_SPREAD.get(name, 0.0))
+    return replace(site_cal, centre=centre, spread=spread)
+
+
+def site_standardised(d: dict, draw: int, from_labels=()) -> tuple[np.ndarray, list[str]]:
+    """(S, N) per-signal z of the pool under each site's clean model (site_clean_model)."""
     kinds = np.array([str(k) for k in d["kinds"]])
     anchors, pool = draw_signals(d, draw)
     cal = sg.calibrate(anchors)
@@ -542,14 +555,28 @@ def site_standardised(d: dict, draw: int, clean_model: str) -> tuple[np.ndarray,
     for s in np.unique(d["site"]):
         rows = np.flatnonzero(d["site"] == s)
         sub = {k: v[rows] for k, v in pool.items()}
-        if clean_model == "labels":
-            clean = kinds[rows] == ""
-            stats = [sg._robust(sg.oriented(n, sub[n][clean]), sg.MIN_SPREAD.get(n, 0.0)) for n in cal.names]
-            site_cal = replace(cal, centre=np.array([c for c, _ in stats]), spread=np.array([w for _, w in stats]))
-        else:
-            site_cal = sg.refine(cal, sub)
-        z[:, rows] = sg.standardised(sub, site_cal)
+        z[:, rows] = sg.standardised(sub, site_clean_model(cal, sub, kinds[rows] == "", from_labels))
     return z, list(cal.names)
+
+
+def labels_for(kinds: np.ndarray, from_labels):
+    """The default's rule (calibrated(True)) with the signals `from_labels` calibrated on
+    each site's clean samples (site_clean_model): which signal's clean model costs most."""
+
+    def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
+        cal = sg.calibrate(anchors)
+        names = list(cal.names)
+        z = np.zeros((len(names), len(site)))
+        for s in np.unique(site):
+            rows = np.flatnonzero(site == s)
+            sub = {k: v[rows] for k, v in pool.items()}
+            z[:, rows] = sg.standardised(sub, site_clean_model(cal, sub, kinds[rows] == "", from_labels))
+        return {"scores": sg.combine(z),
+                "reference": sg.clean_reference(len(next(iter(anchors.values())))),
+                "reasons": lambda threshold: sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names))),
+                "share_quantiles": CALIBRATED_SHARE_QUANTILES}
+
+    return method
 
 
 def weighted_kind_gaps(z: np.ndarray, kinds: np.ndarray, best: dict, weights: np.ndarray) -> np.ndarray:
@@ -576,13 +603,14 @@ def print_ceiling(pools: list[tuple[str, dict]], draws: int = 5) -> None:
           "equal weights, and the weights (each of " + "/".join(f"{w:g}" for w in CEILING_WEIGHTS)
           + " x the first signal's) that maximise the smallest such gap, chosen with the labels")
     for clean_model in ("product", "labels"):
+        from_labels = sg.DEFAULT_SIGNALS if clean_model == "labels" else ()
         gaps_of: dict[str, np.ndarray] = {}
         weights = names = None
         for pool_name, d in pools:
             kinds = np.array([str(k) for k in d["kinds"]])
             worst = None
             for draw in range(draws):
-                z, names = site_standardised(d, draw, clean_model)
+                z, names = site_standardised(d, draw, from_labels)
                 if weights is None:
                     grid = np.array(list(itertools.product(CEILING_WEIGHTS, repeat=len(names) - 1)))
                     weights = np.hstack([np.ones((len(grid), 1)), grid])
@@ -603,6 +631,22 @@ def print_ceiling(pools: list[tuple[str, dict]], draws: int = 5) -> None:
             print(f"  {pool_name}: " + "   ".join(f"{k} {g[equal, i]:+.3f} / {g[joint, i]:+.3f} / {g[own, i]:+.3f}"
                                                  for i, k in enumerate(kinds))
                   + "   (equal / best over the pools / best for this pool alone)")
+
+    print("\nthe default (equal weights, anchor-f1) with one signal's clean model taken from each site's clean "
+          "samples: F1 mean (max-min), clean dropped, bad kept, per kind combined minus the best single signal "
+          "(worst draw)")
+    for pool_name, d in pools:
+        kinds = np.array([str(k) for k in d["kinds"]])
+        kind_names = sorted(set(kinds) - {""})
+        for from_labels in [(), *[(n,) for n in sg.DEFAULT_SIGNALS], tuple(sg.DEFAULT_SIGNALS)]:
+            rows = [evaluate(d, k, (sg.DEFAULT_SIGNALS, labels_for(kinds, from_labels))) for k in range(draws)]
+            best = {k: [max(r["singles"][s][k] for s in r["singles"]) for r in rows] for k in kind_names}
+            gaps = [min(r["kind-auc"][k] - b for r, b in zip(rows, best[k])) for k in kind_names]
+            f1 = [r["f1"] for r in rows]
+            label = "none" if not from_labels else "all" if len(from_labels) > 1 else from_labels[0]
+            print(f"  {pool_name} {label:10s} F1 {np.mean(f1):.3f} ({np.ptp(f1):.3f})  clean dropped "
+                  f"{np.mean([r['clean-dropped'] for r in rows]):.3f}  bad kept {np.mean([r['bad-kept'] for r in rows]):.3f}  "
+                  + "  ".join(f"{k} {g:+.3f}" for k, g in zip(kind_names, gaps)))
 
 
 def main() -> None:

@@ -651,3 +651,21 @@ def test_the_weight_ceiling_scores_each_weighting_as_the_naive_per_kind_auc():
     for row, w in zip(gaps, weights):
         naive = per_type_auc(-(w @ np.minimum(z, 0.0) ** 2), list(kinds))
         assert row == pytest.approx([naive["cut"] - 0.9, naive["exchange"] - 0.95], abs=1e-12)
+
+
+def test_the_ceiling_takes_the_named_signals_clean_model_from_the_clean_samples():
+    """benchmarks/selection_draws.py site_clean_model: the signals named take the site's clean
+    samples' median and 1.4826 MAD (oriented), the others the product's refined model."""
+    from selection_draws import site_clean_model
+
+    rng = np.random.default_rng(2)
+    anchors = {"qa-sim": rng.normal(0.5, 0.2, 16), "eos": np.exp(rng.normal(1.0, 0.5, 16))}
+    pool = {"qa-sim": rng.normal(0.6, 0.1, 40), "eos": np.exp(rng.normal(0.8, 0.4, 40))}
+    clean = np.arange(40) % 3 != 0
+    cal = sg.calibrate(anchors)
+    model = site_clean_model(cal, pool, clean, ("qa-sim",))
+    refined = sg.refine(cal, pool)
+    v = pool["qa-sim"][clean]
+    assert model.centre[0] == pytest.approx(np.median(v))
+    assert model.spread[0] == pytest.approx(1.4826 * np.median(np.abs(v - np.median(v))))
+    assert (model.centre[1], model.spread[1]) == pytest.approx((refined.centre[1], refined.spread[1]))
