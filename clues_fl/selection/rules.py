@@ -248,7 +248,8 @@ def global_threshold(
 _LOG_SD_MIN = math.log(1e-3)
 
 
-def _fit_good(z_anchor: np.ndarray, z_all: np.ndarray, cut: float) -> tuple[float, float, float]:
+def _fit_good(z_anchor: np.ndarray, z_all: np.ndarray, cut: float,
+              anchor_weight: float = 1.0) -> tuple[float, float, float]:
     """Censored fit of the clean-score Gaussian; returns (mu, sd, alpha) in z units.
 
     Model: the all-data density above ``cut`` is ``alpha * N(mu, sd)`` (polluted data
@@ -258,7 +259,8 @@ def _fit_good(z_anchor: np.ndarray, z_all: np.ndarray, cut: float) -> tuple[floa
     maximised with ``alpha`` profiled out, which gives
     ``alpha = P_all(s >= cut) / P_good(s >= cut)`` and leaves a truncated-normal
     likelihood for the upper points: they pin down the location of the clean
-    component far better than 16 anchors alone could.
+    component far better than 16 anchors alone could. Each anchor's log-likelihood counts
+    ``anchor_weight`` times (signals.refine counts them less than the site's own values).
     """
     upper = z_all[z_all >= cut]
     if upper.size == 0:
@@ -269,7 +271,7 @@ def _fit_good(z_anchor: np.ndarray, z_all: np.ndarray, cut: float) -> tuple[floa
         sd = math.exp(min(max(log_sd, _LOG_SD_MIN), 10.0))
         log_tail = norm.logsf(cut, mu, sd)
         return -(
-            norm.logpdf(z_anchor, mu, sd).sum()
+            anchor_weight * norm.logpdf(z_anchor, mu, sd).sum()
             + norm.logpdf(upper, mu, sd).sum()
             - upper.size * log_tail
         )
