@@ -362,20 +362,22 @@ def earlier(anchors: dict, pool: dict, site: np.ndarray) -> dict:
 # ------------------------------------------------------------------------- the new method
 
 
-def calibrated(refined: bool, also_below: float = sg.REASON_Z, share_quantiles=CALIBRATED_SHARE_QUANTILES):
+def calibrated(refined: bool, also_below: float = sg.REASON_Z, share_quantiles=CALIBRATED_SHARE_QUANTILES,
+               anchor_weight: float = sg.REFINE_ANCHOR_WEIGHT):
     """signals.combine on the clean model of signals.calibrate, refined with each site's
-    own pool (signals.refine) where `refined`; the threshold rules' clean picture is
-    signals.clean_reference, anchor-f1 reading the clean share off it at `share_quantiles`;
-    the reasons are signals.reasons at the threshold."""
+    own pool (signals.refine, each anchor counting `anchor_weight`) where `refined`; the
+    threshold rules' clean picture is signals.clean_reference, anchor-f1 reading the clean
+    share off it at `share_quantiles`; the reasons are signals.reasons at the threshold."""
 
     def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
         cal = sg.calibrate(anchors)
         names = list(cal.names)
-        scores, z = np.zeros(len(site)), np.zeros((len(names), len(site)))
+        z = np.zeros((len(names), len(site)))
         for s in np.unique(site):
             rows = np.flatnonzero(site == s)
-            scores[rows], z[:, rows], _ = sg.calibrated_scores({k: v[rows] for k, v in pool.items()}, cal,
-                                                               pool_refined=refined)
+            sub = {k: v[rows] for k, v in pool.items()}
+            z[:, rows] = sg.standardised(sub, sg.refine(cal, sub, anchor_weight=anchor_weight) if refined else cal)
+        scores = sg.combine(z)
 
         def reasons(threshold: float) -> list[list[str]]:
             return sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names)), also_below)
@@ -388,12 +390,16 @@ def calibrated(refined: bool, also_below: float = sg.REASON_Z, share_quantiles=C
 
 # The signals of clues+ before ``domain`` joined the default.
 WITHOUT_DOMAIN = tuple(n for n in sg.DEFAULT_SIGNALS if n != "domain")
-# label -> (the signals in the score, the method). "without domain" is the previous default (six
-# signals, anchor-f1 reading the clean share at the middle cuts rules.SHARE_QUANTILES).
+# label -> (the signals in the score, the method). "without domain" is an earlier default (six
+# signals, anchor-f1 reading the clean share at the middle cuts rules.SHARE_QUANTILES, each anchor
+# counted once in the site's refinement); "anchors counted once" the default before
+# signals.REFINE_ANCHOR_WEIGHT.
 METHODS = {
     "earlier (sum, anchors only)": (WITHOUT_DOMAIN, earlier),
-    "chi2 tail, without domain": (WITHOUT_DOMAIN, calibrated(True, share_quantiles=SHARE_QUANTILES)),
-    "with domain, middle cuts": (sg.DEFAULT_SIGNALS, calibrated(True, share_quantiles=SHARE_QUANTILES)),
+    "chi2 tail, without domain": (WITHOUT_DOMAIN, calibrated(True, share_quantiles=SHARE_QUANTILES, anchor_weight=1.0)),
+    "with domain, middle cuts": (sg.DEFAULT_SIGNALS, calibrated(True, share_quantiles=SHARE_QUANTILES,
+                                                                anchor_weight=1.0)),
+    "anchors counted once": (sg.DEFAULT_SIGNALS, calibrated(True, anchor_weight=1.0)),
     "new (chi2 tail, site-refined)": (sg.DEFAULT_SIGNALS, calibrated(True)),
     "new, reasons: smallest set only": (sg.DEFAULT_SIGNALS, calibrated(True, -np.inf)),
     "new, reasons: also z <= -1.5": (sg.DEFAULT_SIGNALS, calibrated(True, -1.5)),

@@ -227,6 +227,26 @@ def test_a_site_refines_the_clean_model_with_its_own_pool():
     assert far.centre[0] == pytest.approx(anchors.mean()) and far.spread[0] == pytest.approx(anchors.std(ddof=1))
 
 
+
+def test_the_site_refinement_counts_the_anchors_less_than_its_own_values():
+    """Anchors drawn lower and wider than a site's clean data on a signal: counting each
+    anchor REFINE_ANCHOR_WEIGHT (< 1) of one of the site's values, the refined model sits
+    closer to the site's clean values than with the anchors counted once, and the fit is
+    exactly rules._fit_good's with that weight."""
+    from clues_fl.selection.rules import _fit_good
+
+    rng = np.random.default_rng(4)
+    cal = sg.calibrate({"qa-sim": rng.normal(0.45, 0.2, 16)})
+    pool = np.concatenate([rng.normal(0.57, 0.1, 60), rng.normal(0.25, 0.05, 20)])
+    assert 0 < sg.REFINE_ANCHOR_WEIGHT < 1
+    less, once = sg.refine(cal, {"qa-sim": pool}), sg.refine(cal, {"qa-sim": pool}, anchor_weight=1.0)
+    assert abs(less.centre[0] - 0.57) < abs(once.centre[0] - 0.57)
+    assert abs(np.log(less.spread[0] / 0.1)) < abs(np.log(once.spread[0] / 0.1))
+    za = (cal.anchors[0] - cal.centre[0]) / cal.spread[0]
+    zp = (pool - cal.centre[0]) / cal.spread[0]
+    fits = [_fit_good(za, zp, float(np.quantile(za, q)), sg.REFINE_ANCHOR_WEIGHT) for q in sg.REFINE_QUANTILES]
+    assert less.centre[0] == pytest.approx(cal.centre[0] + cal.spread[0] * np.mean([f[0] for f in fits]))
+
 KIND_SIGNAL = {"cross-domain": "clues", "delete": "base-loss", "cut": "eos", "exchange": "qa-sim",
                "near-duplicate": "dup"}
 

@@ -623,10 +623,11 @@ def calibrate(anchor_signals: dict[str, np.ndarray]) -> Calibration:
     return Calibration(names, np.array([c for c, _ in stats]), np.array([s for _, s in stats]), values)
 
 
-def refine(cal: Calibration, signals: dict[str, np.ndarray], quantiles=REFINE_QUANTILES) -> Calibration:
+def refine(cal: Calibration, signals: dict[str, np.ndarray], quantiles=REFINE_QUANTILES,
+           anchor_weight: float = REFINE_ANCHOR_WEIGHT) -> Calibration:
     """The clean model refitted with a pool's own values (a site's samples): per signal a
     normal distribution fitted jointly to the anchors (all of them, each counting
-    REFINE_ANCHOR_WEIGHT) and to the pool's values above a cut at an anchor quantile (a truncated normal: the pool's clean samples
+    `anchor_weight`, REFINE_ANCHOR_WEIGHT) and to the pool's values above a cut at an anchor quantile (a truncated normal: the pool's clean samples
     and the bad kinds this signal does not see; the kinds it sees lie below the cut), the
     fits at the cuts `quantiles` averaged (selection.rules.mixture_threshold's censored
     fit, per signal). The pool is 10-100 times the anchor set, so location and spread
@@ -642,7 +643,7 @@ def refine(cal: Calibration, signals: dict[str, np.ndarray], quantiles=REFINE_QU
         if anchors.size < 2 or pool.size == 0:
             continue
         za, zp = (anchors - cal.centre[j]) / cal.spread[j], (pool - cal.centre[j]) / cal.spread[j]
-        fits = [_fit_good(za, zp, float(np.quantile(za, q)), REFINE_ANCHOR_WEIGHT) for q in quantiles]
+        fits = [_fit_good(za, zp, float(np.quantile(za, q)), anchor_weight) for q in quantiles]
         centre[j] = cal.centre[j] + cal.spread[j] * float(np.mean([f[0] for f in fits]))
         spread[j] = max(cal.spread[j] * float(np.mean([f[1] for f in fits])), MIN_SPREAD.get(name, 0.0))
     return replace(cal, centre=centre, spread=spread)
