@@ -52,11 +52,13 @@ def commands(path: Path) -> list[str]:
 
 
 def target(command: str) -> list[str]:
-    """The argv that runs the command's module or script (without its arguments)."""
+    """The argv that runs the command's module or script, with its subcommand (without its arguments)."""
     module = re.search(r"python -m (clues_fl[\w.]*)", command)
     if module:
         return [sys.executable, "-m", module.group(1)]
-    return [sys.executable, str(REPO / re.search(r"python (benchmarks/\S+\.py)", command).group(1))]
+    script = re.search(r"python (benchmarks/\S+\.py)(?: ([a-z][a-z0-9-]*)(?=\s|$))?", command)
+    # a subcommand (`selection_draws.py measure --pool ...`): its own --help lists its options
+    return [sys.executable, str(REPO / script.group(1)), *([script.group(2)] if script.group(2) else [])]
 
 
 @cache
