@@ -548,14 +548,14 @@ LOG_SCALE = frozenset({"eos"})
 # (refine): the pool's values above the cut are mostly clean on that signal.
 REFINE_QUANTILES = (0.3, 0.4, 0.5)
 # How much each anchor counts in that fit beside one of the site's own values. The anchors
-# are another sample than the site's clean data, and on some draws of 16 they sit lower
-# and wider than it on a signal (the question-answer similarity of suite-11 and the quick
-# pool: median 0.46-0.51 and spread 0.15-0.24 on three draws of five, the sites' clean answers 0.53-0.59
-# and 0.08-0.14); counted once each they pull the site's model with them. Over five draws on
-# four pools (benchmarks/selection_draws.py; docs/selection.md, "The combined score over
-# anchor draws") 0.25-0.35 cut the F1's spread over the draws on every pool (e.g. suite-11
-# 0.060 -> 0.041, 100 samples a site 0.069 -> 0.035) at about the same mean F1 (within
-# 0.008); at 0.2 and below the clean drops rose on the small pools.
+# are another sample than the site's clean data, and on some draws of 16 they sit lower and
+# wider than it on a signal (the question-answer similarity of suite-11 and the quick pool:
+# median 0.46-0.51 and spread 0.15-0.24 on three draws of five, the sites' clean answers
+# 0.53-0.59 and 0.08-0.14); counted once each they pull the site's model with them. Over five
+# draws on four pools (benchmarks/selection_draws.py; docs/selection.md, "The combined score
+# over anchor draws") 0.25-0.35 cut the F1's spread over the draws on every pool (e.g.
+# suite-11 0.060 -> 0.041, 100 samples a site 0.069 -> 0.035) at about the same mean F1
+# (within 0.008); at 0.2 and below the clean drops rose on the small pools.
 REFINE_ANCHOR_WEIGHT = 0.3
 
 
@@ -627,7 +627,8 @@ def refine(cal: Calibration, signals: dict[str, np.ndarray], quantiles=REFINE_QU
            anchor_weight: float = REFINE_ANCHOR_WEIGHT) -> Calibration:
     """The clean model refitted with a pool's own values (a site's samples): per signal a
     normal distribution fitted jointly to the anchors (all of them, each counting
-    `anchor_weight`, REFINE_ANCHOR_WEIGHT) and to the pool's values above a cut at an anchor quantile (a truncated normal: the pool's clean samples
+    `anchor_weight`, REFINE_ANCHOR_WEIGHT) and to the pool's values above a cut at an
+    anchor quantile (a truncated normal: the pool's clean samples
     and the bad kinds this signal does not see; the kinds it sees lie below the cut), the
     fits at the cuts `quantiles` averaged (selection.rules.mixture_threshold's censored
     fit, per signal). The pool is 10-100 times the anchor set, so location and spread

@@ -44,7 +44,8 @@ SHARE_QUANTILES = (0.3, 0.4, 0.5, 0.6, 0.7)
 # then read the share up to 0.17 off: over five draws of 16 anchors on suite-11 and the
 # demo (benchmarks/selection_draws.py) the estimates were 0.44-0.67 (true 0.50) and
 # 0.52-0.72 (0.60) with the middle cuts, 0.41-0.62 and 0.52-0.65 with these, 0.47-0.61
-# and 0.54-0.64 once the site's refinement counted each anchor 0.3 (signals.REFINE_ANCHOR_WEIGHT)
+# and 0.54-0.64 once the site's refinement counted each anchor 0.3
+# (signals.REFINE_ANCHOR_WEIGHT)
 # (docs/selection.md, "The combined score over anchor draws").
 CALIBRATED_SHARE_QUANTILES = (0.15, 0.25, 0.35, 0.45)
 # Bandwidth of the anchors' kernel density (anchor-f1), as a fraction of Scott's rule
