@@ -362,21 +362,32 @@ def earlier(anchors: dict, pool: dict, site: np.ndarray) -> dict:
 # ------------------------------------------------------------------------- the new method
 
 
+def site_z(anchors: dict, pool: dict, site: np.ndarray, clean_model) -> tuple[np.ndarray, list[str]]:
+    """((S, N) per-signal z of the pool, the signal names): each site's rows standardised
+    under `clean_model(cal, sub, rows)`, `cal` the anchors' model (signals.calibrate) and
+    `sub` the site's signals."""
+    cal = sg.calibrate(anchors)
+    z = np.zeros((len(cal.names), len(site)))
+    for s in np.unique(site):
+        rows = np.flatnonzero(site == s)
+        sub = {k: v[rows] for k, v in pool.items()}
+        z[:, rows] = sg.standardised(sub, clean_model(cal, sub, rows))
+    return z, list(cal.names)
+
+
 def calibrated(refined: bool, also_below: float = sg.REASON_Z, share_quantiles=CALIBRATED_SHARE_QUANTILES,
-               anchor_weight: float = sg.REFINE_ANCHOR_WEIGHT):
+               anchor_weight: float = sg.REFINE_ANCHOR_WEIGHT, clean_model=None):
     """signals.combine on the clean model of signals.calibrate, refined with each site's
-    own pool (signals.refine, each anchor counting `anchor_weight`) where `refined`; the
-    threshold rules' clean picture is signals.clean_reference, anchor-f1 reading the clean
-    share off it at `share_quantiles`; the reasons are signals.reasons at the threshold."""
+    own pool (signals.refine, each anchor counting `anchor_weight`) where `refined`, or
+    `clean_model(cal, sub, rows)` where given (site_z); the threshold rules' clean picture
+    is signals.clean_reference, anchor-f1 reading the clean share off it at
+    `share_quantiles`; the reasons are signals.reasons at the threshold."""
+    if clean_model is None:
+        def clean_model(cal, sub, rows):
+            return sg.refine(cal, sub, anchor_weight=anchor_weight) if refined else cal
 
     def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
-        cal = sg.calibrate(anchors)
-        names = list(cal.names)
-        z = np.zeros((len(names), len(site)))
-        for s in np.unique(site):
-            rows = np.flatnonzero(site == s)
-            sub = {k: v[rows] for k, v in pool.items()}
-            z[:, rows] = sg.standardised(sub, sg.refine(cal, sub, anchor_weight=anchor_weight) if refined else cal)
+        z, names = site_z(anchors, pool, site, clean_model)
         scores = sg.combine(z)
 
         def reasons(threshold: float) -> list[list[str]]:
@@ -552,37 +563,21 @@ def site_clean_model(cal: sg.Calibration, sub: dict, clean: np.ndarray, from_lab
     return replace(site_cal, centre=centre, spread=spread)
 
 
+def labelled_clean_model(kinds: np.ndarray, from_labels):
+    """site_z's clean model: site_clean_model with each site's labels from `kinds`."""
+    return lambda cal, sub, rows: site_clean_model(cal, sub, kinds[rows] == "", from_labels)
+
+
 def site_standardised(d: dict, draw: int, from_labels=()) -> tuple[np.ndarray, list[str]]:
     """(S, N) per-signal z of the pool under each site's clean model (site_clean_model)."""
     kinds = np.array([str(k) for k in d["kinds"]])
-    anchors, pool = draw_signals(d, draw)
-    cal = sg.calibrate(anchors)
-    z = np.zeros((len(cal.names), kinds.size))
-    for s in np.unique(d["site"]):
-        rows = np.flatnonzero(d["site"] == s)
-        sub = {k: v[rows] for k, v in pool.items()}
-        z[:, rows] = sg.standardised(sub, site_clean_model(cal, sub, kinds[rows] == "", from_labels))
-    return z, list(cal.names)
+    return site_z(*draw_signals(d, draw), d["site"], labelled_clean_model(kinds, from_labels))
 
 
 def labels_for(kinds: np.ndarray, from_labels):
     """The default's rule (calibrated(True)) with the signals `from_labels` calibrated on
     each site's clean samples (site_clean_model): which signal's clean model costs most."""
-
-    def method(anchors: dict, pool: dict, site: np.ndarray) -> dict:
-        cal = sg.calibrate(anchors)
-        names = list(cal.names)
-        z = np.zeros((len(names), len(site)))
-        for s in np.unique(site):
-            rows = np.flatnonzero(site == s)
-            sub = {k: v[rows] for k, v in pool.items()}
-            z[:, rows] = sg.standardised(sub, site_clean_model(cal, sub, kinds[rows] == "", from_labels))
-        return {"scores": sg.combine(z),
-                "reference": sg.clean_reference(len(next(iter(anchors.values())))),
-                "reasons": lambda threshold: sg.reasons(z, names, sg.shortfall_threshold(threshold, len(names))),
-                "share_quantiles": CALIBRATED_SHARE_QUANTILES}
-
-    return method
+    return calibrated(True, clean_model=labelled_clean_model(kinds, from_labels))
 
 
 def weighted_kind_gaps(z: np.ndarray, kinds: np.ndarray, best: dict, weights: np.ndarray) -> np.ndarray:
